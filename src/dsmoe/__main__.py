@@ -1,0 +1,5 @@
+import sys
+
+from dsmoe.cli import main
+
+sys.exit(main())

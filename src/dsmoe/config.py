@@ -1,0 +1,132 @@
+"""Configuration dataclasses: every field commented, validated at construction, able to count itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ScoreFunc(StrEnum):
+    SOFTMAX = "softmax"  # DeepSeekMoE, V2
+    SIGMOID = "sigmoid"  # V3
+
+
+class GroupScore(StrEnum):
+    MAX = "max"    # V2 "group_limited_greedy": a group scores its best expert
+    TOP2 = "top2"  # V3 "noaux_tc": a group scores the sum of its two best experts
+
+
+class BiasRule(StrEnum):
+    SIGN = "sign"                  # b_i += u * sign(mean(c) - c_i)         (fits sigmoid gates)
+    PROPORTIONAL = "proportional"  # b_i += u * (mean(c) - c_i) / mean(c)   (fits softmax gates)
+
+
+def _choice(name: str, value, enum: type[StrEnum]) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(e.value) for e in enum)
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {allowed}") from None
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class MoEConfig:
+    """One DeepSeekMoE layer: y = shared(x) + sum_{i in TopK} g_i * expert_i(x)."""
+
+    dim: int = 512                      # D, model (input and output) dimension
+    n_routed_experts: int = 64          # E, fine-grained routed experts
+    n_shared_experts: int = 2           # N_s, always-active experts, fused into one SwiGLU of width N_s*F
+    top_k: int = 6                      # K, routed experts per token
+    expert_dim: int = 256               # F, hidden width of each expert's SwiGLU
+    score_func: str = "softmax"         # "softmax" (DeepSeekMoE, V2) or "sigmoid" (V3)
+    norm_topk_prob: bool = False        # divide the K weights by their sum (V3: True)
+    route_scale: float = 1.0            # multiply the weights after normalization (V3: 2.5)
+    n_groups: int = 1                   # G, expert groups (devices / nodes); 1 disables group limits
+    topk_groups: int = 1                # M, groups a token may reach
+    group_score: str = "max"            # how a group is scored: "max" (V2) or "top2" (V3)
+    # balancing (REFERENCE §3); every term is off at 0 and they combine freely
+    bias_update_speed: float = 0.0      # u of auxiliary-loss-free balancing; 0 turns the bias update off
+    bias_update_rule: str = "sign"      # "sign" or "proportional"
+    aux_loss_alpha: float = 0.0         # expert-level auxiliary loss (Switch / DeepSeekMoE)
+    seq_aux_loss_alpha: float = 0.0     # sequence-wise auxiliary loss (V3: 1e-4)
+    device_loss_alpha: float = 0.0      # device-level balance loss over the G groups (V2: 0.05)
+    comm_loss_alpha: float = 0.0        # communication balance loss over the G groups (V2: 0.02)
+    z_loss_beta: float = 0.0            # router z-loss (ST-MoE: ~1e-3)
+    capacity_factor: float | None = None  # None = dropless; else drop lowest-affinity tokens over capacity
+    uniform_routing: bool = False       # debug: route round-robin, to time kernels apart from routing skew
+    check_inputs: bool = True           # reject NaN/inf inputs (one host sync per forward)
+
+    def __post_init__(self):
+        self.score_func = _choice("score_func", self.score_func, ScoreFunc)
+        self.group_score = _choice("group_score", self.group_score, GroupScore)
+        self.bias_update_rule = _choice("bias_update_rule", self.bias_update_rule, BiasRule)
+        for name in ("dim", "n_routed_experts", "top_k", "expert_dim", "n_groups", "topk_groups"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+        _check(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
+               "n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
+        E, G = self.n_routed_experts, self.n_groups
+        _check(E % G == 0, "n_groups", G, f"must divide n_routed_experts={E}")
+        _check(self.topk_groups <= G, "topk_groups", self.topk_groups, f"must be <= n_groups={G}")
+        _check(self.top_k <= E, "top_k", self.top_k, f"must be <= n_routed_experts={E}")
+        reachable = self.topk_groups * (E // G)
+        _check(self.top_k <= reachable, "top_k", self.top_k,
+               f"must be <= the {reachable} experts in topk_groups={self.topk_groups} groups of {E // G}")
+        if G > 1 and self.group_score == GroupScore.TOP2:
+            _check(E // G >= 2, "group_score", "top2", "needs at least 2 experts per group")
+        for name in ("bias_update_speed", "aux_loss_alpha", "seq_aux_loss_alpha", "device_loss_alpha",
+                     "comm_loss_alpha", "z_loss_beta"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value >= 0, name, value, "must be a number >= 0")
+        _check(self.route_scale > 0, "route_scale", self.route_scale, "must be > 0")
+        _check(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+               self.capacity_factor, "must be None (dropless) or > 0")
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_groups
+
+    def num_params(self) -> int:
+        """Router + every routed expert + the shared experts."""
+        D, F = self.dim, self.expert_dim
+        return D * self.n_routed_experts + 3 * D * F * (self.n_routed_experts + self.n_shared_experts)
+
+    def num_active_params(self) -> int:
+        """Parameters one token touches: router + top-k routed + shared experts."""
+        D, F = self.dim, self.expert_dim
+        return D * self.n_routed_experts + 3 * D * F * (self.top_k + self.n_shared_experts)
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def segmented(cls, dim: int, n_experts: int, top_k: int, expert_dim: int, m: int,
+                  n_shared: int = 0, **kwargs) -> "MoEConfig":
+        """Fine-grained segmentation (DeepSeekMoE §3.1, REFERENCE §1).
+
+        A baseline of `n_experts` experts of width `expert_dim`, top-`top_k`, becomes m*N experts of width
+        expert_dim/m, top-m*K; `n_shared` of the fine experts are isolated as always-active shared experts.
+        Total and active expert parameters stay those of the baseline. A dense FFN of width W is the
+        baseline n_experts=1, top_k=1, expert_dim=W.
+        """
+        _check(isinstance(m, int) and m >= 1, "m", m, "must be a positive integer")
+        _check(expert_dim % m == 0, "m", m, f"must divide expert_dim={expert_dim}")
+        _check(0 <= n_shared < m * top_k, "n_shared", n_shared, f"must be in [0, m*top_k={m * top_k})")
+        return cls(dim=dim, n_routed_experts=m * n_experts - n_shared, n_shared_experts=n_shared,
+                   top_k=m * top_k - n_shared, expert_dim=expert_dim // m, **kwargs)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "MoEConfig":
+        """From a HuggingFace DeepSeek-V2 / V3 `config.json` dict (see dsmoe.hf)."""
+        from dsmoe.hf import moe_config_from_hf
+        return moe_config_from_hf(d)
+
+    def to_hf(self) -> dict:
+        from dsmoe.hf import moe_config_to_hf
+        return moe_config_to_hf(self)

@@ -1,0 +1,23 @@
+"""Balance metrics (REFERENCE §4). Load_i = tokens routed to expert i."""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_violation(load_E: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max_i Load_i - mean_i Load_i) / mean_i Load_i; 0 when nothing was routed."""
+    load_E = load_E.float()
+    mean = load_E.mean(-1)
+    return torch.where(mean > 0, (load_E.amax(-1) - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+
+
+def load_entropy(load_E: torch.Tensor) -> torch.Tensor:
+    """Entropy of the load distribution divided by log(E): 1 is perfectly even."""
+    p = load_E.float() / load_E.float().sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(load_E.shape[-1])))
+
+
+def dead_experts(load_E: torch.Tensor) -> torch.Tensor:
+    """Number of experts that received no token."""
+    return (load_E == 0).sum(-1)

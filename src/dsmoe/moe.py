@@ -1,0 +1,137 @@
+"""The DeepSeekMoE layer (REFERENCE §1): y = shared(x) + sum_{i in TopK(x)} g_i(x) * expert_i(x).
+
+Shapes: T tokens, D model dim, E routed experts, K experts per token, A = T*K assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dsmoe import balancing
+from dsmoe.config import MoEConfig
+from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
+from dsmoe.metrics import max_violation
+from dsmoe.router import Router
+
+
+def capacity_keep(ids_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int, factor: float) -> torch.Tensor:
+    """Which of the A assignments fit in their expert's capacity ceil(factor * A / E), lowest affinity dropped."""
+    ids_A, w_A = ids_TK.reshape(-1), weights_TK.detach().reshape(-1)
+    A = ids_A.numel()
+    by_weight = w_A.argsort(descending=True, stable=True)
+    order = by_weight[ids_A[by_weight].argsort(stable=True)]  # by expert, then by affinity descending
+    counts_E = torch.bincount(ids_A, minlength=n_experts)
+    starts_E = counts_E.cumsum(0) - counts_E
+    rank_A = torch.empty_like(ids_A)
+    rank_A[order] = torch.arange(A, device=ids_A.device) - starts_E[ids_A[order]]
+    return rank_A < math.ceil(factor * A / n_experts)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: router, fine-grained routed experts, fused shared experts.
+
+    After each forward the layer holds `aux_loss` (the weighted sum of the enabled auxiliary losses, a
+    scalar tensor with gradient), `losses` (each enabled term, unweighted), `tokens_per_expert` [E] and
+    `maxvio` (MaxVio of this batch), and `dropped` (assignments dropped by the capacity limit).
+    In training it also adds the token counts to `counts`, which `update_bias()` consumes once per
+    optimizer step.
+    """
+
+    def __init__(self, cfg: MoEConfig, reference: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.reference = reference  # run the slow per-expert loop (for tests and benchmarks)
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_dim)
+        self.shared_experts = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts else None
+        self.register_buffer("counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.aux_loss = torch.zeros(())
+        self.losses: dict[str, torch.Tensor] = {}
+        self.tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
+        self.maxvio = torch.zeros(())
+        self.dropped = torch.zeros((), dtype=torch.long)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"MoE input must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"MoE input must have shape (..., dim={self.cfg.dim}), got {tuple(x.shape)}")
+        if self.cfg.check_inputs and not torch.isfinite(x).all():
+            raise ValueError("MoE input contains NaN or inf")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        cfg = self.cfg
+        x_TD = x.reshape(-1, cfg.dim)
+        weights_TK, ids_TK, scores_TE, logits_TE = self.gate(x_TD)
+
+        keep_A = None
+        if cfg.capacity_factor is not None and x_TD.shape[0] > 0:
+            keep_A = capacity_keep(ids_TK, weights_TK, cfg.n_routed_experts, cfg.capacity_factor)
+        if self.reference:
+            y_TD = reference_experts(self.experts, x_TD, ids_TK, weights_TK, keep_A)
+        else:
+            y_TD = self.experts(x_TD, ids_TK, weights_TK, keep_A)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        self._record(ids_TK, keep_A)
+        self._compute_losses(x.shape, scores_TE, ids_TK, logits_TE)
+        return y_TD.view(x.shape)
+
+    @torch.no_grad()
+    def _record(self, ids_TK, keep_A):
+        """Routing statistics of this forward; counts for the bias only from training forwards."""
+        load_E = torch.bincount(ids_TK.reshape(-1), minlength=self.cfg.n_routed_experts)
+        self.tokens_per_expert = load_E
+        self.maxvio = max_violation(load_E)
+        self.dropped = (~keep_A).sum() if keep_A is not None else torch.zeros((), dtype=torch.long)
+        if self.training and torch.is_grad_enabled():  # not in eval, nor in checkpoint recomputation
+            self.counts += load_E
+
+    def _compute_losses(self, shape, scores_TE, ids_TK, logits_TE):
+        cfg = self.cfg
+        terms = {}
+        if scores_TE.shape[0] > 0:
+            if cfg.aux_loss_alpha:
+                terms["aux"] = (cfg.aux_loss_alpha, balancing.expert_balance_loss(scores_TE, ids_TK))
+            if cfg.seq_aux_loss_alpha:
+                S = shape[-2] if len(shape) >= 3 else scores_TE.shape[0]
+                scores_BSE = scores_TE.view(-1, S, cfg.n_routed_experts)
+                terms["seq_aux"] = (cfg.seq_aux_loss_alpha, balancing.sequence_balance_loss(scores_BSE, cfg.top_k))
+            if cfg.device_loss_alpha:
+                terms["device"] = (cfg.device_loss_alpha, balancing.device_balance_loss(scores_TE, ids_TK, cfg.n_groups))
+            if cfg.comm_loss_alpha:
+                terms["comm"] = (cfg.comm_loss_alpha,
+                                 balancing.comm_balance_loss(scores_TE, ids_TK, cfg.n_groups, cfg.topk_groups))
+            if cfg.z_loss_beta:
+                terms["z"] = (cfg.z_loss_beta, balancing.z_loss(logits_TE))
+        self.losses = {name: loss for name, (_, loss) in terms.items()}
+        self.aux_loss = sum((coef * loss for coef, loss in terms.values()), scores_TE.new_zeros(()))
+
+    def update_bias(self, group=None) -> None:
+        """Apply one loss-free balancing step from the counts gathered since the last call, then reset them.
+
+        Call once per optimizer step, after all gradient-accumulation micro-batches.
+        """
+        if self.cfg.bias_update_speed > 0:
+            balancing.update_bias(self.gate.bias, self.counts, self.cfg.bias_update_speed,
+                                  self.cfg.bias_update_rule, group)
+        self.counts.zero_()
+
+    def set_top_k(self, k: int) -> None:
+        """Change K in place (a dynamic top-k schedule); validated like a new config."""
+        self.cfg = self.gate.cfg = self.cfg.replace(top_k=k)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def update_biases(model: nn.Module, group=None) -> None:
+    """update_bias() on every MoE layer of a model: once per optimizer step."""
+    for layer in moe_layers(model):
+        layer.update_bias(group)
