@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+    class StrEnum(str, Enum):
+        def __str__(self):
+            return self.value
 
 
 class ScoreFunc(StrEnum):
@@ -130,3 +138,90 @@ class MoEConfig:
     def to_hf(self) -> dict:
         from dsmoe.hf import moe_config_to_hf
         return moe_config_to_hf(self)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only DeepSeekMoE language model: pre-RMSNorm blocks, rotary attention, MoE FFNs."""
+
+    vocab_size: int = 260               # bytes + 4 specials by default
+    dim: int = 128                      # D, model width
+    n_layers: int = 4                   # transformer blocks
+    n_heads: int = 4                    # query heads
+    n_kv_heads: int = 4                 # key/value heads (< n_heads: grouped-query attention)
+    max_seq_len: int = 256              # longest context (rotary table and KV cache size)
+    first_k_dense: int = 1              # the first blocks use a dense FFN (DeepSeekMoE 16B: 1, V3: 3)
+    dense_hidden: int = 0               # width of those dense FFNs; 0 = the MoE's active width (K+N_s)*F
+    moe: MoEConfig | None = None        # the MoE FFN; None makes every block dense (a "dense twin")
+    tie_embeddings: bool = True         # share the embedding and output matrices
+    rope_theta: float = 10000.0         # rotary base
+    norm_eps: float = 1e-5              # RMSNorm epsilon
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+        _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
+        _check((self.dim // self.n_heads) % 2 == 0, "n_heads", self.n_heads, "must leave an even head dim for rotary")
+        _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+               f"must divide n_heads={self.n_heads}")
+        _check(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
+               f"must be in [0, n_layers={self.n_layers}]")
+        _check(self.dense_hidden >= 0, "dense_hidden", self.dense_hidden, "must be >= 0")
+        _check(self.moe is not None or self.dense_hidden > 0, "dense_hidden", self.dense_hidden,
+               "must be > 0 when moe is None")
+        if self.moe is not None:
+            _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
+            if not self.dense_hidden:
+                self.dense_hidden = (self.moe.top_k + self.moe.n_shared_experts) * self.moe.expert_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return 0 if self.moe is None else self.n_layers - self.first_k_dense
+
+    def _count(self, moe_params: int) -> int:
+        D, hd = self.dim, self.dim // self.n_heads
+        attn = D * D * 2 + 2 * D * self.n_kv_heads * hd  # wq, wo, wk, wv
+        dense = 3 * D * self.dense_hidden
+        n_dense = self.n_layers - self.n_moe_layers
+        embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        norms = D * (2 * self.n_layers + 1)
+        return embed + norms + self.n_layers * attn + n_dense * dense + self.n_moe_layers * moe_params
+
+    def num_params(self) -> int:
+        return self._count(self.moe.num_params() if self.moe else 0)
+
+    def num_active_params(self) -> int:
+        return self._count(self.moe.num_active_params() if self.moe else 0)
+
+    def dense_twin(self) -> "ModelConfig":
+        """Every block dense, FFN width = the MoE's active width: the same active parameters but the router."""
+        return dataclasses.replace(self, moe=None, first_k_dense=self.n_layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _preset(dim, n_layers, n_heads, seq, experts, expert_dim, top_k, shared, **moe) -> ModelConfig:
+    moe_cfg = MoEConfig(dim=dim, n_routed_experts=experts, expert_dim=expert_dim, top_k=top_k,
+                        n_shared_experts=shared, score_func="sigmoid", norm_topk_prob=True,
+                        bias_update_speed=1e-3, **moe)
+    return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, max_seq_len=seq,
+                       first_k_dense=1, moe=moe_cfg)
+
+
+# Named presets: V3-style gates (sigmoid, normalized top-k, loss-free bias u=1e-3) at laptop scale.
+PRESETS: dict[str, ModelConfig] = {
+    "debug": _preset(dim=64, n_layers=2, n_heads=4, seq=64, experts=16, expert_dim=16, top_k=2, shared=1),
+    "tiny": _preset(dim=128, n_layers=4, n_heads=4, seq=128, experts=32, expert_dim=64, top_k=2, shared=1),
+    "small": _preset(dim=256, n_layers=6, n_heads=8, seq=256, experts=64, expert_dim=64, top_k=6, shared=2),
+}
+PRESETS.update({f"{name}-dense": cfg.dense_twin() for name, cfg in list(PRESETS.items())})
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
