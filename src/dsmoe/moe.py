@@ -78,18 +78,19 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self._record(ids_TK, keep_A)
+        # decided here: inside _record (no_grad) is_grad_enabled() would always be False
+        self._record(ids_TK, keep_A, count=self.training and torch.is_grad_enabled())
         self._compute_losses(x.shape, scores_TE, ids_TK, logits_TE)
         return y_TD.view(x.shape)
 
     @torch.no_grad()
-    def _record(self, ids_TK, keep_A):
-        """Routing statistics of this forward; counts for the bias only from training forwards."""
+    def _record(self, ids_TK, keep_A, count: bool):
+        """Routing statistics of this forward; counts for the bias only from training forwards (`count`)."""
         load_E = torch.bincount(ids_TK.reshape(-1), minlength=self.cfg.n_routed_experts)
         self.tokens_per_expert = load_E
         self.maxvio = max_violation(load_E)
         self.dropped = (~keep_A).sum() if keep_A is not None else torch.zeros((), dtype=torch.long)
-        if self.training and torch.is_grad_enabled():  # not in eval, nor in checkpoint recomputation
+        if count:  # not in eval, nor under no_grad
             self.counts += load_E
 
     def _compute_losses(self, shape, scores_TE, ids_TK, logits_TE):
