@@ -1,0 +1,159 @@
+"""The router (dsmoe.router): invariants of group-limited top-k routing, property-tested with hypothesis
+(distinct ids, chosen experts inside kept groups, non-negative and normalized weights, a bias that picks
+experts but never changes their weights), -inf masking under negative biased scores, and hand examples."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsmoe import MoEConfig, Router, route
+from dsmoe.router import group_limit
+
+
+@st.composite
+def routing_cases(draw):
+    G = draw(st.sampled_from([1, 2, 4]))
+    per_group = draw(st.integers(1, 4))
+    M = draw(st.integers(1, G))
+    K = draw(st.integers(1, M * per_group))
+    group_score = draw(st.sampled_from(["max", "top2"] if per_group >= 2 else ["max"]))
+    cfg = MoEConfig(dim=4, n_routed_experts=G * per_group, top_k=K, expert_dim=4, n_shared_experts=0,
+                    n_groups=G, topk_groups=M, group_score=group_score,
+                    score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+                    norm_topk_prob=draw(st.booleans()), route_scale=draw(st.sampled_from([1.0, 2.5, 16.0])))
+    T = draw(st.integers(1, 6))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logits_TE = torch.randn(T, cfg.n_routed_experts, generator=gen) * 3
+    bias_scale = draw(st.sampled_from([0.0, 0.1, 1.0, 100.0]))
+    bias_E = torch.randn(cfg.n_routed_experts, generator=gen) * bias_scale
+    return cfg, logits_TE, bias_E
+
+
+def kept_groups(choice_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """[T, G] bool: groups a token may use, recomputed plainly. Ties at the M-th score all count as kept."""
+    T = choice_TE.shape[0]
+    groups = choice_TE.view(T, cfg.n_groups, -1)
+    if cfg.group_score == "top2":
+        score_TG = groups.sort(-1, descending=True).values[..., :2].sum(-1)
+    else:
+        score_TG = groups.max(-1).values
+    threshold_T = score_TG.sort(-1, descending=True).values[:, cfg.topk_groups - 1]
+    return score_TG >= threshold_T[:, None]
+
+
+def scores_of(logits_TE, cfg):
+    return logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(routing_cases())
+def test_routing_invariants(case):
+    cfg, logits_TE, bias_E = case
+    weights_TK, ids_TK, scores_TE = route(logits_TE, bias_E, cfg)
+    T, K = ids_TK.shape
+    assert K == cfg.top_k
+    # distinct experts per token
+    assert all(len(set(row.tolist())) == K for row in ids_TK)
+    # scores are the plain score function of the logits
+    torch.testing.assert_close(scores_TE, scores_of(logits_TE, cfg))
+    # every chosen expert lies in one of the token's kept groups
+    if cfg.n_groups > 1:
+        keep_TG = kept_groups(scores_TE + bias_E, cfg)
+        group_TK = ids_TK // cfg.experts_per_group
+        assert keep_TG.gather(1, group_TK).all()
+    # the chosen experts are the top-K biased scores among the allowed ones
+    choice_TE = scores_TE + bias_E
+    if cfg.n_groups > 1:
+        allowed_TE = keep_TG.repeat_interleave(cfg.experts_per_group, dim=1)
+        choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+    kth_T = choice_TE.sort(-1, descending=True).values[:, K - 1]
+    assert (choice_TE.gather(1, ids_TK) >= kth_T[:, None]).all()
+    # weights: non-negative, from the unbiased scores, normalized to route_scale when asked
+    assert (weights_TK >= 0).all()
+    raw_TK = scores_TE.gather(1, ids_TK)
+    if cfg.norm_topk_prob:
+        torch.testing.assert_close(weights_TK.sum(-1), torch.full((T,), cfg.route_scale))
+        raw_TK = raw_TK / raw_TK.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights_TK, raw_TK * cfg.route_scale)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(routing_cases(), st.integers(0, 2**31 - 1))
+def test_bias_never_changes_weights(case, seed):
+    """Any bias that leads to the same ids gives exactly the same weights."""
+    cfg, logits_TE, bias_E = case
+    w1, ids1, _ = route(logits_TE, bias_E, cfg)
+    # a bias that keeps the choice: a constant shift (the order of s + b is unchanged up to rounding of
+    # near-ties, so compare token by token where the ids agree, and require that nearly all do)
+    w2, ids2, _ = route(logits_TE, bias_E + 7.0, cfg)
+    same_T = (ids1 == ids2).all(-1)
+    assert same_T.float().mean() >= 0.5
+    assert torch.equal(w1[same_T], w2[same_T])
+    # any other bias: whatever it picks, the weights are the unbiased scores at those ids
+    other_E = torch.randn(cfg.n_routed_experts, generator=torch.Generator().manual_seed(seed)) * 10
+    w3, ids3, scores_TE = route(logits_TE, other_E, cfg)
+    raw = scores_TE.gather(1, ids3)
+    if cfg.norm_topk_prob:
+        raw = raw / raw.sum(-1, keepdim=True)
+    torch.testing.assert_close(w3, raw * cfg.route_scale)
+
+
+@pytest.mark.parametrize("group_score", ["max", "top2"])
+def test_minus_inf_mask_with_negative_biased_scores(group_score):
+    """A large negative bias makes every choice negative; masked experts must still never be picked
+    (a 0.0 mask would make every discarded expert beat every kept one)."""
+    cfg = MoEConfig(dim=4, n_routed_experts=8, top_k=2, expert_dim=4, n_groups=4, topk_groups=1,
+                    group_score=group_score, score_func="sigmoid")
+    torch.manual_seed(0)
+    logits_TE = torch.randn(32, 8)
+    bias_E = torch.full((8,), -50.0)
+    _, ids_TK, scores_TE = route(logits_TE, bias_E, cfg)
+    keep_TG = kept_groups(scores_TE + bias_E, cfg)
+    assert keep_TG.sum(-1).eq(1).all()  # no ties at this scale: exactly one group per token
+    group_TK = ids_TK // 2
+    assert keep_TG.gather(1, group_TK).all()
+    assert (group_TK[:, 0] == group_TK[:, 1]).all()  # both picks from the single kept group
+    masked = group_limit(scores_TE + bias_E, 4, 1, group_score)
+    assert torch.isinf(masked).sum() == 32 * 6 and (masked[torch.isinf(masked)] < 0).all()
+
+
+def test_group_limit_by_hand():
+    # groups of 3: scores [0.9 0.1 0.1 | 0.5 0.5 0.4 | 0 0 0]
+    choice = torch.tensor([[0.9, 0.1, 0.1, 0.5, 0.5, 0.4, 0.0, 0.0, 0.0]])
+    inf = float("-inf")
+    by_max = group_limit(choice, 3, 1, "max")  # group 0 (0.9) wins on max
+    assert torch.equal(by_max, torch.tensor([[0.9, 0.1, 0.1, inf, inf, inf, inf, inf, inf]]))
+    choice[0, 5] = 0.6  # top2 sums: group 0 = 1.0, group 1 = 0.5 + 0.6 = 1.1, so group 1 wins
+    by_top2 = group_limit(choice, 3, 1, "top2")
+    assert by_top2[0, 3:6].isfinite().all() and torch.isinf(by_top2[0, :3]).all()
+    assert torch.isinf(by_top2[0, 6:]).all()
+
+
+def test_route_by_hand_v3_style():
+    cfg = MoEConfig(dim=4, n_routed_experts=4, top_k=2, expert_dim=4, score_func="sigmoid",
+                    norm_topk_prob=True, route_scale=2.5)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 1.0, 0.0])  # pushes expert 2 into the choice
+    w, ids, s = route(logits, bias, cfg)
+    assert ids.tolist() == [[2, 0]]
+    s0, s2 = torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(0.0))
+    torch.testing.assert_close(w, torch.stack([s2, s0]).unsqueeze(0) / (s0 + s2) * 2.5)
+
+
+def test_uniform_routing_round_robin():
+    cfg = MoEConfig(dim=4, n_routed_experts=4, top_k=2, expert_dim=4, uniform_routing=True)
+    _, ids, _ = route(torch.randn(5, 4), None, cfg)
+    assert ids.tolist() == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]
+
+
+def test_router_module_fp32_and_shapes():
+    cfg = MoEConfig(dim=8, n_routed_experts=6, top_k=3, expert_dim=4)
+    router = Router(cfg)
+    w, ids, s, logits = router(torch.randn(5, 8, dtype=torch.bfloat16))
+    assert w.shape == ids.shape == (5, 3) and s.shape == logits.shape == (5, 6)
+    assert s.dtype == logits.dtype == w.dtype == torch.float32
+    assert router.bias.dtype == torch.float32 and list(router.parameters()) == [router.weight]
+    # an empty batch routes to nothing without error
+    w, ids, s, logits = router(torch.randn(0, 8))
+    assert ids.shape == (0, 3)
