@@ -123,6 +123,16 @@ class MoE(nn.Module):
                                   self.cfg.bias_update_rule, group)
         self.counts.zero_()
 
+    def load_hf_state_dict(self, sd: dict, strict: bool = True):
+        """Load one HuggingFace DeepSeek-V2/V3 MoE block (keys relative to `mlp.`; see dsmoe.hf)."""
+        from dsmoe.hf import load_hf_state_dict
+        return load_hf_state_dict(self, sd, strict)
+
+    def hf_state_dict(self) -> dict:
+        """This layer's weights in the HuggingFace checkpoint layout (see dsmoe.hf)."""
+        from dsmoe.hf import hf_state_dict
+        return hf_state_dict(self)
+
     def set_top_k(self, k: int) -> None:
         """Change K in place (a dynamic top-k schedule); validated like a new config."""
         self.cfg = self.gate.cfg = self.cfg.replace(top_k=k)

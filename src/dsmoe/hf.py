@@ -1,0 +1,271 @@
+"""HuggingFace DeepSeek-V2 / V3 format (REFERENCE §6): config fields and the weights of one MoE block.
+
+Shapes: E routed experts, D model dim, F expert hidden dim.
+
+Routing semantics of each release, as their code computes the K weights w from the scores s[ids]:
+
+    release       score    choice / group score                 weights
+    deepseek_v2   softmax  greedy: no groups                    DeepSeek: K>1 and norm ? w/sum(w) : w*rsf
+                           group_limited_greedy: max            transformers: w*rsf (norm_topk_prob ignored)
+    deepseek_v3   sigmoid  noaux_tc: s+b, sum of top-2          DeepSeek: (K>1 and norm ? w/sum(w) : w)*rsf
+                                                                transformers: (norm ? w/sum(w) : w)*rsf
+
+rsf = routed_scaling_factor. The two implementations agree on every released checkpoint (V2 and
+V2-Lite ship norm_topk_prob=false; V3 ships K=8); they part only for a V2 config with
+norm_topk_prob=true, or a V3 config with K=1. `semantics` picks which one a config is read with.
+Masking also differs: DeepSeek's V3 hub code masks discarded groups with 0.0, which lets a negative
+s+b pick experts in them; DeepSeek's inference/model.py, transformers and dsmoe mask with -inf. V2 has
+no bias and softmax scores are > 0, so its 0.0 mask is the same as -inf.
+
+Weights use the checkpoint layout (keys relative to `model.layers.N.mlp.`), one tensor per expert;
+transformers 5 fuses the experts in memory (`fuse_experts` / `unfuse_experts` convert).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsmoe.config import GroupScore, MoEConfig, ScoreFunc
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+SEMANTICS = ("deepseek", "transformers")
+TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
+SCORE_FUNCS = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
+
+# Routing fields a config.json may leave out: each release's own defaults.
+_DEFAULTS = {
+    "deepseek_v2": dict(topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
+                        n_group=None, topk_group=None, n_shared_experts=2),
+    "deepseek_v3": dict(topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
+                        n_group=8, topk_group=4, n_shared_experts=1),
+}
+_REQUIRED = ("hidden_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _get(d: dict, key: str, model_type: str):
+    """d[key], or the release default where the key is absent or null."""
+    value = d.get(key)
+    return _DEFAULTS[model_type].get(key) if value is None else value
+
+
+def _model_type(d: dict) -> str:
+    model_type = d.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; choose one of {MODEL_TYPES}")
+    return model_type
+
+
+def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
+    """The MoE layer of a HuggingFace DeepSeek-V2 / V3 `config.json` dict.
+
+    semantics="deepseek" reads the config as DeepSeek's released code runs it, "transformers" as
+    transformers 5 does (they differ only for V2 with norm_topk_prob, and V3 with K=1; see the module
+    docstring). Training-only fields that HF does not store (bias update, capacity, ...) get dsmoe's
+    defaults; change them with `.replace()`.
+    """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics={semantics!r} is not allowed; choose one of {SEMANTICS}")
+    model_type = _model_type(d)
+    missing = [k for k in _REQUIRED if d.get(k) is None]
+    if missing:
+        raise ValueError(f"HF config for {model_type} lacks required fields {missing}")
+    score_func = d.get("scoring_func") or SCORE_FUNCS[model_type]
+    if score_func != SCORE_FUNCS[model_type]:  # both implementations support only this one
+        raise ValueError(f"scoring_func={score_func!r} is not supported for {model_type}; "
+                         f"allowed: {SCORE_FUNCS[model_type]!r}")
+    method = _get(d, "topk_method", model_type)
+    if method not in TOPK_METHODS[model_type]:
+        raise ValueError(f"topk_method={method!r} is not supported for {model_type}; "
+                         f"choose one of {TOPK_METHODS[model_type]}")
+    K = int(d["num_experts_per_tok"])
+    norm = bool(_get(d, "norm_topk_prob", model_type))
+    scale = float(_get(d, "routed_scaling_factor", model_type))
+    if model_type == "deepseek_v2":
+        if semantics == "transformers":  # transformers' V2 router never normalizes, always scales
+            norm = False
+        elif norm and K > 1:  # DeepSeek's V2 code normalizes OR scales, never both
+            scale = 1.0
+        else:
+            norm = False
+    elif semantics == "deepseek":  # DeepSeek's V3 code skips normalizing a single weight
+        norm = norm and K > 1
+
+    if method == "greedy":
+        n_groups, topk_groups = 1, 1
+    else:
+        n_groups, topk_groups = _get(d, "n_group", model_type), _get(d, "topk_group", model_type)
+        if n_groups is None or topk_groups is None:
+            raise ValueError(f"topk_method={method!r} needs n_group and topk_group, "
+                             f"got n_group={n_groups!r}, topk_group={topk_groups!r}")
+
+    alpha = float(d.get("aux_loss_alpha") or 0.0)
+    seq_aux = bool(d.get("seq_aux", True))  # DeepSeek's config classes default to the sequence-wise loss
+    return MoEConfig(
+        dim=int(d["hidden_size"]),
+        n_routed_experts=int(d["n_routed_experts"]),
+        n_shared_experts=int(_get(d, "n_shared_experts", model_type) or 0),
+        top_k=K,
+        expert_dim=int(d["moe_intermediate_size"]),
+        score_func=score_func,
+        norm_topk_prob=norm,
+        route_scale=scale,
+        n_groups=int(n_groups),
+        topk_groups=int(topk_groups),
+        group_score="top2" if model_type == "deepseek_v3" else "max",
+        aux_loss_alpha=0.0 if seq_aux else alpha,
+        seq_aux_loss_alpha=alpha if seq_aux else 0.0,
+    )
+
+
+def hf_model_type(cfg: MoEConfig) -> str:
+    """The release whose format holds this layer: sigmoid scores are V3's, softmax V2's."""
+    return "deepseek_v3" if cfg.score_func == ScoreFunc.SIGMOID else "deepseek_v2"
+
+
+def moe_config_to_hf(cfg: MoEConfig) -> dict:
+    """The HF config.json fields of this layer, written for DeepSeek's semantics.
+
+    Raises ValueError for routing HF cannot express. Fields that only matter in training and that HF
+    does not store (bias update, device/comm/z losses, capacity, check_inputs) are left out.
+    With n_groups=1 group_score has no effect and is not stored.
+    """
+    model_type = hf_model_type(cfg)
+    want_group_score = GroupScore.TOP2 if model_type == "deepseek_v3" else GroupScore.MAX
+    if cfg.n_groups > 1 and cfg.group_score != want_group_score:
+        raise ValueError(f"group_score={cfg.group_score.value!r} with score_func={cfg.score_func.value!r} cannot "
+                         f"be written: {model_type} scores groups by {want_group_score.value!r}")
+    if cfg.uniform_routing:
+        raise ValueError("uniform_routing=True is a debug mode that HF configs cannot express")
+    if cfg.aux_loss_alpha and cfg.seq_aux_loss_alpha:
+        raise ValueError("HF configs hold one auxiliary loss (aux_loss_alpha with seq_aux); "
+                         "set aux_loss_alpha or seq_aux_loss_alpha to 0")
+    if cfg.norm_topk_prob and cfg.top_k == 1 and model_type == "deepseek_v2":
+        raise ValueError("norm_topk_prob=True with top_k=1 (every weight 1) cannot be written for deepseek_v2, "
+                         "whose code skips normalizing a single weight")
+    if cfg.norm_topk_prob and cfg.route_scale != 1 and model_type == "deepseek_v2":
+        raise ValueError(f"norm_topk_prob=True with route_scale={cfg.route_scale} cannot be written for "
+                         "deepseek_v2 (softmax), whose code normalizes OR scales; use route_scale=1")
+    if cfg.norm_topk_prob and cfg.top_k == 1 and model_type == "deepseek_v3":
+        raise ValueError("norm_topk_prob=True with top_k=1 cannot be written for deepseek_v3: DeepSeek's "
+                         "code skips normalizing a single weight (transformers' does not)")
+    seq = bool(cfg.seq_aux_loss_alpha)
+    return {
+        "model_type": model_type,
+        "hidden_size": cfg.dim,
+        "n_routed_experts": cfg.n_routed_experts,
+        "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "moe_intermediate_size": cfg.expert_dim,
+        "scoring_func": cfg.score_func.value,
+        "topk_method": "noaux_tc" if model_type == "deepseek_v3" else
+                       ("group_limited_greedy" if cfg.n_groups > 1 else "greedy"),
+        "n_group": cfg.n_groups,
+        "topk_group": cfg.topk_groups,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "routed_scaling_factor": float(cfg.route_scale),
+        "aux_loss_alpha": float(cfg.seq_aux_loss_alpha if seq else cfg.aux_loss_alpha),
+        "seq_aux": seq or not cfg.aux_loss_alpha,
+    }
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of one MoE block in the HF checkpoint layout, with its shape."""
+    E, D, F = cfg.n_routed_experts, cfg.dim, cfg.expert_dim
+    shapes = {"gate.weight": (E, D)}
+    if hf_model_type(cfg) == "deepseek_v3":
+        shapes["gate.e_score_correction_bias"] = (E,)
+    for e in range(E):
+        shapes |= {f"experts.{e}.gate_proj.weight": (F, D), f"experts.{e}.up_proj.weight": (F, D),
+                   f"experts.{e}.down_proj.weight": (D, F)}
+    if cfg.n_shared_experts:
+        Fs = cfg.n_shared_experts * F
+        shapes |= {"shared_experts.gate_proj.weight": (Fs, D), "shared_experts.up_proj.weight": (Fs, D),
+                   "shared_experts.down_proj.weight": (D, Fs)}
+    return shapes
+
+
+def _targets(layer) -> dict[str, torch.Tensor]:
+    """HF key -> the dsmoe tensor (or expert slice) it lives in."""
+    ex = layer.experts
+    targets = {"gate.weight": layer.gate.weight, "gate.e_score_correction_bias": layer.gate.bias}
+    for e in range(layer.cfg.n_routed_experts):
+        targets |= {f"experts.{e}.gate_proj.weight": ex.w_gate[e], f"experts.{e}.up_proj.weight": ex.w_up[e],
+                    f"experts.{e}.down_proj.weight": ex.w_down[e]}
+    if layer.shared_experts is not None:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            targets[f"shared_experts.{name}.weight"] = getattr(layer.shared_experts, name).weight
+    return targets
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+@torch.no_grad()
+def load_hf_state_dict(layer, sd: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+    """Copy one HF MoE block (keys relative to `mlp.`, per-expert or transformers' fused) into `layer`.
+
+    Returns (missing, unexpected) keys; with strict=True any of them raises. A wrong shape always
+    raises. The bias `gate.e_score_correction_bias` (V3) is dsmoe's balancing bias, kept in fp32.
+    """
+    if "experts.gate_up_proj" in sd:
+        sd = unfuse_experts(sd)
+    shapes = expected_shapes(layer.cfg)
+    missing = [k for k in shapes if k not in sd]
+    unexpected = [k for k in sd if k not in shapes]
+    if strict and (missing or unexpected):
+        raise KeyError(f"HF state dict does not fit this {hf_model_type(layer.cfg)} layer: "
+                       f"missing keys [{_short(missing)}]; unexpected keys [{_short(unexpected)}]")
+    wrong = [f"{k}: got {tuple(sd[k].shape)}, expected {shapes[k]}"
+             for k in shapes if k in sd and tuple(sd[k].shape) != shapes[k]]
+    if wrong:
+        raise ValueError("HF state dict has wrong shapes: " + "; ".join(wrong))
+    targets = _targets(layer)
+    for k in shapes:
+        if k in sd:
+            targets[k].copy_(sd[k])
+    return missing, unexpected
+
+
+@torch.no_grad()
+def hf_state_dict(layer) -> dict[str, torch.Tensor]:
+    """The layer's weights in the HF checkpoint layout: per-expert keys, separate tensors (safetensors-ready)."""
+    shapes = expected_shapes(layer.cfg)
+    if "gate.e_score_correction_bias" not in shapes and layer.gate.bias.any():
+        raise ValueError("the balancing bias is nonzero, but deepseek_v2 (softmax) checkpoints have no "
+                         "gate.e_score_correction_bias to hold it")
+    targets = _targets(layer)
+    return {k: targets[k].detach().clone() for k in shapes}
+
+
+def fuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert keys -> transformers 5's in-memory layout.
+
+    experts.gate_up_proj [E, 2F, D] (each expert's gate rows, then its up rows), experts.down_proj [E, D, F].
+    """
+    out = {k: v for k, v in sd.items() if not k.startswith("experts.")}
+    E = len([k for k in sd if k.startswith("experts.") and k.endswith(".gate_proj.weight")])
+    if E:
+        out["experts.gate_up_proj"] = torch.stack(
+            [torch.cat([sd[f"experts.{e}.gate_proj.weight"], sd[f"experts.{e}.up_proj.weight"]]) for e in range(E)])
+        out["experts.down_proj"] = torch.stack([sd[f"experts.{e}.down_proj.weight"] for e in range(E)])
+    return out
+
+
+def unfuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's fused experts -> per-expert keys (the inverse of `fuse_experts`)."""
+    out = {k: v for k, v in sd.items() if k not in ("experts.gate_up_proj", "experts.down_proj")}
+    gate_up_EXD, down_EDF = sd["experts.gate_up_proj"], sd["experts.down_proj"]
+    if gate_up_EXD.dim() != 3 or gate_up_EXD.shape[1] % 2:
+        raise ValueError(f"experts.gate_up_proj must be [E, 2F, D], got {tuple(gate_up_EXD.shape)}")
+    for e, (gate_up, down) in enumerate(zip(gate_up_EXD, down_EDF)):
+        gate, up = gate_up.chunk(2)
+        out |= {f"experts.{e}.gate_proj.weight": gate, f"experts.{e}.up_proj.weight": up,
+                f"experts.{e}.down_proj.weight": down}
+    return out
