@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -13,9 +15,13 @@ def max_violation(load_E: torch.Tensor) -> torch.Tensor:
 
 
 def load_entropy(load_E: torch.Tensor) -> torch.Tensor:
-    """Entropy of the load distribution divided by log(E): 1 is perfectly even."""
+    """Entropy of the load distribution divided by log(E): 1 is perfectly even, 0 all on one expert (or none)."""
+    E = load_E.shape[-1]
     p = load_E.float() / load_E.float().sum(-1, keepdim=True).clamp_min(1e-12)
-    return -(p * p.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(load_E.shape[-1])))
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    if E == 1:  # log(1) = 0: a single expert is trivially balanced
+        return torch.ones_like(entropy)
+    return entropy / math.log(E)
 
 
 def dead_experts(load_E: torch.Tensor) -> torch.Tensor:
