@@ -10,6 +10,7 @@ import sys
 # name -> (module, help). Modules import their heavy dependencies inside run().
 COMMANDS = {
     "bench": ("dsmoe.bench", "benchmarks: layer | train | ep"),
+    "report": ("dsmoe.plots", "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
 }
 
 

@@ -1,0 +1,234 @@
+"""Plot a training run's balance and loss curves from DIR/metrics.jsonl into DIR/plots/*.png.
+
+The only module that imports matplotlib (Agg backend: files only, no display needed). Plots:
+
+    loss.png            train loss (and its running mean) and validation loss over steps
+    maxvio.png          MaxVio_batch per MoE layer over steps, MaxVio_global of each evaluation as points
+    load_final.png      layer x expert load / mean load at the end of training (last evaluation)
+    load_evolution.png  the same heatmap averaged over windows of training steps, early to late
+    load_over_time.png  per layer, expert x step heatmap of each logged training batch's load / mean
+
+A perfectly balanced layer has load / mean = 1 (white) for every expert and MaxVio = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+SNAPSHOTS = 6  # panels in load_evolution.png
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of run_dir/metrics.jsonl, each sorted by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}: is {run_dir} a run directory written by `dsmoe train`?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+    train = sorted((r for r in rows if r.get("kind") == "train"), key=lambda r: r["step"])
+    evals = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+    if not train and not evals:
+        raise ValueError(f"{path} has no train or eval rows to plot")
+    return train, evals
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _relative_load(load_LE) -> "np.ndarray":
+    """load / mean load of each layer (1 = balanced); a layer that routed nothing stays 0."""
+    import numpy as np
+    load = np.asarray(load_LE, dtype=float)
+    mean = load.mean(axis=1, keepdims=True)
+    return np.divide(load, mean, out=np.zeros_like(load), where=mean > 0)
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot_loss(plt, train, evals, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
+        ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="train (per log step)")
+        window = max(1, len(loss) // 20)
+        if window > 1:
+            ax.plot(steps, _running_mean(loss, window), color="tab:blue", lw=2,
+                    label=f"train (mean of {window} log steps)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red", lw=2,
+                label="validation")
+        last = evals[-1]
+        ax.annotate(f"val {last['val_loss']:.3f} (ppl {last.get('val_ppl', math.exp(last['val_loss'])):.2f})",
+                    (last["step"], last["val_loss"]), textcoords="offset points", xytext=(-10, 12), ha="right",
+                    color="tab:red")
+    ax.set(title="Language-model loss", xlabel="optimizer step", ylabel="cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_maxvio(plt, train, evals, path: Path) -> None:
+    n_layers = len(train[0]["maxvio"]) if train else len(evals[0]["maxvio_global"])
+    cmap = plt.get_cmap("viridis")
+    colors = [cmap(i / max(1, n_layers - 1)) for i in range(n_layers)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for layer in range(n_layers):
+        if train:
+            ax.plot([r["step"] for r in train], [r["maxvio"][layer] for r in train], color=colors[layer],
+                    alpha=0.8, lw=1.2, label=f"MoE layer {layer}: MaxVio_batch")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["maxvio_global"][layer] for r in evals], "D",
+                    color=colors[layer], markeredgecolor="black", ms=6,
+                    label=f"MoE layer {layer}: global" if not train else None)
+    if train and evals:  # one legend entry for the diamonds: their colour already names the layer
+        ax.plot([], [], "D", color="white", markeredgecolor="black", label="diamonds: MaxVio_global (validation set)")
+    if evals:
+        final = evals[-1]["maxvio_global"]
+        ax.set_title(f"Load imbalance (MaxVio); final global: mean {sum(final) / len(final):.3f}, "
+                     f"max {max(final):.3f}")
+    else:
+        ax.set_title("Load imbalance (MaxVio_batch)")
+    values = [v for r in train for v in r["maxvio"]] + [v for r in evals for v in r["maxvio_global"]]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # imbalance falls over orders of magnitude under loss-free balancing
+    ax.set(xlabel="optimizer step", ylabel="MaxVio = (max load - mean) / mean")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2 if n_layers > 3 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _heatmap(ax, rel_LE, vmax, title):
+    L, E = rel_LE.shape
+    im = ax.imshow(rel_LE, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.set_yticks(range(L))
+    ax.set_ylabel("MoE layer")
+    ax.set_xlabel("routed expert")
+    return im
+
+
+def plot_load_final(plt, train, evals, path: Path) -> None:
+    row = evals[-1] if evals else train[-1]
+    rel = _relative_load(row["load"])
+    where = "validation set" if evals else "last training batch"
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * rel.shape[1] + 3), 1.2 + 0.6 * rel.shape[0]))
+    im = _heatmap(ax, rel, vmax=2, title=f"Expert load at step {row['step']} ({where}); 1 = balanced")
+    fig.colorbar(im, ax=ax, label="tokens / mean tokens per expert", extend="max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _windows(train: list[dict], n: int) -> list[list[dict]]:
+    """Split the train rows into n consecutive windows (fewer when there are fewer rows)."""
+    n = min(n, len(train))
+    bounds = [round(i * len(train) / n) for i in range(n + 1)]
+    return [train[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def plot_load_evolution(plt, train, path: Path) -> None:
+    import numpy as np
+    windows = _windows(train, SNAPSHOTS)
+    cols = min(3, len(windows))
+    rows = math.ceil(len(windows) / cols)
+    L, E = np.asarray(train[0]["load"]).shape
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, (0.5 * L + 1.4) * rows), squeeze=False)
+    for ax, window in zip(axes.flat, windows):
+        load = np.sum([r["load"] for r in window], axis=0)
+        im = _heatmap(ax, _relative_load(load), vmax=2,
+                      title=f"steps {window[0]['step']}-{window[-1]['step']}")
+    for ax in axes.flat[len(windows):]:
+        ax.axis("off")
+    fig.suptitle("Expert load over training (tokens / mean, summed over each window of steps)")
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes, label="tokens / mean tokens per expert", extend="max", shrink=0.9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_load_over_time(plt, train, path: Path) -> None:
+    """One panel per layer: experts (rows) x logged steps (columns), coloured by load / mean."""
+    import numpy as np
+    steps = [r["step"] for r in train]
+    load_NLE = np.asarray([r["load"] for r in train], dtype=float)
+    N, L, E = load_NLE.shape
+    fig, axes = plt.subplots(L, 1, figsize=(9, (0.06 * E + 0.9) * L + 1), sharex=True, squeeze=False)
+    half = (steps[-1] - steps[0]) / max(1, N - 1) / 2  # each column centred on its step
+    for layer, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(_relative_load(load_NLE[:, layer]).T, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2,
+                       interpolation="nearest", origin="lower",
+                       extent=(steps[0] - half, steps[-1] + half, -0.5, E - 0.5))
+        ax.set_ylabel(f"MoE layer {layer}\nexpert")
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.suptitle("Expert load per training batch over steps (tokens / mean; white = balanced)")
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes, label="tokens / mean tokens per expert", extend="max", shrink=0.9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write every plot the run's metrics allow to out_dir (default run_dir/plots); returns their paths."""
+    train, evals = read_metrics(run_dir)
+    out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    written = [out / "loss.png"]
+    plot_loss(plt, train, evals, written[0])
+    has_moe = bool(train and train[0].get("maxvio")) or bool(evals and evals[0].get("maxvio_global"))
+    if not has_moe:  # a dense twin: nothing is routed
+        return written
+    plot_maxvio(plt, train, evals, out / "maxvio.png")
+    plot_load_final(plt, train, evals, out / "load_final.png")
+    written += [out / "maxvio.png", out / "load_final.png"]
+    if train and train[0].get("load"):
+        plot_load_evolution(plt, train, out / "load_evolution.png")
+        plot_load_over_time(plt, train, out / "load_over_time.png")
+        written += [out / "load_evolution.png", out / "load_over_time.png"]
+    return written
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory (holds metrics.jsonl)")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: DIR/plots)")
+
+
+def run(args) -> int:
+    try:
+        paths = report(args.run, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"dsmoe report: {e}")
+    for path in paths:
+        print(path)
+    return 0

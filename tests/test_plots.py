@@ -1,0 +1,101 @@
+"""`dsmoe report` (dsmoe.plots): every PNG is written from a synthetic metrics.jsonl shaped like a real
+run's (MoE and dense), through the function and the CLI, and bad run directories get clear errors."""
+
+import json
+import math
+import random
+
+import pytest
+
+from dsmoe import cli, plots
+
+MOE_PLOTS = ["loss.png", "maxvio.png", "load_final.png", "load_evolution.png", "load_over_time.png"]
+
+
+def write_metrics(run_dir, steps=200, log_every=10, eval_every=50, layers=3, experts=16, dense=False):
+    """A run whose load starts skewed and evens out, as loss-free balancing makes it do."""
+    rng = random.Random(0)
+    rows = []
+
+    def load(step):
+        rows = []
+        for layer in range(layers):
+            skew = math.exp(-step / (40 + 30 * layer))
+            weights = [1 + 3 * skew * (e % 4 == layer % 4) + 0.1 * rng.random() for e in range(experts)]
+            rows.append([round(1000 * w / sum(weights)) for w in weights])
+        return rows
+
+    def maxvio(load_LE):
+        return [(max(row) - sum(row) / len(row)) / (sum(row) / len(row)) for row in load_LE]
+
+    for step in range(log_every, steps + 1, log_every):
+        lo = [] if dense else load(step)
+        rows.append({"kind": "train", "step": step, "loss": 5 * math.exp(-step / 100) + 1 + 0.1 * rng.random(),
+                     "aux_loss": 0.0, "lr": 1e-3, "tokens_per_s": 1000.0, "top_k": 2,
+                     "maxvio": maxvio(lo), "load": lo})
+        if step % eval_every == 0:
+            lo = [] if dense else load(step)
+            val = 5 * math.exp(-step / 100) + 1.2
+            rows.append({"kind": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(val),
+                         "maxvio_global": maxvio(lo), "load": lo})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def assert_pngs(paths, names):
+    assert sorted(p.name for p in paths) == sorted(names)
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+SHAPES = {"3x16": dict(layers=3, experts=16), "1x64": dict(layers=1, experts=64), "few-rows": dict(steps=20)}
+
+
+@pytest.mark.parametrize("kw", SHAPES.values(), ids=SHAPES.keys())
+def test_report_writes_every_plot(tmp_path, kw):
+    run = write_metrics(tmp_path / "run", **kw)
+    paths = plots.report(run)
+    assert all(p.parent == run / "plots" for p in paths)
+    assert_pngs(paths, MOE_PLOTS)
+
+
+def test_dense_run_gets_only_the_loss_plot(tmp_path):
+    run = write_metrics(tmp_path / "run", dense=True)
+    assert_pngs(plots.report(run), ["loss.png"])
+
+
+def test_train_rows_only(tmp_path):
+    run = write_metrics(tmp_path / "run", eval_every=10**9)
+    assert_pngs(plots.report(run), MOE_PLOTS)
+
+
+def test_cli_report(tmp_path, capsys):
+    run = write_metrics(tmp_path / "run")
+    assert cli.main(["report", "--run", str(run), "--out", str(tmp_path / "figs")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / "figs" / n) for n in MOE_PLOTS)
+
+
+def test_windows_cover_every_row():
+    rows = [{"step": i} for i in range(17)]
+    windows = plots._windows(rows, 6)
+    assert len(windows) == 6 and [r for w in windows for r in w] == rows
+    assert len(plots._windows(rows[:2], 6)) == 2
+
+
+BAD = {
+    "missing": (None, FileNotFoundError, "no metrics file"),
+    "empty": ("", ValueError, "no train or eval rows"),
+    "not-json": ('{"kind": "train", "step": 1\n', ValueError, "metrics.jsonl:1 is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("text,exc,match", BAD.values(), ids=BAD.keys())
+def test_bad_run_dir_errors(tmp_path, text, exc, match):
+    if text is not None:
+        (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(exc, match=match):
+        plots.report(tmp_path)
+    with pytest.raises(SystemExit, match="dsmoe report: .*" + match):
+        cli.main(["report", "--run", str(tmp_path)])
