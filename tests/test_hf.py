@@ -9,7 +9,7 @@ from dsmoe import hf
 from dsmoe.config import MoEConfig
 from dsmoe.moe import MoE
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.0")  # 5.x: fused experts, these routers
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_matches_transformers(case):
     model_type, fields, semantics = case
     config, module = hf_module(model_type, fields)
     layer = MoE(hf.moe_config_from_hf(config.to_dict(), semantics)).eval()
-    layer.load_hf_state_dict(hf.unfuse_experts(module.state_dict()))
+    layer.load_hf_state_dict(module.state_dict())  # transformers' fused experts, unfused on load
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), module(x), rtol=1e-5, atol=1e-5)  # outputs reach ~50
@@ -227,3 +227,9 @@ def test_v2_layer_with_bias_cannot_be_written():
     layer = random_layer(SMALL["v2"])
     with pytest.raises(ValueError, match="no gate.e_score_correction_bias"):
         layer.hf_state_dict()
+
+
+def test_unfuse_rejects_mismatched_fused_experts():
+    sd = {"experts.gate_up_proj": torch.zeros(4, 2 * F, D), "experts.down_proj": torch.zeros(4, D, 2 * F)}
+    with pytest.raises(ValueError, match=r"down_proj \[E, D, F\], got \(4, 16, 16\) and \(4, 16, 16\)"):
+        hf.unfuse_experts(sd)

@@ -58,6 +58,19 @@ def _model_type(d: dict) -> str:
     return model_type
 
 
+def _norm_and_scale(model_type: str, semantics: str, K: int, norm: bool, scale: float) -> tuple[bool, float]:
+    """dsmoe's (norm_topk_prob, route_scale), which always normalizes (if asked) and then scales."""
+    if model_type == "deepseek_v2":
+        if semantics == "transformers":  # transformers' V2 router never normalizes, always scales
+            return False, scale
+        if norm and K > 1:  # DeepSeek's V2 code normalizes OR scales, never both
+            return True, 1.0
+        return False, scale
+    if semantics == "deepseek":  # DeepSeek's V3 code skips normalizing a single weight
+        return norm and K > 1, scale
+    return norm, scale  # transformers' V3 normalizes even one weight (to 1)
+
+
 def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
     """The MoE layer of a HuggingFace DeepSeek-V2 / V3 `config.json` dict.
 
@@ -81,18 +94,8 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
         raise ValueError(f"topk_method={method!r} is not supported for {model_type}; "
                          f"choose one of {TOPK_METHODS[model_type]}")
     K = int(d["num_experts_per_tok"])
-    norm = bool(_get(d, "norm_topk_prob", model_type))
-    scale = float(_get(d, "routed_scaling_factor", model_type))
-    if model_type == "deepseek_v2":
-        if semantics == "transformers":  # transformers' V2 router never normalizes, always scales
-            norm = False
-        elif norm and K > 1:  # DeepSeek's V2 code normalizes OR scales, never both
-            scale = 1.0
-        else:
-            norm = False
-    elif semantics == "deepseek":  # DeepSeek's V3 code skips normalizing a single weight
-        norm = norm and K > 1
-
+    norm, scale = _norm_and_scale(model_type, semantics, K, bool(_get(d, "norm_topk_prob", model_type)),
+                                  float(_get(d, "routed_scaling_factor", model_type)))
     if method == "greedy":
         n_groups, topk_groups = 1, 1
     else:
@@ -262,8 +265,10 @@ def unfuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers 5's fused experts -> per-expert keys (the inverse of `fuse_experts`)."""
     out = {k: v for k, v in sd.items() if k not in ("experts.gate_up_proj", "experts.down_proj")}
     gate_up_EXD, down_EDF = sd["experts.gate_up_proj"], sd["experts.down_proj"]
-    if gate_up_EXD.dim() != 3 or gate_up_EXD.shape[1] % 2:
-        raise ValueError(f"experts.gate_up_proj must be [E, 2F, D], got {tuple(gate_up_EXD.shape)}")
+    E, F2, D = gate_up_EXD.shape if gate_up_EXD.dim() == 3 else (0, 1, 0)
+    if F2 % 2 or tuple(down_EDF.shape) != (E, D, F2 // 2):
+        raise ValueError(f"fused experts must be gate_up_proj [E, 2F, D] and down_proj [E, D, F], got "
+                         f"{tuple(gate_up_EXD.shape)} and {tuple(down_EDF.shape)}")
     for e, (gate_up, down) in enumerate(zip(gate_up_EXD, down_EDF)):
         gate, up = gate_up.chunk(2)
         out |= {f"experts.{e}.gate_proj.weight": gate, f"experts.{e}.up_proj.weight": up,
