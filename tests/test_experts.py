@@ -1,0 +1,134 @@
+"""Experts (dsmoe.experts): the grouped, sorted computation equals the per-expert reference loop (outputs and
+gradients of x, of the routing weights and of the stacked expert weights) on both the grouped_mm path and the
+fallback, with empty batches, idle experts, dropped assignments and zero-stride or non-contiguous upstream
+gradients; SwiGLU by hand; the grouped_mm eligibility rule. CUDA cases skip without a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsmoe.experts import GroupedExperts, SwiGLU, _grouped_mm_ok, reference_experts
+
+DIMS = {"aligned": (8, 12), "unaligned": (6, 10)}  # fp32 grouped_mm needs dims that are multiples of 4
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def inputs(T, K, E, D, seed=0, device="cpu", keep=False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    ids = torch.rand(T, E, generator=gen).topk(K, dim=-1).indices  # K distinct experts per token
+    w = torch.rand(T, K, generator=gen)
+    keep_A = (torch.rand(T * K, generator=gen) > 0.3) if keep else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x).to(dtype), to(ids), to(w), to(keep_A)
+
+
+def run(fn, experts, x, ids, w, keep_A, upstream):
+    x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = fn(experts, x, ids, w, keep_A)
+    loss = y.float().sum() if upstream is None else (y.float() * upstream).sum()
+    params = [experts.w_gate, experts.w_up, experts.w_down]
+    return (y.detach(), *torch.autograd.grad(loss, [x, w, *params], allow_unused=True, materialize_grads=True))
+
+
+def grouped(experts, *args):
+    return experts(*args)
+
+
+def assert_grouped_equals_reference(E, D, Fh, T, K, keep, seed=0, device="cpu", dtype=torch.float32, tol=1e-5):
+    torch.manual_seed(seed)
+    experts = GroupedExperts(E, D, Fh).to(device)
+    x, ids, w, keep_A = inputs(T, K, E, D, seed, device, keep)
+    fast_experts = experts.to(dtype)
+    ref_experts = GroupedExperts(E, D, Fh).to(device)
+    ref_experts.load_state_dict({k: v.float() for k, v in experts.state_dict().items()})
+    g = torch.randn(T, D, device=device)
+    for upstream in (g, None, g.t().contiguous().t()[:, :].expand(T, D)):
+        got = run(grouped, fast_experts, x.to(dtype), ids, w, keep_A, upstream)
+        want = run(reference_experts, ref_experts, x.float(), ids, w, keep_A, upstream)
+        for name, a, b in zip(["y", "x", "weights", "w_gate", "w_up", "w_down"], got, want):
+            torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dims", list(DIMS))
+@pytest.mark.parametrize("T,K", [(0, 2), (1, 1), (1, 4), (9, 2), (30, 3), (30, 6)], ids=lambda v: str(v))
+@pytest.mark.parametrize("keep", [False, True], ids=["dropless", "dropping"])
+def test_grouped_equals_reference(dims, T, K, keep):
+    D, Fh = DIMS[dims]
+    assert_grouped_equals_reference(6, D, Fh, T, K, keep, seed=T * 10 + K)
+
+
+@pytest.mark.parametrize("dims", list(DIMS))
+def test_all_tokens_on_one_expert(dims):
+    D, Fh = DIMS[dims]
+    experts = GroupedExperts(5, D, Fh)
+    x = torch.randn(7, D)
+    ids = torch.full((7, 1), 3)
+    w = torch.rand(7, 1)
+    torch.testing.assert_close(experts(x, ids, w), reference_experts(experts, x, ids, w), atol=1e-6, rtol=1e-6)
+    y = experts(x, ids, w)
+    y.sum().backward()
+    idle = [0, 1, 2, 4]
+    assert experts.w_gate.grad[idle].abs().sum() == 0 and experts.w_down.grad[3].abs().sum() > 0
+
+
+def test_all_assignments_dropped():
+    experts = GroupedExperts(4, 8, 8)
+    x, ids, w, _ = inputs(5, 2, 4, 8)
+    y = experts(x, ids, w, torch.zeros(10, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros_like(x))
+
+
+def test_weight_scales_the_expert_output():
+    """A token's output is its weight times the expert's SwiGLU: linear in the weight, zero at weight 0."""
+    experts = GroupedExperts(3, 8, 4)
+    x = torch.randn(1, 8)
+    ids = torch.tensor([[1]])
+    e1 = F.silu(x @ experts.w_gate[1].T) * (x @ experts.w_up[1].T) @ experts.w_down[1].T
+    torch.testing.assert_close(experts(x, ids, torch.tensor([[0.5]])), 0.5 * e1)
+    torch.testing.assert_close(experts(x, ids, torch.tensor([[0.0]])), torch.zeros_like(x))
+
+
+def test_swiglu_by_hand():
+    torch.manual_seed(0)
+    ffn = SwiGLU(6, 5)
+    x = torch.randn(3, 6)
+    a, b = x @ ffn.gate_proj.weight.T, x @ ffn.up_proj.weight.T
+    want = (a * torch.sigmoid(a) * b) @ ffn.down_proj.weight.T
+    torch.testing.assert_close(ffn(x), want)
+    assert all(m.bias is None for m in (ffn.gate_proj, ffn.up_proj, ffn.down_proj))
+
+
+@pytest.mark.parametrize("D,Fh,dtype,ok", [
+    (8, 12, torch.float32, True), (6, 12, torch.float32, False), (8, 10, torch.float32, False),
+    (8, 8, torch.bfloat16, True), (8, 12, torch.bfloat16, False), (8, 8, torch.float64, False),
+    (8, 8, torch.float16, False),
+], ids=["fp32-aligned", "fp32-D6", "fp32-F10", "bf16-aligned", "bf16-F12", "fp64", "fp16"])
+def test_grouped_mm_eligibility(D, Fh, dtype, ok):
+    experts = GroupedExperts(4, D, Fh).to(dtype)
+    assert _grouped_mm_ok(torch.zeros(1, D, dtype=dtype), experts.w_gate, experts.w_down) == ok
+
+
+def test_bf16_grouped_matches_fp32_reference_loosely():
+    assert_grouped_equals_reference(4, 16, 16, 20, 2, keep=False, dtype=torch.bfloat16, tol=6e-2)
+
+
+def test_init_like_linear():
+    experts = GroupedExperts(4, 16, 64)
+    assert experts.w_gate.abs().max() <= 1 / 16**0.5 and experts.w_down.abs().max() <= 1 / 64**0.5
+    assert experts.w_gate.shape == (4, 64, 16) and experts.w_down.shape == (4, 16, 64)
+
+
+@CUDA
+@pytest.mark.parametrize("dims", list(DIMS))
+@pytest.mark.parametrize("keep", [False, True], ids=["dropless", "dropping"])
+def test_grouped_equals_reference_cuda(dims, keep, monkeypatch):
+    D, Fh = DIMS[dims]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # compare true fp32
+    assert_grouped_equals_reference(6, D, Fh, 33, 3, keep, device="cuda", tol=1e-4)
+    assert_grouped_equals_reference(6, D, Fh, 0, 3, keep, device="cuda", tol=1e-4)
+
+
+@CUDA
+def test_bf16_grouped_cuda():
+    assert_grouped_equals_reference(8, 64, 32, 100, 2, keep=False, device="cuda", dtype=torch.bfloat16, tol=6e-2)
