@@ -1,0 +1,204 @@
+"""dsmoe.study: the studies' configurations keep what they claim constant, token kinds, the redundancy
+test's expert masking against a slow reference, mutual information, and the whole machinery on a micro
+model (results.json complete and finite; an interrupted study resumes without retraining finished runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from dsmoe import study
+from dsmoe.config import MoEConfig, ModelConfig, preset
+from dsmoe.model import MoETransformer
+from dsmoe.router import route
+
+
+def micro_model() -> ModelConfig:
+    moe = MoEConfig(dim=16, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=8,
+                    score_func="sigmoid", norm_topk_prob=True, bias_update_speed=1e-3)
+    return ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16, first_k_dense=1, moe=moe)
+
+
+# ---- configurations --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["debug", "tiny"], ids=["debug", "tiny"])
+def test_segmentation_keeps_expert_params(name):
+    """Every m, with or without a shared expert, has the same total and active expert width."""
+    base = preset(name)
+    widths = set()
+    for v in study.segmentation_variants(base):
+        moe = v.model.moe
+        if moe is None:
+            continue
+        total = (moe.n_routed_experts + moe.n_shared_experts) * moe.expert_dim
+        active = (moe.top_k + moe.n_shared_experts) * moe.expert_dim
+        widths.add((total, active, v.model.dense_hidden))
+    assert len(widths) == 1
+
+
+@pytest.mark.parametrize("name", ["debug", "tiny"], ids=["debug", "tiny"])
+def test_shared_study_constant_fine_experts(name):
+    variants = study.shared_variants(preset(name))
+    assert [v.info["shared"] for v in variants] == list(study.SHARED_COUNTS)
+    assert len({(v.model.moe.n_routed_experts + v.model.moe.n_shared_experts,
+                 v.model.moe.top_k + v.model.moe.n_shared_experts) for v in variants}) == 1
+
+
+def test_dense_references_match_moe_sizes():
+    """Dense same-active equals the MoE's active params up to the router; same-total within 2%."""
+    base = preset("debug")
+    moe_model = study.segmented_model(base, 1, 0).model
+    same_active, same_total = (v.model for v in study.dense_models(base))
+    router = base.n_moe_layers * base.dim * moe_model.moe.n_routed_experts
+    assert same_active.num_params() == moe_model.num_active_params() - router
+    assert abs(same_total.num_params() - moe_model.num_params()) / moe_model.num_params() < 0.02
+
+
+def test_balance_methods_cover_the_spec():
+    variants = study.balance_variants(preset("debug"))
+    by_gate = {g: [v for v in variants if v.group == g] for g in ("sigmoid", "softmax")}
+    assert len(by_gate["sigmoid"]) == 7 and len(by_gate["softmax"]) == 8
+    speeds = sorted({v.model.moe.bias_update_speed for v in variants})
+    assert speeds == [0.0, 1e-4, 1e-3, 1e-2]
+    none = next(v for v in by_gate["sigmoid"] if v.label == "no balancing").model.moe
+    assert none.bias_update_speed == none.aux_loss_alpha == none.seq_aux_loss_alpha == 0
+
+
+# ---- token kinds and information -----------------------------------------------------------------------
+
+
+def test_char_kinds_hand_example():
+    text = "if x1:  # no\n    print(3)"
+    kinds = study.char_kinds(text)
+    expect = {0: "keyword", 3: "identifier", 4: "identifier", 5: "punctuation", 6: "space", 8: "comment",
+              12: "newline", 17: "builtin", 22: "bracket", 23: "digit"}
+    assert {i: kinds[i] for i in expect} == expect
+
+
+def test_token_kinds_bytes_and_specials():
+    from dsmoe.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode("é'") + [tok.eos_id]
+    assert [study.KINDS[k] for k in study.token_kinds(ids, tok)] == ["other", "other", "quote", "special"]
+
+
+@pytest.mark.parametrize("counts,expect", [([[5, 5], [5, 5]], 0.0), ([[10, 0], [0, 10]], 1.0)],
+                         ids=["independent", "determined"])
+def test_mutual_information(counts, expect):
+    mi, frac = study.mutual_information(counts)
+    assert mi == pytest.approx(expect) and frac == pytest.approx(expect)
+
+
+# ---- redundancy test masking --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"], ids=["sigmoid", "softmax"])
+@pytest.mark.parametrize("n", [1, 2, 3], ids=["top1", "top2", "top3"])
+def test_disable_top_experts_matches_reference(score_func, n):
+    """With the top-n disabled a token takes its choices n+1..n+K, weighted by their unbiased scores."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(micro_model(), moe=micro_model().moe.replace(score_func=score_func))
+    model = MoETransformer(cfg)
+    gate = model.moe_layers()[0].gate
+    gate.bias.uniform_(-0.1, 0.1)
+    x_TD = torch.randn(32, cfg.dim)
+    with study.disable_top_experts(model, n):
+        weights_TK, ids_TK, scores_TE, _ = gate(x_TD)
+    logits_TE = x_TD @ gate.weight.T
+    ranked_TE = (route(logits_TE, gate.bias, gate.cfg)[2] + gate.bias).argsort(dim=-1, descending=True)
+    K = gate.cfg.top_k
+    assert torch.equal(ids_TK.sort(-1).values, ranked_TE[:, n:n + K].sort(-1).values)
+    w_TK = scores_TE.gather(1, ids_TK)
+    if gate.cfg.norm_topk_prob:
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights_TK, w_TK * gate.cfg.route_scale)
+    assert "forward" not in vars(gate)  # the router is restored
+
+
+def test_disable_top_experts_rejects_too_many():
+    model = MoETransformer(micro_model())
+    with pytest.raises(ValueError, match="cannot disable 7 of 8 experts"):
+        with study.disable_top_experts(model, 7):
+            pass
+
+
+# ---- the machinery end to end ---------------------------------------------------------------------------
+
+
+def _finite(x, path="results") -> None:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            _finite(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            _finite(v, f"{path}[{i}]")
+    else:
+        assert x is not None, f"{path} is empty"
+        if isinstance(x, float):
+            assert math.isfinite(x), f"{path} = {x}"
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A micro base config: 2-layer 16-wide model, 2 steps, a small corpus of real Python source."""
+    import importlib
+    import inspect
+
+    from dsmoe.train import build_configs
+
+    data = tmp_path_factory.mktemp("corpus")
+    for name in ("dataclasses", "json.decoder", "string", "keyword"):
+        (data / f"{name}.py").write_text(inspect.getsource(importlib.import_module(name)))
+    _, train_cfg = build_configs("debug", [f"data={data}", "batch_size=2", "seq_len=16", "eval_batches=2"])
+    return micro_model(), train_cfg
+
+
+def _run(micro, out, names, seeds=1):
+    model, train_cfg = micro
+    return study.study(names, model, train_cfg, steps=2, seeds=seeds, out=out, log=lambda msg: None)
+
+
+def test_all_studies_write_complete_results(micro, tmp_path):
+    _run(micro, tmp_path, list(study.STUDIES))
+    for name in study.STUDIES:
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["rows"], name
+        _finite(res, name)
+        assert (tmp_path / name / "results.md").read_text().count("|") > 10
+        assert list((tmp_path / name).glob("*.png")), name
+    rows = json.loads((tmp_path / "balance" / "results.json").read_text())["rows"]
+    for r in rows:
+        for key in ("val_ppl", "maxvio_global_mean", "maxvio_batch_mean", "dead_experts"):
+            assert r[key]["mean"] >= 0 and len(r[key]["values"]) == 1
+        assert r["curve"]["step"]
+
+
+def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
+    """An interrupted study trains only the runs that had not finished, and a finished one trains none."""
+    from dsmoe import train as train_mod
+
+    real, calls = train_mod.train, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the third run dies half-way
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(micro, tmp_path, ["shared"], seeds=2)
+    n_runs = len(study.shared_variants(micro[0])) * 2
+    calls.clear()
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    _run(micro, tmp_path, ["shared"], seeds=2)
+    assert len(calls) == n_runs - 2
+    calls.clear()
+    _run(micro, tmp_path, ["shared"], seeds=2)
+    assert calls == []
