@@ -1,0 +1,382 @@
+"""Expert parallelism over torch.distributed (REFERENCE §5), applied to a built model from outside.
+
+Shapes: T local tokens, D model dim, E routed experts, L = E/R experts per rank, R ranks of the
+expert-parallel group, K experts per token, A = T*K assignments sent, P (token, rank) pairs sent,
+B assignments received, Q pairs received.
+
+`apply_expert_parallel(model, group)` gives rank r the contiguous block of experts r*L .. r*L+L-1 of
+every MoE layer and replaces `layer.experts` by an `ExpertParallel` module with the same call
+signature. Its forward:
+
+    1. count exchange     all-to-all of [pairs, per-expert counts] per destination rank (one host sync:
+                          the uneven splits of the next all-to-alls)
+    2. dispatch           each token travels ONCE to each rank owning one of its experts (a (token, rank)
+                          pair), with the local expert ids and routing weights of its assignments there;
+                          the shared experts are computed while the hidden states are in flight
+    3. expert compute     the received assignments sorted by local expert, grouped matrix multiplies,
+                          the routing weight on the hidden activation (as GroupedExperts does)
+    4. combine            each pair's expert outputs summed on the expert's rank, sent back in one
+                          reverse all-to-all, and added into the token's output
+
+Deduplicating per (token, rank) is what makes device-limited routing pay (DeepSeek-V2 §2.2.2): with the
+experts grouped by rank and topk_groups = M, a token crosses the network at most M times however
+large K is. The all-to-alls are autograd-aware: the backward of each is the reverse all-to-all.
+
+Replicated parameters (attention, embeddings, router, shared experts) are data parallel:
+`sync_grads` averages them over the group; expert gradients stay local.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.experts import GroupedExperts, SwiGLU, _ContiguousGrad, _grouped_mm_ok, grouped_mm
+from dsmoe.moe import MoE, moe_layers
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+# --------------------------------------------------------------------------------------------- process group
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> dist.ProcessGroup:
+    """init_process_group from torchrun's environment, with a timeout.
+
+    A rank that dies makes the others' next collective fail (gloo: connection closed; NCCL: the
+    watchdog aborts the communicator); a rank that hangs makes them fail once `timeout_s` has passed
+    with no progress, instead of waiting forever. Backend: NCCL when CUDA is available, else gloo.
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+# --------------------------------------------------------------------------------------------- all-to-all
+
+class _Pending:
+    """The work handle of an asynchronous all-to-all, passed from its start to its wait."""
+
+    work = None
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op=False):
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
+    return out, work
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Starts an all-to-all with uneven splits; the output is valid only after _AllToAllWait.
+
+    Backward: the reverse all-to-all of the gradient (splits swapped), synchronous.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, pending):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out, pending.work = _all_to_all(x, out_splits, in_splits, group, async_op=True)
+        pending.send = x  # keep the send buffer alive until the wait
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        g_in, _ = _all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group)
+        return g_in, None, None, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, pending):
+        pending.work.wait()
+        pending.work = pending.send = None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Autograd-aware all_to_all_single with uneven splits along dim 0 (backward: the reverse all-to-all)."""
+    pending = _Pending()
+    return _AllToAllWait.apply(_AllToAllStart.apply(x, out_splits, in_splits, group, pending), pending)
+
+
+def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None):
+    """Start an autograd-aware all-to-all; returns a function that waits and gives the result."""
+    pending = _Pending()
+    out = _AllToAllStart.apply(x, out_splits, in_splits, group, pending)
+    return lambda: _AllToAllWait.apply(out, pending)
+
+
+# --------------------------------------------------------------------------------------------- the EP module
+
+class OverlappedSwiGLU(SwiGLU):
+    """The shared experts of an expert-parallel layer (same parameters and state-dict keys as SwiGLU).
+
+    ExpertParallel computes them while its dispatch all-to-all is in flight (`precompute`); the MoE
+    layer's own call on the same input then returns that result instead of computing it again.
+    """
+
+    def __init__(self, shared: SwiGLU):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = shared.gate_proj, shared.up_proj, shared.down_proj
+        self._ready: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def precompute(self, x: torch.Tensor) -> None:
+        self._ready = (x, super().forward(x))
+
+    def forward(self, x):
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[0] is x:
+            return ready[1]
+        return super().forward(x)
+
+
+class ExpertParallel(nn.Module):
+    """This rank's block of L experts, computed for the tokens of every rank of `group`.
+
+    Same call as GroupedExperts: forward(x_TD, ids_TK, weights_TK, keep_A=None) -> y_TD, with ids the
+    global expert ids. After each forward it holds the communication of that forward:
+    `sent_tokens_R` / `recv_tokens_R` (tokens sent to / received from each rank, one per (token, rank)
+    pair, self included), `sent_assignments_R` / `recv_assignments_R`, `max_ranks_per_token`, and
+    `a2a_bytes` (bytes this rank sent to other ranks in the forward all-to-alls; the backward sends the
+    same dispatch and combine volume again, in the other direction).
+    """
+
+    def __init__(self, experts: GroupedExperts, group=None, shared: OverlappedSwiGLU | None = None):
+        super().__init__()
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        E = experts.w_gate.shape[0]
+        if E % self.world:
+            raise ValueError(f"n_routed_experts={E} must be divisible by the expert-parallel world size {self.world}")
+        self.n_experts, self.n_local = E, E // self.world
+        lo, hi = self.rank * self.n_local, (self.rank + 1) * self.n_local
+        for name in EXPERT_WEIGHTS:  # keep only the local slice as the parameter
+            setattr(self, name, nn.Parameter(getattr(experts, name).detach()[lo:hi].clone()))
+        self._shared = (shared,)  # a tuple: not a submodule, its parameters belong to the MoE layer
+        self._reset_stats()
+
+    @property
+    def expert_range(self) -> range:
+        return range(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+
+    def _reset_stats(self):
+        R = self.world
+        self.sent_tokens_R = self.recv_tokens_R = torch.zeros(R, dtype=torch.long)
+        self.sent_assignments_R = self.recv_assignments_R = torch.zeros(R, dtype=torch.long)
+        self.max_ranks_per_token, self.a2a_bytes = 0, 0
+
+    def forward(self, x_TD, ids_TK, weights_TK, keep_A: torch.Tensor | None = None):
+        T, K = ids_TK.shape
+        R, L, group = self.world, self.n_local, self.group
+        dev = x_TD.device
+
+        # 1. assignments grouped by destination rank; one (token, rank) pair per rank a token reaches
+        ids_A, w_A = ids_TK.reshape(-1), weights_TK.reshape(-1).float()
+        token_A = torch.arange(T * K, device=dev) // K
+        if keep_A is not None:
+            ids_A, w_A, token_A = ids_A[keep_A], w_A[keep_A], token_A[keep_A]
+        rank_A = ids_A // L
+        key_A = rank_A * T + token_A
+        key_P, pair_A = torch.unique(key_A, sorted=True, return_inverse=True)  # pairs by rank, then token
+        rank_P, token_P = key_P // max(T, 1), key_P % max(T, 1)
+        sent_pairs_R = torch.bincount(rank_P, minlength=R)
+        sent_RL = torch.bincount(ids_A, minlength=R * L).view(R, L)
+
+        # count exchange: [pairs, per-local-expert assignments] for every destination rank
+        counts_R1L = torch.cat([sent_pairs_R.unsqueeze(1), sent_RL], 1)
+        recv_R1L, _ = _all_to_all(counts_R1L, [1] * R, [1] * R, group)
+        send_c, recv_c = torch.stack([counts_R1L, recv_R1L]).tolist()  # the one host sync
+        send_pairs, recv_pairs = [c[0] for c in send_c], [c[0] for c in recv_c]
+        send_assign, recv_assign = [sum(c[1:]) for c in send_c], [sum(c[1:]) for c in recv_c]
+
+        # 2. dispatch: hidden states once per pair; per assignment its pair (within the rank's block)
+        # and local expert, packed in one int64, and its routing weight (with gradient)
+        order_A = torch.argsort(key_A, stable=True)
+        pair_start_R = sent_pairs_R.cumsum(0) - sent_pairs_R
+        meta_A = ((pair_A - pair_start_R[rank_A]) * L + ids_A % L)[order_A]
+        wait_x = all_to_all_async(x_TD[token_P], recv_pairs, send_pairs, group)
+        wait_w = all_to_all_async(w_A[order_A], recv_assign, send_assign, group)
+        meta_B, _ = _all_to_all(meta_A, recv_assign, send_assign, group)
+        shared = self._shared[0]
+        if shared is not None:  # overlaps the dispatch in flight
+            shared.precompute(x_TD)
+        x_QD, w_B = wait_x(), wait_w()
+
+        # 3. the received assignments, sorted by local expert, through the grouped SwiGLU
+        recv_R = torch.tensor(recv_pairs, device=dev)
+        src_B = torch.repeat_interleave(torch.arange(R, device=dev), torch.tensor(recv_assign, device=dev))
+        pair_B = (recv_R.cumsum(0) - recv_R)[src_B] + meta_B // L
+        expert_B = meta_B % L
+        order_B = torch.argsort(expert_B, stable=True)
+        pair_B, w_B = pair_B[order_B], w_B[order_B]
+        counts_L = recv_R1L[:, 1:].sum(0)
+        out_BD = self._experts(x_QD[pair_B], w_B, counts_L)
+
+        # 4. combine: sum each pair's outputs here, send back, add into the tokens
+        out_QD = x_QD.new_zeros(x_QD.shape).index_add_(0, pair_B, out_BD)
+        y_PD = all_to_all(out_QD, send_pairs, recv_pairs, group)
+        self._record(x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign)
+        return torch.zeros_like(x_TD).index_add_(0, token_P, _ContiguousGrad.apply(y_PD))
+
+    def _experts(self, x_BD, w_B, counts_L):
+        """GroupedExperts' math on assignments already sorted by expert (routing weight on the hidden)."""
+        offs_L = counts_L.cumsum(0).to(torch.int32)
+        counts = None if _grouped_mm_ok(x_BD, self.w_gate, self.w_down) else counts_L.tolist()
+        h_BF = F.silu(grouped_mm(x_BD, self.w_gate, offs_L, counts)) * grouped_mm(x_BD, self.w_up, offs_L, counts)
+        h_BF = h_BF * w_B.to(h_BF.dtype).unsqueeze(-1)
+        return grouped_mm(_ContiguousGrad.apply(h_BF), self.w_down, offs_L, counts)
+
+    @torch.no_grad()
+    def _record(self, x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign):
+        r, D, elem = self.rank, x_TD.shape[1], x_TD.element_size()
+        self.sent_tokens_R, self.recv_tokens_R = torch.tensor(send_pairs), torch.tensor(recv_pairs)
+        self.sent_assignments_R, self.recv_assignments_R = torch.tensor(send_assign), torch.tensor(recv_assign)
+        T = x_TD.shape[0]
+        self.max_ranks_per_token = int(torch.bincount(token_P, minlength=T).max()) if T else 0
+        off_pairs = sum(send_pairs) - send_pairs[r]           # dispatched hidden states
+        off_assign = sum(send_assign) - send_assign[r]        # weight (fp32) + meta (int64)
+        back_pairs = sum(recv_pairs) - recv_pairs[r]          # combined outputs sent back
+        counts = (self.world - 1) * (self.n_local + 1) * 8
+        self.a2a_bytes = (off_pairs + back_pairs) * D * elem + off_assign * 12 + counts
+
+
+# --------------------------------------------------------------------------------------------- apply
+
+def _check_layer(layer: MoE, world: int) -> None:
+    cfg = layer.cfg
+    if not isinstance(layer.experts, GroupedExperts):
+        raise TypeError(f"expert parallelism applies to GroupedExperts, got {type(layer.experts).__name__} "
+                        "(already applied?)")
+    if layer.reference:
+        raise ValueError("expert parallelism replaces the grouped experts; MoE(reference=True) is not supported")
+    if cfg.n_routed_experts % world:
+        raise ValueError(f"n_routed_experts={cfg.n_routed_experts} must be divisible by the expert-parallel "
+                         f"world size {world}")
+    if cfg.n_groups > 1 and cfg.n_groups % world:
+        raise ValueError(f"n_groups={cfg.n_groups} must be 1 (no device limit) or a multiple of the "
+                         f"expert-parallel world size {world}, so that expert groups nest in devices")
+    if (cfg.comm_loss_alpha or cfg.device_loss_alpha) and cfg.n_groups != world:
+        raise ValueError(f"the device and communication balance losses count expert groups as devices: "
+                         f"n_groups={cfg.n_groups} must equal the expert-parallel world size {world}")
+    if cfg.capacity_factor is not None:
+        raise ValueError("capacity_factor is computed per rank under expert parallelism and would differ from "
+                         "the single-process layer; use the dropless default (capacity_factor=None)")
+
+
+def apply_expert_parallel(model: nn.Module, group=None, overlap_shared: bool = True) -> nn.Module:
+    """Shard the routed experts of every MoE layer of a built model over the ranks of `group`, in place.
+
+    Every rank must hold the same full model (same seed or the same checkpoint) before the call.
+    Rank r keeps experts r*L .. r*L+L-1 (L = E / world): with n_groups == world, the router's expert
+    groups are the devices, and topk_groups = M bounds the ranks a token reaches to M.
+    """
+    world = dist.get_world_size(group)
+    layers = moe_layers(model)
+    for layer in layers:
+        _check_layer(layer, world)
+    for layer in layers:
+        shared = None
+        if overlap_shared and layer.shared_experts is not None:
+            shared = layer.shared_experts = OverlappedSwiGLU(layer.shared_experts)
+        layer.experts = ExpertParallel(layer.experts, group, shared)
+    return model
+
+
+def expert_parallel_modules(model: nn.Module) -> dict[str, ExpertParallel]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallel)}
+
+
+def comm_stats(model: nn.Module) -> dict[str, float]:
+    """This rank's communication in the last forward, summed over layers."""
+    mods = list(expert_parallel_modules(model).values())
+    return {
+        "tokens_sent": sum(int(m.sent_tokens_R.sum()) for m in mods),
+        "tokens_received": sum(int(m.recv_tokens_R.sum()) for m in mods),
+        "a2a_bytes": sum(m.a2a_bytes for m in mods),
+        "max_ranks_per_token": max((m.max_ranks_per_token for m in mods), default=0),
+    }
+
+
+# --------------------------------------------------------------------------------------------- gradients
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    return {f"{prefix}.{w}" if prefix else w for prefix in expert_parallel_modules(model) for w in EXPERT_WEIGHTS}
+
+
+@torch.no_grad()
+def sync_grads(model: nn.Module, group=None) -> None:
+    """Data-parallel gradients after backward, for a loss that is each rank's mean over its own batch.
+
+    Replicated parameters: gradients averaged over the group (one flat all-reduce per dtype). Expert
+    parameters: their gradient already sums every rank's loss (the combine's backward brings it home),
+    so it is divided by the world size to match the mean of the ranks' losses; no communication.
+    """
+    world = dist.get_world_size(group)
+    experts = expert_parameter_names(model)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in experts:
+            if p.grad is not None:
+                p.grad.div_(world)
+            continue
+        if p.grad is None:  # every rank must contribute the same buffers
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for params in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p.grad))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded expert weight gathered whole ([E, ...], each expert once).
+
+    A collective: every rank of each expert-parallel group must call it; every rank gets the result.
+    Without expert parallelism this is model.state_dict().
+    """
+    sd = model.state_dict()
+    for prefix, m in expert_parallel_modules(model).items():
+        for w in EXPERT_WEIGHTS:
+            local = getattr(m, w).detach().contiguous()
+            parts = [torch.empty_like(local) for _ in range(m.world)]
+            dist.all_gather(parts, local, group=m.group)
+            sd[f"{prefix}.{w}" if prefix else w] = torch.cat(parts)
+    return sd
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a full state dict (from any number of ranks, or a single process) into a sharded model.
+
+    Each rank takes its own block of experts; no communication.
+    """
+    sd = dict(state_dict)
+    for prefix, m in expert_parallel_modules(model).items():
+        for w in EXPERT_WEIGHTS:
+            key = f"{prefix}.{w}" if prefix else w
+            if key not in sd:
+                continue
+            full = sd[key]
+            if full.shape[0] != m.n_experts:
+                raise ValueError(f"{key} has {full.shape[0]} experts, the model has {m.n_experts}")
+            sd[key] = full[m.expert_range.start:m.expert_range.stop]
+    return model.load_state_dict(sd, strict=strict)

@@ -1,0 +1,352 @@
+"""Expert parallelism (dsmoe.parallel) on CPU with gloo, 2 and 4 processes started here.
+
+The expert-parallel layer equals the single-process layer on the same global batch (outputs, input
+gradients, every expert's weight gradients, router and shared-expert gradients) for softmax and sigmoid
+gates, with and without device-limited routing, with uneven batches, an empty batch and ranks that
+receive no token; device limit M bounds the ranks a token reaches and cuts the measured volume; the
+dispatch counts are the placement the communication balance loss counts; checkpoints gathered at one
+world size load at another (4 -> 2, 2 -> 4, 2 -> 1); a hung or dead rank makes the others fail within
+the process-group timeout. Each world size is spawned once per group of cases, to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dsmoe import MoE, MoEConfig, balancing
+from dsmoe.parallel import (apply_expert_parallel, comm_stats, expert_parallel_modules, full_state_dict,
+                            load_full_state_dict, sync_grads)
+
+# --------------------------------------------------------------------------------------------- launcher
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, out_dir, timeout_s):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    result = fn(rank, world)
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+    if fn is not fault_worker:  # the fault cases leave a broken group behind on purpose
+        dist.destroy_process_group()
+
+
+def launch(fn, world: int, tmp_path, timeout_s: float = 60.0) -> list:
+    """Run fn(rank, world) in `world` fresh processes; returns each rank's JSON result (None: it wrote none)."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, str(tmp_path), timeout_s)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    paths = [tmp_path / f"{r}.json" for r in range(world)]
+    return [json.loads(p.read_text()) if p.exists() else None for p in paths]
+
+
+def run_cases(cases: dict, rank: int, world: int) -> dict[str, str]:
+    """Run each case, catching its failure, so that one spawn checks many cases."""
+    errors = {}
+    for name, case in cases.items():
+        try:
+            case(rank, world)
+            errors[name] = ""
+        except Exception:
+            errors[name] = traceback.format_exc()
+    return errors
+
+
+# --------------------------------------------------------------------------------------------- layer cases
+
+E, D, F, K = 8, 8, 12, 3
+
+
+def make_cfg(world, **kw) -> MoEConfig:
+    return MoEConfig(**{**dict(dim=D, expert_dim=F, n_routed_experts=E, n_shared_experts=1, top_k=K), **kw})
+
+
+def token_counts(world, kind) -> list[int]:
+    return {"even": [6] * world, "uneven": [3 + 2 * r for r in range(world)],
+            "empty": [0 if r == 1 else 5 for r in range(world)]}[kind]
+
+
+def check_equal_to_single_process(rank, world, cfg, batch="even", bias_to_rank0=False, seed=0):
+    """EP on each rank's slice of a global batch == the single-process layer on the whole batch."""
+    torch.manual_seed(seed)
+    ref = MoE(cfg)
+    with torch.no_grad():
+        ref.gate.bias.normal_(0, 0.05)
+        if bias_to_rank0:  # every token picks rank 0's experts: the other ranks receive nothing
+            ref.gate.bias[: E // world] += 10.0
+    counts = token_counts(world, batch)
+    x = torch.randn(sum(counts), D)
+    g = torch.randn(sum(counts), D)
+    lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+
+    ep = apply_expert_parallel(copy.deepcopy(ref))
+    x_ref = x.clone().requires_grad_(True)
+    (ref(x_ref) * g).sum().backward()
+    x_loc = x[lo:hi].clone().requires_grad_(True)
+    y_loc = ep(x_loc)
+    (y_loc * g[lo:hi]).sum().backward()
+
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_loc, ref(x)[lo:hi], **close)
+    torch.testing.assert_close(x_loc.grad, x_ref.grad[lo:hi], **close)
+    block = ep.experts.expert_range
+    for w in ("w_gate", "w_up", "w_down"):  # expert gradients stay local and are complete there
+        torch.testing.assert_close(getattr(ep.experts, w).grad, getattr(ref.experts, w).grad[block.start:block.stop],
+                                   **close, msg=lambda m: f"{w}: {m}")
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():  # replicated: each rank holds its tokens' share of the gradient
+        if "experts.w_" in name and "shared" not in name:
+            continue
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, ref_params[name].grad, **close, msg=lambda m: f"{name}: {m}")
+
+    # the dispatch is the real placement the comm balance loss counts (groups == devices)
+    stats = ep.experts
+    ids_TK = ep.gate(x_loc.detach())[1]
+    sent_TR = torch.zeros(hi - lo, world, dtype=torch.bool).scatter_(1, ids_TK // (E // world), True)
+    assert stats.sent_tokens_R.tolist() == sent_TR.sum(0).tolist()
+    recv = torch.stack([torch.zeros(world, dtype=torch.long)] * world)
+    recv[rank] = stats.recv_tokens_R
+    dist.all_reduce(recv)
+    sent = torch.zeros_like(recv)
+    sent[rank] = stats.sent_tokens_R
+    dist.all_reduce(sent)
+    assert torch.equal(sent, recv.T), "tokens sent r->s must equal tokens received by s from r"
+    if cfg.n_groups == world:
+        assert stats.max_ranks_per_token <= cfg.topk_groups
+        assert int(stats.sent_tokens_R.sum()) <= cfg.topk_groups * (hi - lo)
+    if bias_to_rank0 and rank > 0:
+        assert int(stats.recv_tokens_R.sum()) == 0
+
+
+def layer_cases(world):
+    M = world // 2
+    return {
+        "softmax-unlimited": lambda r, w: check_equal_to_single_process(r, w, make_cfg(w)),
+        "sigmoid-unlimited-uneven": lambda r, w: check_equal_to_single_process(
+            r, w, make_cfg(w, score_func="sigmoid", norm_topk_prob=True, route_scale=2.5), batch="uneven"),
+        f"softmax-limit{M}": lambda r, w: check_equal_to_single_process(
+            r, w, make_cfg(w, n_groups=w, topk_groups=M, top_k=min(K, M * E // w))),
+        f"sigmoid-top2-limit{M}-uneven": lambda r, w: check_equal_to_single_process(
+            r, w, make_cfg(w, score_func="sigmoid", norm_topk_prob=True, route_scale=2.5, n_groups=w, topk_groups=M,
+                           group_score="top2", top_k=min(K, M * E // w)), batch="uneven"),
+        "sigmoid-limit1-subdevice-groups": lambda r, w: check_equal_to_single_process(
+            r, w, make_cfg(w, score_func="sigmoid", n_groups=2 * w if E % (2 * w) == 0 else w, topk_groups=1,
+                           top_k=1)),
+        "softmax-rank-receives-nothing": lambda r, w: check_equal_to_single_process(
+            r, w, make_cfg(w, top_k=min(K, E // w)), bias_to_rank0=True),
+        "sigmoid-rank-with-empty-batch": lambda r, w: check_equal_to_single_process(
+            r, w, make_cfg(w, score_func="sigmoid", n_groups=w, topk_groups=1, top_k=min(K, E // w)), batch="empty"),
+        "volume-drops-with-device-limit": check_volume_drops,
+        "comm-loss-on-real-placement": check_comm_loss,
+        "rejects-bad-layouts": check_rejects_bad_layouts,
+    }
+
+
+def check_rejects_bad_layouts(rank, world):
+    with pytest.raises(ValueError, match="divisible"):
+        apply_expert_parallel(MoE(make_cfg(world, n_routed_experts=2 * world + 1, top_k=2)))
+    with pytest.raises(ValueError, match="multiple"):
+        apply_expert_parallel(MoE(make_cfg(world, n_routed_experts=3 * world, n_groups=3, topk_groups=3)))
+
+
+def check_volume_drops(rank, world):
+    """Same weights and tokens: tokens leave for fewer ranks and fewer bytes move with M = 1."""
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(rank))
+    volume = {}
+    for M in (1, world):
+        torch.manual_seed(0)
+        layer = apply_expert_parallel(MoE(make_cfg(world, n_groups=world, topk_groups=M, top_k=E // world)))
+        layer(x)
+        stats = torch.tensor([comm_stats(layer)["a2a_bytes"], comm_stats(layer)["tokens_sent"]], dtype=torch.float)
+        dist.all_reduce(stats)
+        volume[M] = stats
+        assert comm_stats(layer)["max_ranks_per_token"] <= M
+    assert (volume[1] < volume[world]).all(), volume
+
+
+def check_comm_loss(rank, world):
+    """The layer's comm balance loss counts exactly the tokens the dispatch sends to each rank."""
+    torch.manual_seed(0)
+    layer = apply_expert_parallel(MoE(make_cfg(world, n_groups=world, topk_groups=1, top_k=2, comm_loss_alpha=0.02)))
+    x = torch.randn(16, D)
+    layer(x)
+    weights, ids, scores, _ = layer.gate(x)
+    sent = layer.experts.sent_tokens_R.float()
+    f_R = sent * (world / (1 * x.shape[0]))
+    expected = (f_R * scores.mean(0).view(world, -1).sum(-1)).sum()
+    torch.testing.assert_close(layer.losses["comm"], expected)
+    torch.testing.assert_close(balancing.comm_balance_loss(scores, ids, world, 1), expected)
+
+
+def layer_worker(rank, world):
+    return run_cases(layer_cases(world), rank, world)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def _model(world, seed):
+    torch.manual_seed(seed)
+    cfg = make_cfg(world, n_groups=world, topk_groups=world // 2)
+    return nn.Sequential(MoE(cfg), MoE(cfg))
+
+
+def check_checkpoint_reshard(rank, world):
+    """Gather at 2 ranks -> load at 4 and at 1; gather at 4 -> load at 2. Same outputs, every expert once."""
+    assert world == 4
+    full = _model(world, seed=0)
+    x = torch.randn(24, D, generator=torch.Generator().manual_seed(1))
+    y_full = full(x).detach()
+    sub, _ = dist.new_subgroups(group_size=2)
+    sub_rank = dist.get_rank(sub)
+    at2 = apply_expert_parallel(copy.deepcopy(full), group=sub)
+    sd2 = full_state_dict(at2)
+    assert sd2.keys() == full.state_dict().keys()
+    for k, v in full.state_dict().items():
+        assert torch.equal(sd2[k], v), f"{k} differs after gathering"
+
+    at4 = apply_expert_parallel(_model(world, seed=5))  # different init: everything must come from sd2
+    load_full_state_dict(at4, sd2)
+    torch.testing.assert_close(at4(x[6 * rank: 6 * rank + 6]), y_full[6 * rank: 6 * rank + 6], atol=1e-5, rtol=1e-5)
+    at1 = _model(world, seed=6)
+    load_full_state_dict(at1, sd2)
+    torch.testing.assert_close(at1(x), y_full, atol=1e-5, rtol=1e-5)
+
+    sd4 = full_state_dict(at4)
+    back2 = apply_expert_parallel(_model(world, seed=7), group=sub)
+    load_full_state_dict(back2, sd4)
+    half = slice(12 * sub_rank, 12 * sub_rank + 12)
+    torch.testing.assert_close(back2(x[half]), y_full[half], atol=1e-5, rtol=1e-5)
+    bad = {k: v[:2] if k.endswith("w_up") else v for k, v in sd4.items()}
+    with pytest.raises(ValueError, match="experts"):
+        load_full_state_dict(back2, bad)
+
+
+def check_sync_grads(rank, world):
+    """Mean-loss data parallel + sync_grads == one process on the whole batch, every parameter."""
+    torch.manual_seed(0)
+    cfg = make_cfg(world, n_groups=world, topk_groups=1, top_k=2)
+    ref = nn.Sequential(nn.Linear(D, D), MoE(cfg))
+    ep = apply_expert_parallel(copy.deepcopy(ref))
+    x = torch.randn(8 * world, D, generator=torch.Generator().manual_seed(3))
+    ref(x).square().mean().backward()
+    ep(x[8 * rank: 8 * rank + 8]).square().mean().backward()
+    sync_grads(ep)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        expected = ref_params[name].grad
+        if name.endswith(("experts.w_gate", "experts.w_up", "experts.w_down")):
+            block = ep[1].experts.expert_range
+            expected = expected[block.start:block.stop]
+        torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert set(expert_parallel_modules(ep)) == {"1.experts"}
+
+
+def misc_worker(rank, world):
+    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "sync-grads": check_sync_grads}
+    return run_cases(cases, rank, world)
+
+
+# --------------------------------------------------------------------------------------------- faults
+
+FAULT_TIMEOUT_S = 3.0
+
+
+def fault_worker(rank, world):
+    """Rank 1 hangs (sleeps) or dies before the first all-reduce; rank 0 must raise within the timeout."""
+    mode = os.environ["DSMOE_FAULT"]
+    if rank == 1:
+        if mode == "die":
+            os._exit(0)
+        time.sleep(3 * FAULT_TIMEOUT_S)
+        return {}
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+        return {"raised": False}
+    except Exception as e:  # gloo raises RuntimeError / DistBackendError
+        return {"raised": True, "seconds": time.monotonic() - start, "error": str(e)[:300]}
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+_RESULTS: dict = {}
+
+
+def _results(kind, world, tmp_path_factory):
+    key = (kind, world)
+    if key not in _RESULTS:
+        worker = {"layer": layer_worker, "misc": misc_worker}[kind]
+        per_rank = launch(worker, world, tmp_path_factory.mktemp(f"{kind}{world}"))
+        assert None not in per_rank, f"a rank crashed: {per_rank}"
+        _RESULTS[key] = {case: "\n".join(f"rank {r}: {res[case]}" for r, res in enumerate(per_rank) if res[case])
+                         for case in per_rank[0]}
+    return _RESULTS[key]
+
+
+LAYER_CASES = [(w, c) for w in (2, 4) for c in layer_cases(w)]
+
+
+@pytest.mark.parametrize("world,case", LAYER_CASES, ids=[f"{w}ranks-{c}" for w, c in LAYER_CASES])
+def test_expert_parallel_layer(world, case, tmp_path_factory):
+    error = _results("layer", world, tmp_path_factory)[case]
+    assert not error, error
+
+
+@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "sync-grads"])
+def test_checkpoints_and_grads(case, tmp_path_factory):
+    error = _results("misc", 4, tmp_path_factory)[case]
+    assert not error, error
+
+
+@pytest.mark.parametrize("mode", ["hang", "die"])
+def test_fault_fails_within_timeout(mode, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSMOE_FAULT", mode)
+    start = time.monotonic()
+    result = launch(fault_worker, 2, tmp_path, timeout_s=FAULT_TIMEOUT_S)[0]
+    assert result["raised"], "rank 0 must fail, not hang"
+    assert result["seconds"] < 4 * FAULT_TIMEOUT_S, result
+    assert time.monotonic() - start < 60
+
+
+def test_apply_rejects_bad_layouts():
+    """Validation needs only the world size: a 1-rank gloo group in this process."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        layer = apply_expert_parallel(MoE(make_cfg(1)))
+        with pytest.raises(TypeError, match="already applied"):
+            apply_expert_parallel(layer)
+        with pytest.raises(ValueError, match="capacity_factor"):
+            apply_expert_parallel(MoE(make_cfg(1, capacity_factor=1.0)))
+        with pytest.raises(ValueError, match="reference"):
+            apply_expert_parallel(MoE(make_cfg(1), reference=True))
+    finally:
+        dist.destroy_process_group()
