@@ -319,3 +319,14 @@ def test_set_top_k_validates():
     assert moe(torch.randn(4, 8)).shape == (4, 8) and moe.tokens_per_expert.sum() == 20
     with pytest.raises(ValueError, match="top_k"):
         moe.set_top_k(9)  # only 8 experts in the 2 kept groups
+
+
+def test_aux_loss_is_alpha_under_uniform_routing():
+    """REFERENCE §3: f_i = 1 and P_i = 1/E (a zero gate gives equal softmax scores, round-robin choice)."""
+    cfg = make_cfg(top_k=2, aux_loss_alpha=0.01, uniform_routing=True, score_func="softmax")
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+    moe(torch.randn(24, cfg.dim))  # 24 tokens * 2 = 3 per expert
+    assert (moe.tokens_per_expert == 3).all() and moe.maxvio == 0
+    torch.testing.assert_close(moe.aux_loss, torch.tensor(0.01))
