@@ -330,3 +330,13 @@ def test_aux_loss_is_alpha_under_uniform_routing():
     moe(torch.randn(24, cfg.dim))  # 24 tokens * 2 = 3 per expert
     assert (moe.tokens_per_expert == 3).all() and moe.maxvio == 0
     torch.testing.assert_close(moe.aux_loss, torch.tensor(0.01))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_counts_once(reentrant):
+    """REFERENCE §3: the recomputation of activation checkpointing must not count tokens a second time."""
+    from torch.utils.checkpoint import checkpoint
+    moe = biased_moe()
+    x = torch.randn(10, moe.cfg.dim, requires_grad=True)
+    checkpoint(moe, x, use_reentrant=reentrant).sum().backward()
+    assert moe.counts.sum() == 10 * moe.cfg.top_k
