@@ -96,10 +96,12 @@ def test_fast_equals_reference_topk_and_tokens(dims, K, T):
 @pytest.mark.parametrize("dims", list(DIMS))
 @pytest.mark.parametrize("factor", [0.5, 1.0, 1.25], ids=lambda f: f"cf{f}")
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_fast_equals_reference_with_capacity(dims, factor, score):
+@pytest.mark.parametrize("T", [0, 1, 24], ids=lambda t: f"T{t}")
+def test_fast_equals_reference_with_capacity(dims, factor, score, T):
     cfg = make_cfg(dims, "groups-max", score_func=score, top_k=3, capacity_factor=factor)
-    fast = assert_fast_equals_reference(cfg, T=24)
-    assert fast.dropped > 0  # the skewed random router overflows some expert at these factors
+    fast = assert_fast_equals_reference(cfg, T=T)
+    if T == 24:
+        assert fast.dropped > 0  # the random router overflows some expert at these factors
 
 
 @pytest.mark.parametrize("dims", list(DIMS))
