@@ -25,7 +25,7 @@ def test_stdlib_files_sorted_python_only():
 @pytest.mark.parametrize("path_kind", ["folder", "stdlib"], ids=["folder", "stdlib"])
 def test_split_is_deterministic_and_by_file(folder, path_kind):
     path = str(folder) if path_kind == "folder" else None
-    kw = {} if path_kind == "folder" else {"max_bytes": 300_000, "val_fraction": 0.3}
+    kw = {} if path_kind == "folder" else {"max_bytes": 2_000_000, "val_fraction": 0.2}
     a, b = read_split(path, **kw), read_split(path, **kw)
     assert a == b
     train_names = {n for n, _ in a["train"]}
