@@ -162,7 +162,8 @@ def list_documents(path: str | None, max_bytes: int = MAX_CORPUS_BYTES) -> tuple
         if not files:
             raise ValueError(f"corpus {str(root)!r} holds no files (give a text file or a folder of text files)")
     base = root if root.is_dir() else root.parent
-    files.sort(key=lambda p: _path_hash(str(p.relative_to(base))))
+    # a salted hash for the order, so the cap does not pick documents by their split hash
+    files.sort(key=lambda p: _path_hash("order:" + str(p.relative_to(base))))
     kept, total = [], 0
     for p in files:
         if total >= max_bytes:
