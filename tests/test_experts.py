@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from dsmoe.experts import GroupedExperts, SwiGLU, _grouped_mm_ok, reference_experts
 
-DIMS = {"aligned": (8, 12), "unaligned": (6, 10)}  # fp32 grouped_mm needs dims that are multiples of 4
+# fp32 grouped_mm needs dims that are multiples of 4: aligned dims run either kernel (forced, since the default
+# chooses by device), unaligned dims always fall back to the per-expert loop
+DIMS = {"grouped": (8, 12), "loop": (8, 12), "unaligned": (6, 10)}
+FORCE_GROUPED_MM = {"grouped": True, "loop": False, "unaligned": None}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -35,9 +38,11 @@ def grouped(experts, *args):
     return experts(*args)
 
 
-def assert_grouped_equals_reference(E, D, Fh, T, K, keep, seed=0, device="cpu", dtype=torch.float32, tol=1e-5):
+def assert_grouped_equals_reference(E, D, Fh, T, K, keep, seed=0, device="cpu", dtype=torch.float32, tol=1e-5,
+                                    path=None):
     torch.manual_seed(seed)
     experts = GroupedExperts(E, D, Fh).to(device)
+    experts.use_grouped_mm = FORCE_GROUPED_MM.get(path)
     x, ids, w, keep_A = inputs(T, K, E, D, seed, device, keep)
     fast_experts = experts.to(dtype)
     ref_experts = GroupedExperts(E, D, Fh).to(device)
@@ -55,13 +60,14 @@ def assert_grouped_equals_reference(E, D, Fh, T, K, keep, seed=0, device="cpu", 
 @pytest.mark.parametrize("keep", [False, True], ids=["dropless", "dropping"])
 def test_grouped_equals_reference(dims, T, K, keep):
     D, Fh = DIMS[dims]
-    assert_grouped_equals_reference(6, D, Fh, T, K, keep, seed=T * 10 + K)
+    assert_grouped_equals_reference(6, D, Fh, T, K, keep, seed=T * 10 + K, path=dims)
 
 
 @pytest.mark.parametrize("dims", list(DIMS))
 def test_all_tokens_on_one_expert(dims):
     D, Fh = DIMS[dims]
     experts = GroupedExperts(5, D, Fh)
+    experts.use_grouped_mm = FORCE_GROUPED_MM[dims]
     x = torch.randn(7, D)
     ids = torch.full((7, 1), 3)
     w = torch.rand(7, 1)
@@ -109,8 +115,9 @@ def test_grouped_mm_eligibility(D, Fh, dtype, ok):
     assert _grouped_mm_ok(torch.zeros(1, D, dtype=dtype), experts.w_gate, experts.w_down) == ok
 
 
-def test_bf16_grouped_matches_fp32_reference_loosely():
-    assert_grouped_equals_reference(4, 16, 16, 20, 2, keep=False, dtype=torch.bfloat16, tol=6e-2)
+@pytest.mark.parametrize("path", ["grouped", "loop"])
+def test_bf16_matches_fp32_reference_loosely(path):
+    assert_grouped_equals_reference(4, 16, 16, 20, 2, keep=False, dtype=torch.bfloat16, tol=6e-2, path=path)
 
 
 def test_init_like_linear():
@@ -125,8 +132,8 @@ def test_init_like_linear():
 def test_grouped_equals_reference_cuda(dims, keep, monkeypatch):
     D, Fh = DIMS[dims]
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # compare true fp32
-    assert_grouped_equals_reference(6, D, Fh, 33, 3, keep, device="cuda", tol=1e-4)
-    assert_grouped_equals_reference(6, D, Fh, 0, 3, keep, device="cuda", tol=1e-4)
+    assert_grouped_equals_reference(6, D, Fh, 33, 3, keep, device="cuda", tol=1e-4, path=dims)
+    assert_grouped_equals_reference(6, D, Fh, 0, 3, keep, device="cuda", tol=1e-4, path=dims)
 
 
 @CUDA

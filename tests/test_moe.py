@@ -10,8 +10,10 @@ import torch
 from dsmoe import MoE, MoEConfig, SwiGLU, update_biases
 from dsmoe.experts import _grouped_mm_ok
 
-# Aligned dims (multiples of 4 in fp32) take torch's grouped_mm; unaligned ones take the per-expert fallback.
-DIMS = {"aligned": (8, 12), "unaligned": (6, 10)}
+# Expert paths: aligned dims (multiples of 4 in fp32) may take torch's grouped_mm (forced here, since the
+# default may choose by device), or be forced onto the per-expert loop; unaligned dims always fall back.
+DIMS = {"grouped": (8, 12), "loop": (8, 12), "unaligned": (6, 10)}
+FORCE_GROUPED_MM = {"grouped": True, "loop": False, "unaligned": None}
 GROUPS = {  # (n_groups, topk_groups, group_score); 16 experts, so 4 per group and up to 8 reachable
     "nogroups": (1, 1, "max"),
     "groups-max": (4, 2, "max"),
@@ -19,7 +21,7 @@ GROUPS = {  # (n_groups, topk_groups, group_score); 16 experts, so 4 per group a
 }
 
 
-def make_cfg(dims="aligned", groups="nogroups", **kw) -> MoEConfig:
+def make_cfg(dims="grouped", groups="nogroups", **kw) -> MoEConfig:
     D, F = DIMS[dims]
     G, M, gs = GROUPS[groups]
     base = dict(dim=D, expert_dim=F, n_routed_experts=16, n_shared_experts=1, top_k=2,
@@ -27,9 +29,14 @@ def make_cfg(dims="aligned", groups="nogroups", **kw) -> MoEConfig:
     return MoEConfig(**{**base, **kw})
 
 
-def fast_and_reference(cfg: MoEConfig, seed: int = 0):
+def set_path(moe: MoE, path: str) -> MoE:
+    moe.experts.use_grouped_mm = FORCE_GROUPED_MM[path]
+    return moe
+
+
+def fast_and_reference(cfg: MoEConfig, seed: int = 0, path: str = "grouped"):
     torch.manual_seed(seed)
-    fast = MoE(cfg)
+    fast = set_path(MoE(cfg), path)
     with torch.no_grad():  # a random bias, so that selection differs from the plain top-k of the scores
         fast.gate.bias.normal_(0, 0.05)
     ref = MoE(cfg, reference=True)
@@ -47,8 +54,8 @@ def outputs_and_grads(moe: MoE, x: torch.Tensor, g: torch.Tensor | None):
     return y.detach(), grads
 
 
-def assert_fast_equals_reference(cfg: MoEConfig, T: int, seed: int = 0):
-    fast, ref = fast_and_reference(cfg, seed)
+def assert_fast_equals_reference(cfg: MoEConfig, T: int, seed: int = 0, path: str = "grouped"):
+    fast, ref = fast_and_reference(cfg, seed, path)
     x = torch.randn(T, cfg.dim)
     g = torch.randn(T, cfg.dim)
     for upstream in (g, None):
@@ -82,7 +89,7 @@ def test_fast_equals_reference_variants(score, groups, norm, dims, shared):
     T = (1, 7, 33, 0)[i % 4]
     cfg = make_cfg(dims, groups, score_func=score, norm_topk_prob=norm, n_shared_experts=shared, top_k=K,
                    route_scale=(1.0, 2.5)[i % 2])
-    assert_fast_equals_reference(cfg, T, seed=i)
+    assert_fast_equals_reference(cfg, T, seed=i, path=dims)
 
 
 @pytest.mark.parametrize("dims", list(DIMS))
@@ -90,7 +97,7 @@ def test_fast_equals_reference_variants(score, groups, norm, dims, shared):
 @pytest.mark.parametrize("T", [0, 1, 5, 40], ids=lambda t: f"T{t}")
 def test_fast_equals_reference_topk_and_tokens(dims, K, T):
     cfg = make_cfg(dims, "groups-top2", score_func="sigmoid", norm_topk_prob=True, top_k=K)
-    assert_fast_equals_reference(cfg, T, seed=K * 100 + T)
+    assert_fast_equals_reference(cfg, T, seed=K * 100 + T, path=dims)
 
 
 @pytest.mark.parametrize("dims", list(DIMS))
@@ -99,7 +106,7 @@ def test_fast_equals_reference_topk_and_tokens(dims, K, T):
 @pytest.mark.parametrize("T", [0, 1, 24], ids=lambda t: f"T{t}")
 def test_fast_equals_reference_with_capacity(dims, factor, score, T):
     cfg = make_cfg(dims, "groups-max", score_func=score, top_k=3, capacity_factor=factor)
-    fast = assert_fast_equals_reference(cfg, T=T)
+    fast = assert_fast_equals_reference(cfg, T=T, path=dims)
     if T == 24:
         assert fast.dropped > 0  # the random router overflows some expert at these factors
 
@@ -107,7 +114,7 @@ def test_fast_equals_reference_with_capacity(dims, factor, score, T):
 @pytest.mark.parametrize("dims", list(DIMS))
 def test_fast_equals_reference_with_an_idle_expert(dims):
     cfg = make_cfg(dims, top_k=3)
-    fast, ref = fast_and_reference(cfg)
+    fast, ref = fast_and_reference(cfg, path=dims)
     for m in (fast, ref):
         m.gate.bias[[0, 5, 15]] = -1e3  # never chosen
     x, g = torch.randn(9, cfg.dim), torch.randn(9, cfg.dim)
@@ -121,13 +128,13 @@ def test_fast_equals_reference_with_an_idle_expert(dims):
         assert grads[name][[0, 5, 15]].abs().sum() == 0  # an idle expert gets exactly zero gradient
 
 
-@pytest.mark.parametrize("dims,expected", [("aligned", True), ("unaligned", False)])
+@pytest.mark.parametrize("dims,expected", [("grouped", True), ("unaligned", False)])
 def test_both_grouped_mm_paths_are_taken(dims, expected, monkeypatch):
-    """The aligned config really runs torch._grouped_mm and the unaligned one really falls back."""
+    """The aligned config really can run torch._grouped_mm and the unaligned one really falls back."""
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    moe = MoE(make_cfg(dims))
+    moe = set_path(MoE(make_cfg(dims)), dims)
     assert _grouped_mm_ok(torch.zeros(1, moe.cfg.dim), moe.experts.w_gate, moe.experts.w_down) == expected
     moe(torch.randn(5, moe.cfg.dim)).sum().backward()
     assert bool(calls) == expected
@@ -149,8 +156,8 @@ def test_batched_input_shape():
 def test_one_expert_moe_equals_dense_swiglu(dims, reference):
     D, F = DIMS[dims]
     torch.manual_seed(0)
-    moe = MoE(MoEConfig(dim=D, expert_dim=F, n_routed_experts=1, top_k=1, n_shared_experts=0,
-                        score_func="softmax"), reference=reference)
+    moe = set_path(MoE(MoEConfig(dim=D, expert_dim=F, n_routed_experts=1, top_k=1, n_shared_experts=0,
+                                 score_func="softmax"), reference=reference), dims)
     dense = SwiGLU(D, F)
     with torch.no_grad():
         dense.gate_proj.weight.copy_(moe.experts.w_gate[0])
@@ -176,7 +183,7 @@ def test_one_expert_moe_equals_dense_swiglu(dims, reference):
 @pytest.mark.parametrize("groups", list(GROUPS))
 @pytest.mark.parametrize("K", [1, 4, 8], ids=lambda k: f"k{k}")
 def test_dropless_every_token_processed_top_k_times(groups, K):
-    cfg = make_cfg("aligned", groups, top_k=K, score_func="sigmoid")
+    cfg = make_cfg("grouped", groups, top_k=K, score_func="sigmoid")
     moe = MoE(cfg)
     T = 37
     moe(torch.randn(T, cfg.dim))
@@ -287,7 +294,7 @@ def test_bias_is_an_fp32_buffer_saved_in_the_state_dict():
 # --------------------------------------------------------------------------- losses held by the layer
 
 def test_aux_loss_combines_enabled_terms():
-    cfg = make_cfg("aligned", "groups-max", aux_loss_alpha=0.01, seq_aux_loss_alpha=1e-4, device_loss_alpha=0.05,
+    cfg = make_cfg("grouped", "groups-max", aux_loss_alpha=0.01, seq_aux_loss_alpha=1e-4, device_loss_alpha=0.05,
                    comm_loss_alpha=0.02, z_loss_beta=1e-3)
     moe = MoE(cfg)
     moe(torch.randn(2, 5, cfg.dim))
@@ -316,7 +323,7 @@ def test_bad_input_is_rejected_clearly(x, exc, words):
 
 
 def test_set_top_k_validates():
-    moe = MoE(make_cfg("aligned", "groups-max"))
+    moe = MoE(make_cfg("grouped", "groups-max"))
     moe.set_top_k(5)
     assert moe(torch.randn(4, 8)).shape == (4, 8) and moe.tokens_per_expert.sum() == 20
     with pytest.raises(ValueError, match="top_k"):
