@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "bench": ("dsmoe.bench", "benchmarks: layer | train | ep"),
     "report": ("dsmoe.plots", "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
+    "demo": ("dsmoe.demo", "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
     "study": ("dsmoe.study", "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
 }
 

@@ -1,0 +1,166 @@
+"""Training tokens/s of an MoE preset against its dense twin with the same active parameters.
+
+Both models train side by side in one process: a full optimizer step each (forward, cross-entropy +
+auxiliary loss, backward, AdamW, and for the MoE the loss-free bias update), on the same random token
+batches. Timed chunks of `chunk` steps alternate between the two models (the order flips every round)
+so that load from other processes hits both alike; tokens/s is the median over chunks. The dense twin
+(`ModelConfig.dense_twin()`, presets "<name>-dense") makes every block a SwiGLU as wide as the MoE's
+active experts, so a token costs both models the same matmul FLOPs except the router: the ratio of
+tokens/s is the price of routing, dispatch and combine, and the params ratio what it buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dsmoe.bench.layer import machine
+from dsmoe.config import PRESETS, ModelConfig, preset
+from dsmoe.model import MoETransformer
+
+
+@dataclass
+class Result:
+    name: str
+    params: int
+    active_params: int
+    tokens_per_s: float          # median over timed chunks
+    tokens_per_s_spread: tuple   # (min, max) over timed chunks
+    step_ms: float               # median milliseconds per optimizer step
+    final_loss: float
+
+
+class Trainee:
+    """A model, its optimizer and one timed training step."""
+
+    def __init__(self, name: str, cfg: ModelConfig, device: torch.device, seed: int):
+        torch.manual_seed(seed)
+        self.name, self.cfg, self.device = name, cfg, device
+        self.model = MoETransformer(cfg).to(device).train()
+        # fused AdamW: one pass over each tensor for the whole update. The foreach version costs ~8x longer on
+        # CPU, and it scales with total parameters (~5x the dense twin's), so it would time the optimizer
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+        self.last_loss = torch.tensor(float("nan"))
+
+    def step(self, x_BS, y_BS) -> None:
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            _, loss = self.model(x_BS, y_BS)
+            loss = loss + self.model.aux_loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.update_biases()  # part of an MoE training step; a no-op for the dense twin
+        self.last_loss = loss
+
+    def timed(self, batches) -> float:
+        """Seconds for one chunk of steps (the device synchronized at both ends)."""
+        _sync(self.device)
+        t = time.perf_counter()
+        for x, y in batches:
+            self.step(x, y)
+        _sync(self.device)
+        return time.perf_counter() - t
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_batches(n, batch_size, seq_len, vocab, device, generator):
+    """n (input, target) pairs of uniform random tokens: throughput does not depend on the text."""
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=generator)
+        out.append((seq[:, :-1].to(device), seq[:, 1:].to(device)))
+    return out
+
+
+def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, batch_size: int = 8,
+                seq_len: int | None = None, device="cpu", seed: int = 0) -> list[Result]:
+    """Results for the MoE preset `name` and its dense twin, interleaved in chunks of `chunk` steps."""
+    device = torch.device(device)
+    cfg = preset(name)
+    if cfg.moe is None:
+        raise ValueError(f"preset {name!r} is already dense; give an MoE preset "
+                         f"({', '.join(n for n, c in PRESETS.items() if c.moe is not None)})")
+    seq_len = seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len={cfg.max_seq_len}")
+    if steps < chunk or warmup < 0:
+        raise ValueError(f"--steps must be >= the chunk of {chunk} steps and warmup >= 0")
+    models = [Trainee(name, cfg, device, seed), Trainee(f"{name}-dense", cfg.dense_twin(), device, seed)]
+    gen = torch.Generator().manual_seed(seed)
+    batches = random_batches(chunk, batch_size, seq_len, cfg.vocab_size, device, gen)
+    for m in models:  # warmup: allocator, autotuning, first-call overheads
+        m.timed(batches[:1] * warmup)
+    times = {m.name: [] for m in models}
+    for r in range(steps // chunk):
+        for m in (models if r % 2 == 0 else models[::-1]):
+            times[m.name].append(m.timed(batches))
+    tokens = chunk * batch_size * seq_len
+    return [Result(m.name, m.cfg.num_params(), m.cfg.num_active_params(),
+                   tokens / statistics.median(times[m.name]),
+                   (tokens / max(times[m.name]), tokens / min(times[m.name])),
+                   1e3 * statistics.median(times[m.name]) / chunk, m.last_loss.item())
+            for m in models]
+
+
+def format_table(results: list[Result]) -> str:
+    moe, dense = results
+    lines = [f"{'model':<14} {'params':>10} {'active':>10} {'tokens/s':>10} {'(min-max)':>17} {'ms/step':>8}"]
+    for r in results:
+        lo, hi = r.tokens_per_s_spread
+        lines.append(f"{r.name:<14} {r.params:>10,} {r.active_params:>10,} {r.tokens_per_s:>10,.0f} "
+                     f"{f'{lo:,.0f}-{hi:,.0f}':>17} {r.step_ms:>8.1f}")
+    lines.append(f"\nMoE / dense: tokens/s {moe.tokens_per_s / dense.tokens_per_s:.3f}x, "
+                 f"params {moe.params / dense.params:.2f}x, active params "
+                 f"{moe.active_params / dense.active_params:.3f}x")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    moe_presets = [n for n, c in PRESETS.items() if c.moe is not None]
+    p.add_argument("--preset", default="tiny", choices=moe_presets, help="MoE preset (its dense twin is '<name>-dense')")
+    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per model")
+    p.add_argument("--chunk", type=int, default=4, help="steps per timed chunk (models alternate between chunks)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max_seq_len)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda trains under bf16 autocast)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        results = bench_train(args.preset, args.steps, args.chunk, args.warmup, args.batch_size, args.seq_len,
+                              device, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"dsmoe bench train: {e}")
+    seq_len = args.seq_len or preset(args.preset).max_seq_len
+    where = machine(device)
+    print(f"machine: {where}")
+    print(f"preset {args.preset} vs {args.preset}-dense; batch {args.batch_size} x {seq_len} tokens; "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; fwd+bwd+AdamW step; median of "
+          f"{args.steps // args.chunk} chunks of {args.chunk} steps per model, interleaved\n")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": where, "preset": args.preset, "batch_size": args.batch_size, "seq_len": seq_len,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+    return 0
