@@ -1,0 +1,151 @@
+"""The `dsmoe` command (dsmoe.cli): --help of the command and of every subcommand, an end-to-end tiny run
+(train -> eval -> generate -> report, then demo and bench train) on a small corpus in a temporary
+directory, and clear errors for an unknown preset or --set key."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsmoe import cli
+from dsmoe.bench import BENCHMARKS
+
+# A debug model on tiny batches: a few steps take well under a second.
+TINY = ["--set", "batch_size=2", "--set", "seq_len=16", "--set", "eval_batches=1", "--set", "log_every=1",
+        "--set", "tensorboard=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from a second thread, and on a busy machine every parallel region of a small
+    op (index_add_ in particular) can wait a whole scheduler time slice for it."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of real Python files (the json package) and a private token cache."""
+    root = tmp_path_factory.mktemp("corpus")
+    for src in sorted(Path(json.__file__).parent.glob("*.py")):
+        (root / src.name).write_text(src.read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "debug"
+    argv = ["train", "--preset", "debug", "--out", str(out), "--steps", "4", "--quiet",
+            *TINY, "--set", "eval_every=2", "--set", f"data={corpus}"]
+    assert cli.main(argv) == 0
+    return out
+
+
+def test_top_level_help_through_the_installed_entry_point():
+    out = subprocess.run([sys.executable, "-m", "dsmoe", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+HELP = [[name] for name in cli.COMMANDS] + [["bench", name] for name in BENCHMARKS]
+
+
+@pytest.mark.parametrize("argv", HELP, ids=[" ".join(a) for a in HELP])
+def test_subcommand_help(argv, capsys):
+    try:
+        cli.build_parser()
+    except ImportError as e:  # a subcommand module that is not in this checkout
+        pytest.skip(str(e))
+    if argv[0] == "bench" and len(argv) == 2:
+        import importlib.util
+        if importlib.util.find_spec(BENCHMARKS[argv[1]]) is None:
+            pytest.skip(f"benchmark module {BENCHMARKS[argv[1]]} is not in this checkout")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: dsmoe {' '.join(argv)}")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_train_writes_a_run_directory(run_dir, capsys):
+    assert (run_dir / "checkpoint" / "model.safetensors").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and len(summary["maxvio_global"]) == 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
+
+
+def test_eval(run_dir, capsys):
+    assert cli.main(["eval", "--checkpoint", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "MaxVio_global per MoE layer" in out
+
+
+def test_generate(run_dir, capsys):
+    assert cli.main(["generate", "--checkpoint", str(run_dir), "--prompt", "def f(", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def f(")
+
+
+def test_report(run_dir, capsys):
+    assert cli.main(["report", "--run", str(run_dir)]) == 0
+    paths = [Path(p) for p in capsys.readouterr().out.split()]
+    assert {p.name for p in paths} >= {"loss.png", "maxvio.png", "load_final.png"}
+    assert all(p.is_file() and p.parent == run_dir / "plots" for p in paths)
+
+
+def test_demo(corpus, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--preset", "debug", "--steps", "3", "--out", str(out), "--quiet", "--max-tokens", "8",
+            *TINY, "--set", f"data={corpus}"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for expected in ("validation perplexity", "untrained model", "MaxVio_global", str(out / "checkpoint"),
+                     str(out / "plots" / "loss.png"), "def fibonacci(n):"):
+        assert expected in printed
+
+
+def test_bench_train(tmp_path, capsys):
+    argv = ["bench", "train", "--preset", "debug", "--steps", "2", "--chunk", "1", "--warmup", "0",
+            "--batch-size", "2", "--seq-len", "16", "--json", str(tmp_path / "bench.json")]
+    assert cli.main(argv) == 0
+    assert "MoE / dense: tokens/s" in capsys.readouterr().out
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["debug", "debug-dense"]
+    assert all(r["tokens_per_s"] > 0 for r in results)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("command", ["train", "demo"], ids=["train", "demo"])
+def test_unknown_preset(command, capsys):
+    assert cli.main([command, "--preset", "huge", "--out", "unused"]) == 1
+    out = capsys.readouterr().out
+    assert "unknown preset 'huge'" in out and "tiny" in out
+
+
+def test_unknown_preset_for_bench(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "train", "--preset", "huge"])
+    assert exit_.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_unknown_set_key(capsys):
+    assert cli.main(["train", "--preset", "debug", "--set", "learning_rate=1", "--out", "unused"]) == 1
+    out = capsys.readouterr().out
+    assert "unknown --set key 'learning_rate'" in out and "moe.bias_update_speed" in out
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert "nope" in capsys.readouterr().out
