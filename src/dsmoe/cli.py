@@ -10,6 +10,9 @@ import sys
 # name -> (module, help). Modules import their heavy dependencies inside run().
 COMMANDS = {
     "bench": ("dsmoe.bench", "benchmarks: layer | train | ep"),
+    "train": ("dsmoe.train", "train a DeepSeekMoE language model (default: the stdlib corpus)"),
+    "eval": ("dsmoe.evaluate", "validation loss, perplexity, MaxVio_global and expert load of a checkpoint"),
+    "generate": ("dsmoe.generate", "sample text from a checkpoint"),
     "report": ("dsmoe.plots", "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
     "demo": ("dsmoe.demo", "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
     "study": ("dsmoe.study", "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
