@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -84,15 +85,27 @@ def random_batches(n, batch_size, seq_len, vocab, device, generator):
     return out
 
 
-def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, batch_size: int = 8,
+def default_shape(name: str) -> tuple[int, int]:
+    """(batch_size, seq_len) that `dsmoe train --preset name` trains with."""
+    from dsmoe.train import build_configs
+    model_cfg, train_cfg = build_configs(name)
+    return train_cfg.batch_size, train_cfg.seq_len or model_cfg.max_seq_len
+
+
+def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, batch_size: int | None = None,
                 seq_len: int | None = None, device="cpu", seed: int = 0) -> list[Result]:
-    """Results for the MoE preset `name` and its dense twin, interleaved in chunks of `chunk` steps."""
+    """Results for the MoE preset `name` and its dense twin, interleaved in chunks of `chunk` steps.
+
+    batch_size and seq_len default to the preset's training shape.
+    """
     device = torch.device(device)
     cfg = preset(name)
+    default_batch, default_seq = default_shape(name)
+    batch_size = batch_size or default_batch
     if cfg.moe is None:
         raise ValueError(f"preset {name!r} is already dense; give an MoE preset "
                          f"({', '.join(n for n, c in PRESETS.items() if c.moe is not None)})")
-    seq_len = seq_len or cfg.max_seq_len
+    seq_len = seq_len or default_seq
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     if steps < chunk or warmup < 0:
@@ -114,6 +127,13 @@ def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, bat
             for m in models]
 
 
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # not on every platform
+        return "n/a"
+
+
 def format_table(results: list[Result]) -> str:
     moe, dense = results
     lines = [f"{'model':<14} {'params':>10} {'active':>10} {'tokens/s':>10} {'(min-max)':>17} {'ms/step':>8}"]
@@ -133,8 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per model")
     p.add_argument("--chunk", type=int, default=4, help="steps per timed chunk (models alternate between chunks)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's training batch)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's training length)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda trains under bf16 autocast)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -147,20 +167,23 @@ def run(args) -> int:
         raise SystemExit("--device cuda was given but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = _loadavg()
     try:
         results = bench_train(args.preset, args.steps, args.chunk, args.warmup, args.batch_size, args.seq_len,
                               device, args.seed)
     except ValueError as e:
         raise SystemExit(f"dsmoe bench train: {e}")
-    seq_len = args.seq_len or preset(args.preset).max_seq_len
+    default_batch, default_seq = default_shape(args.preset)
+    batch_size, seq_len = args.batch_size or default_batch, args.seq_len or default_seq
     where = machine(device)
-    print(f"machine: {where}")
-    print(f"preset {args.preset} vs {args.preset}-dense; batch {args.batch_size} x {seq_len} tokens; "
+    print(f"machine: {where}; 1-min load average {load_before} before, {_loadavg()} after "
+          f"({os.cpu_count()} CPUs; other processes slow both models alike but add noise)")
+    print(f"preset {args.preset} vs {args.preset}-dense; batch {batch_size} x {seq_len} tokens; "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; fwd+bwd+AdamW step; median of "
           f"{args.steps // args.chunk} chunks of {args.chunk} steps per model, interleaved\n")
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": where, "preset": args.preset, "batch_size": args.batch_size, "seq_len": seq_len,
+            json.dump({"machine": where, "preset": args.preset, "batch_size": batch_size, "seq_len": seq_len,
                        "results": [asdict(r) for r in results]}, f, indent=2)
     return 0
