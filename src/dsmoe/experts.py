@@ -66,14 +66,110 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def _mm_t(x_nI, w_EOI, e, out=None):
+    """x @ w[e]^T for one expert (e an int), or for every expert's rows at once (e the offsets)."""
+    if isinstance(e, int):
+        return torch.mm(x_nI, w_EOI[e].T, out=out)
+    return torch._grouped_mm(x_nI, w_EOI.transpose(1, 2), offs=e)
+
+
+def _mm(g_nO, w_EOI, e):
+    """g @ w[e]: the input gradient of _mm_t."""
+    return g_nO @ w_EOI[e] if isinstance(e, int) else torch._grouped_mm(g_nO, w_EOI, offs=e)
+
+
+def _mm_grad_w(g_nO, x_nI, e, grad_EOI):
+    """g^T @ x into the weight gradient of expert e (or of every expert)."""
+    if isinstance(e, int):
+        torch.mm(g_nO.T, x_nI, out=grad_EOI[e])
+        return grad_EOI
+    return torch._grouped_mm(g_nO.T, x_nI, offs=e)
+
+
+def _silu_and_grad(g):
+    """silu(g) and its derivative sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
+    s = torch.sigmoid(g)
+    return g * s, s * (1 + g * (1 - s))
+
+
+def _is_grouped(chunks) -> bool:
+    return len(chunks) == 1 and not isinstance(chunks[0][1], int)
+
+
+class _RoutedSwiGLU(torch.autograd.Function):
+    """Gather -> SwiGLU of each assignment's expert, scaled by its routing weight -> scatter-add, by hand.
+
+    Assignments come sorted by expert. `chunks` is a list of (rows, e): one per non-empty expert with e its
+    index (CPU: a loop of small matmuls whose temporaries stay small and cache-resident), or a single
+    (all rows, offsets) for torch's grouped_mm (CUDA: no host sync, one kernel per projection).
+    Only the two pre-activations g and u are saved: the gathered input, silu(g) and the hidden are
+    recomputed in backward, so the routed experts keep 2*A*F numbers for backward instead of A*D + 5*A*F.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_gate, w_up, w_down, w_A, token_A, chunks):
+        A, F_ = token_A.numel(), w_gate.shape[1]
+        loop = not _is_grouped(chunks)
+        g_AF = x_TD.new_empty(A, F_) if loop else None  # the loop writes each expert's rows in place
+        u_AF = x_TD.new_empty(A, F_) if loop else None
+        y_TD = torch.zeros_like(x_TD)
+        for rows, e in chunks:
+            tok = token_A[rows]
+            x_nD = x_TD.index_select(0, tok)
+            g = _mm_t(x_nD, w_gate, e, None if g_AF is None else g_AF[rows])
+            u = _mm_t(x_nD, w_up, e, None if u_AF is None else u_AF[rows])
+            del x_nD
+            h = F.silu(g).mul_(u).mul_(w_A[rows, None])
+            y_TD.index_add_(0, tok, _mm_t(h, w_down, e))
+        if not loop:
+            g_AF, u_AF = g, u
+        ctx.save_for_backward(x_TD, w_gate, w_up, w_down, w_A, token_A, g_AF, u_AF)
+        ctx.chunks = chunks
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        x_TD, w_gate, w_up, w_down, w_A, token_A, g_AF, u_AF = ctx.saved_tensors
+        grad_x = torch.zeros_like(x_TD)
+        grad_wg, grad_wu, grad_wd = (torch.empty_like(w) for w in (w_gate, w_up, w_down))
+        if not _is_grouped(ctx.chunks) and len(ctx.chunks) < w_gate.shape[0]:  # idle experts get exactly 0
+            idle_E = torch.ones(w_gate.shape[0], dtype=torch.bool)
+            idle_E[[e for _, e in ctx.chunks]] = False
+            for grad in (grad_wg, grad_wu, grad_wd):
+                grad[idle_E] = 0
+        grad_wA = torch.empty_like(w_A)
+        for rows, e in ctx.chunks:
+            tok = token_A[rows]
+            x_nD, gy_nD = x_TD.index_select(0, tok), grad_TD.index_select(0, tok)  # contiguous, always
+            g, u, w = g_AF[rows], u_AF[rows], w_A[rows, None]
+            sg, dsilu = _silu_and_grad(g)
+            h = sg * u
+            grad_wd = _mm_grad_w(gy_nD, h * w, e, grad_wd)
+            grad_hw = _mm(gy_nD, w_down, e)
+            grad_wA[rows] = (grad_hw * h).sum(-1)
+            del h, gy_nD
+            grad_h = grad_hw.mul_(w)
+            grad_u = grad_h * sg
+            grad_g = grad_h.mul_(u).mul_(dsilu)
+            grad_wg = _mm_grad_w(grad_g, x_nD, e, grad_wg)
+            grad_wu = _mm_grad_w(grad_u, x_nD, e, grad_wu)
+            grad_x.index_add_(0, tok, _mm(grad_g, w_gate, e).add_(_mm(grad_u, w_up, e)))
+        return grad_x, grad_wg, grad_wu, grad_wd, grad_wA, None, None
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights, computed dropless by grouped matrix multiplies."""
+    """E SwiGLU experts with stacked weights, computed dropless: assignments sorted by expert, one matmul
+    per expert and projection (CPU) or one grouped matmul per projection (CUDA).
+
+    `use_grouped_mm` picks the kernel: None chooses by device, True/False force it (tests, benchmarks).
+    """
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.w_gate = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w_up = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.use_grouped_mm: bool | None = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -81,24 +177,32 @@ class GroupedExperts(nn.Module):
             bound = 1 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
 
+    def _grouped(self, x_TD) -> bool:
+        if self.use_grouped_mm is None:
+            # On CPU torch's grouped_mm is itself a loop over experts, but over the whole gathered [A, D]
+            # input: the per-expert loop here keeps every temporary small (reused by the allocator, warm in
+            # cache) and measures faster (benchmarks/bench_layer.py). On CUDA one kernel avoids a host sync.
+            return x_TD.device.type == "cuda" and _grouped_mm_ok(x_TD, self.w_gate, self.w_down)
+        return self.use_grouped_mm and _grouped_mm_ok(x_TD, self.w_gate, self.w_down)
+
     def forward(self, x_TD, ids_TK, weights_TK, keep_A: torch.Tensor | None = None):
         """x [T, D]; ids, weights [T, K]; keep [T*K] bool marks the assignments that are not dropped."""
         T, K = ids_TK.shape
         E = self.w_gate.shape[0]
         ids_A, w_A = ids_TK.reshape(-1), weights_TK.reshape(-1)
-        token_A = torch.arange(T * K, device=x_TD.device) // K
         if keep_A is not None:
-            ids_A, w_A, token_A = ids_A[keep_A], w_A[keep_A], token_A[keep_A]
+            assign_A = keep_A.nonzero().squeeze(1)
+            ids_A, w_A = ids_A[assign_A], w_A[assign_A]
         order_A = ids_A.argsort(stable=True)
-        token_A, w_A = token_A[order_A], w_A[order_A]
+        token_A = (order_A if keep_A is None else assign_A[order_A]) // K
+        w_A = w_A[order_A].to(x_TD.dtype)
         counts_E = torch.bincount(ids_A, minlength=E)
-        offs_E = counts_E.cumsum(0).to(torch.int32)
-        counts = None if _grouped_mm_ok(x_TD, self.w_gate, self.w_down) else counts_E.tolist()
-        x_AD = x_TD[token_A]
-        h_AF = F.silu(grouped_mm(x_AD, self.w_gate, offs_E, counts)) * grouped_mm(x_AD, self.w_up, offs_E, counts)
-        h_AF = h_AF * w_A.to(h_AF.dtype).unsqueeze(-1)
-        out_AD = grouped_mm(_ContiguousGrad.apply(h_AF), self.w_down, offs_E, counts)
-        return torch.zeros_like(x_TD).index_add_(0, token_A, _ContiguousGrad.apply(out_AD))
+        if self._grouped(x_TD):
+            chunks = [(slice(None), counts_E.cumsum(0).to(torch.int32))]
+        else:
+            ends = counts_E.cumsum(0).tolist()
+            chunks = [(slice(end - n, end), e) for e, (n, end) in enumerate(zip(counts_E.tolist(), ends)) if n]
+        return _RoutedSwiGLU.apply(x_TD, self.w_gate, self.w_up, self.w_down, w_A, token_A, chunks)
 
 
 def reference_experts(experts: GroupedExperts, x_TD, ids_TK, weights_TK, keep_A=None):

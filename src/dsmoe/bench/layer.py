@@ -1,0 +1,230 @@
+"""One MoE layer against the reference loop and a dense SwiGLU FFN of the same active FLOPs.
+
+Candidates, all with the same input (T tokens of width D):
+
+    dsmoe       MoE(cfg): router + grouped routed experts + fused shared experts (the fast path)
+    reference   MoE(cfg, reference=True): the same layer with the per-expert loop (same weights)
+    dense       SwiGLU(D, (K + N_s) * F): the FFN a token costs the same matmul FLOPs in
+
+Times are medians over `repeats` after warmup. The candidates are interleaved inside each repeat (in a
+rotating order) so that load from other processes hits all of them alike; the ratios to dense are taken
+from that one run. "fwd" is a training forward (autograd on), "fwd+bwd" adds backward from a contiguous
+upstream gradient. "memory" is the peak of bytes allocated by the forward above what was live before it:
+what a training step keeps for backward plus the forward's temporaries (parameters, their gradients and
+the input excluded). On CUDA it is torch.cuda.max_memory_allocated; on CPU the same quantity counted
+exactly by a TorchDispatchMode that follows every storage the forward's ops create until it is freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from dsmoe.config import MoEConfig
+from dsmoe.experts import SwiGLU
+from dsmoe.moe import MoE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    name: str
+    fwd_ms: float
+    fwd_bwd_ms: float
+    memory_mb: float
+    fwd_vs_dense: float = float("nan")
+    fwd_bwd_vs_dense: float = float("nan")
+    memory_vs_dense: float = float("nan")
+
+
+# ----------------------------------------------------------------------------- memory
+
+class _StorageTracker(TorchDispatchMode):
+    """Counts the bytes of every storage created by an op under this mode while it is alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            s = t.untyped_storage()
+            if s.data_ptr() in inputs or s.nbytes() == 0:
+                continue  # a view or an in-place result: no new memory
+            inputs.add(s.data_ptr())
+            self.live += s.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(s, self._free, s.nbytes())
+        return out
+
+
+def forward_memory(module, x) -> int:
+    """Peak bytes allocated by a training forward above what was live before it."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        y = module(x)
+        torch.cuda.synchronize(x.device)
+        peak = torch.cuda.max_memory_allocated(x.device) - base
+    else:
+        with _StorageTracker() as tracker:
+            y = module(x)
+        peak = tracker.peak
+    del y
+    return peak
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_fwd(module, x):
+    t = time.perf_counter()
+    module(x)
+    _sync(x.device)
+    return time.perf_counter() - t
+
+
+def _time_fwd_bwd(module, x, grad_y):
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    t = time.perf_counter()
+    module(x).backward(grad_y)
+    _sync(x.device)
+    return time.perf_counter() - t
+
+
+def build(cfg: MoEConfig, device, dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """The three candidates; the reference layer shares the fast layer's weights."""
+    torch.manual_seed(seed)
+    fast = MoE(cfg).to(device, dtype)
+    ref = MoE(cfg, reference=True).to(device, dtype)
+    ref.load_state_dict(fast.state_dict())
+    dense = SwiGLU(cfg.dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim).to(device, dtype)
+    return {"dsmoe": fast, "reference": ref, "dense": dense}
+
+
+def bench_layer(cfg: MoEConfig, tokens: int, device="cpu", dtype=torch.float32, repeats: int = 5,
+                warmup: int = 1, skip_reference: bool = False) -> list[Row]:
+    """Rows for dsmoe, reference and dense: median times (ms), forward memory (MB), ratios to dense."""
+    device = torch.device(device)
+    models = build(cfg, device, dtype)
+    if skip_reference:
+        del models["reference"]
+    x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.ones(tokens, cfg.dim, device=device, dtype=dtype)  # contiguous, unlike sum().backward()
+    names = list(models)
+    fwd = {n: [] for n in names}
+    fwd_bwd = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every repeat
+            tf, tb = _time_fwd(models[n], x), _time_fwd_bwd(models[n], x, grad_y)
+            if r >= warmup:
+                fwd[n].append(tf)
+                fwd_bwd[n].append(tb)
+    rows = [Row(n, 1e3 * statistics.median(fwd[n]), 1e3 * statistics.median(fwd_bwd[n]),
+                forward_memory(models[n], x) / 2**20) for n in names]
+    dense = rows[-1]
+    for row in rows:
+        row.fwd_vs_dense = row.fwd_ms / dense.fwd_ms
+        row.fwd_bwd_vs_dense = row.fwd_bwd_ms / dense.fwd_bwd_ms
+        row.memory_vs_dense = row.memory_mb / dense.memory_mb
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = _cpu_model() + f", {torch.get_num_threads()} threads"
+    return f"{where}; torch {torch.__version__}; python {platform.python_version()}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'layer':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'memory MB':>10} "
+             f"{'fwd/dense':>10} {'f+b/dense':>10} {'mem/dense':>10}"]
+    for r in rows:
+        lines.append(f"{r.name:<10} {r.fwd_ms:>9.2f} {r.fwd_bwd_ms:>11.2f} {r.memory_mb:>10.1f} "
+                     f"{r.fwd_vs_dense:>10.3f} {r.fwd_bwd_vs_dense:>10.3f} {r.memory_vs_dense:>10.3f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", type=int, default=512, help="D, model dim")
+    p.add_argument("--experts", type=int, default=64, help="E, routed experts")
+    p.add_argument("--expert-dim", type=int, default=256, help="F, hidden width of each expert")
+    p.add_argument("--shared", type=int, default=2, help="N_s, shared experts")
+    p.add_argument("--top-k", type=int, default=6, help="K, routed experts per token")
+    p.add_argument("--tokens", type=int, default=4096, help="T, tokens in the batch")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16 needs --device cuda")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    p.add_argument("--uniform", action="store_true", help="round-robin routing: kernel speed without skew")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow per-expert loop")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but torch sees no CUDA device")
+    if args.dtype == "bf16" and device.type != "cuda":
+        raise SystemExit("--dtype bf16 is only benchmarked on --device cuda (CPU bf16 matmul timing is not "
+                         "representative); use --dtype fp32 on cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = MoEConfig(dim=args.dim, n_routed_experts=args.experts, n_shared_experts=args.shared,
+                    top_k=args.top_k, expert_dim=args.expert_dim, uniform_routing=args.uniform)
+    rows = bench_layer(cfg, args.tokens, device, DTYPES[args.dtype], args.repeats, args.warmup,
+                       skip_reference=args.no_reference)
+    where = machine(device)
+    shape = (f"T={args.tokens} D={args.dim} E={args.experts} F={args.expert_dim} N_s={args.shared} "
+             f"K={args.top_k} {args.dtype} {device}{' uniform routing' if args.uniform else ''}")
+    print(f"machine: {where}\nshape:   {shape}; dense hidden = {(args.top_k + args.shared) * args.expert_dim}")
+    print(f"median of {args.repeats} repeats after {args.warmup} warmup, candidates interleaved")
+    print("memory = peak bytes allocated by the training forward (kept for backward + temporaries), "
+          "parameters and gradients excluded\n")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": where, "shape": shape, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 0
