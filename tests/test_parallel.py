@@ -51,6 +51,7 @@ def _worker(rank, world, port, fn, out_dir, timeout_s):
 
 def launch(fn, world: int, tmp_path, timeout_s: float = 60.0) -> list:
     """Run fn(rank, world) in `world` fresh processes; returns each rank's JSON result (None: it wrote none)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, str(tmp_path), timeout_s)) for r in range(world)]
@@ -172,7 +173,7 @@ def layer_cases(world):
 def check_rejects_bad_layouts(rank, world):
     with pytest.raises(ValueError, match="divisible"):
         apply_expert_parallel(MoE(make_cfg(world, n_routed_experts=2 * world + 1, top_k=2)))
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="divisor"):
         apply_expert_parallel(MoE(make_cfg(world, n_routed_experts=3 * world, n_groups=3, topk_groups=3)))
 
 
@@ -350,3 +351,74 @@ def test_apply_rejects_bad_layouts():
             apply_expert_parallel(MoE(make_cfg(1), reference=True))
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- training
+
+TRAIN_SETS = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "save_every=0", "log_every=1",
+              "warmup_steps=2", "tensorboard=false", "steps=4", "moe.n_groups=2", "moe.topk_groups=1"]
+
+
+def train_worker(rank, world):
+    """`dsmoe train --expert-parallel 2` in this process group; returns the losses and every layer's bias."""
+    from dsmoe import parallel
+    from dsmoe.train import build_configs, train
+
+    models = []
+    apply = parallel.apply_expert_parallel
+    parallel.apply_expert_parallel = lambda model, *a, **k: models.append(model) or apply(model, *a, **k)
+    model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}",
+                                                                f"expert_parallel={world}"])
+    train(model_cfg, train_cfg, progress=False)
+    return {"bias": [layer.gate.bias.tolist() for layer in models[0].moe_layers()]}
+
+
+def eval_worker(rank, world):
+    """The 2-rank checkpoint, loaded whole, sharded over this world, evaluated like the training run."""
+    from dsmoe.data import load_corpus
+    from dsmoe.train import evaluate, load_checkpoint
+
+    model, _, train_cfg, tokenizer = load_checkpoint(os.environ["DSMOE_RUN"])
+    apply_expert_parallel(model)
+    corpus = load_corpus(None, tokenizer)
+    return evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
+
+
+def _train_rows(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["loss"] for r in rows if r["kind"] == "train"], [r["val_loss"] for r in rows if r["kind"] == "eval"]
+
+
+def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
+    """Same global batch: the losses of 2 expert-parallel ranks equal one process's; the biases agree on
+    every rank; the checkpoint written at 2 ranks gives the same validation loss at 1 and at 4."""
+    from safetensors.torch import load_file
+
+    from dsmoe.train import build_configs, evaluate, load_checkpoint, train
+    from dsmoe.data import load_corpus
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'single'}"])
+    train(model_cfg, train_cfg, progress=False)
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "ep2"))
+    per_rank = launch(train_worker, 2, tmp_path / "results")
+
+    single_loss, single_val = _train_rows(tmp_path / "single")
+    ep_loss, ep_val = _train_rows(tmp_path / "ep2")
+    assert len(ep_loss) == len(single_loss) == 4
+    torch.testing.assert_close(torch.tensor(ep_loss), torch.tensor(single_loss), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(ep_val), torch.tensor(single_val), atol=1e-4, rtol=0)
+    assert per_rank[0]["bias"] == per_rank[1]["bias"], "every rank must hold the same balancing bias"
+    weights = load_file(str(tmp_path / "single" / "checkpoint" / "model.safetensors"))
+    single_bias = [weights[k] for k in sorted((k for k in weights if k.endswith(".gate.bias")),
+                                              key=lambda k: int(k.split(".")[1]))]
+    assert len(single_bias) == len(per_rank[0]["bias"])
+    for ep_bias, bias in zip(per_rank[0]["bias"], single_bias):
+        torch.testing.assert_close(torch.tensor(ep_bias), bias)
+    assert any(v != 0 for layer in per_rank[0]["bias"] for v in layer), "the bias must have moved"
+
+    model, _, cfg, tokenizer = load_checkpoint(tmp_path / "ep2")  # 2 ranks -> 1 process
+    at1 = evaluate(model, load_corpus(None, tokenizer), cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    assert abs(at1["loss"] - ep_val[-1]) < 1e-5
+    at4 = launch(eval_worker, 4, tmp_path / "at4")  # 2 ranks -> 4
+    assert all(abs(r["loss"] - ep_val[-1]) < 1e-5 for r in at4), (at4, ep_val)

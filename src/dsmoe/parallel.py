@@ -264,9 +264,10 @@ def _check_layer(layer: MoE, world: int) -> None:
     if cfg.n_routed_experts % world:
         raise ValueError(f"n_routed_experts={cfg.n_routed_experts} must be divisible by the expert-parallel "
                          f"world size {world}")
-    if cfg.n_groups > 1 and cfg.n_groups % world:
-        raise ValueError(f"n_groups={cfg.n_groups} must be 1 (no device limit) or a multiple of the "
-                         f"expert-parallel world size {world}, so that expert groups nest in devices")
+    G = cfg.n_groups
+    if G > 1 and G % world and world % G:  # groups inside a device (V2), or a group a node of devices (V3)
+        raise ValueError(f"n_groups={G} must be 1 (no device limit), a multiple of the expert-parallel world size "
+                         f"{world} (groups within devices) or a divisor of it (a group spans {world}/n_groups devices)")
     if (cfg.comm_loss_alpha or cfg.device_loss_alpha) and cfg.n_groups != world:
         raise ValueError(f"the device and communication balance losses count expert groups as devices: "
                          f"n_groups={cfg.n_groups} must equal the expert-parallel world size {world}")
@@ -280,7 +281,9 @@ def apply_expert_parallel(model: nn.Module, group=None, overlap_shared: bool = T
 
     Every rank must hold the same full model (same seed or the same checkpoint) before the call.
     Rank r keeps experts r*L .. r*L+L-1 (L = E / world): with n_groups == world, the router's expert
-    groups are the devices, and topk_groups = M bounds the ranks a token reaches to M.
+    groups are the devices, and topk_groups = M bounds the ranks a token reaches to M (DeepSeek-V2's
+    device-limited routing); with n_groups dividing world a group is a node of world/n_groups devices,
+    and M bounds the nodes (DeepSeek-V3's node-limited routing).
     """
     world = dist.get_world_size(group)
     layers = moe_layers(model)
@@ -380,3 +383,103 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                 raise ValueError(f"{key} has {full.shape[0]} experts, the model has {m.n_experts}")
             sd[key] = full[m.expert_range.start:m.expert_range.stop]
     return model.load_state_dict(sd, strict=strict)
+
+
+@torch.no_grad()
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with the per-expert state (e.g. AdamW's moments) gathered whole. A collective.
+
+    Parameters are numbered in model.parameters() order, which sharding keeps, so the result loads into
+    a full model's optimizer or, through shard_optimizer_state, into one sharded at another world size.
+    """
+    sd = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for m in expert_parallel_modules(model).values():
+        for w in EXPERT_WEIGHTS:
+            state = sd["state"].get(index[id(getattr(m, w))], {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    parts = [torch.empty_like(value) for _ in range(m.world)]
+                    dist.all_gather(parts, value.contiguous(), group=m.group)
+                    state[key] = torch.cat(parts)
+    return sd
+
+
+def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> dict:
+    """A full optimizer state dict cut down to this rank's experts (for optimizer.load_state_dict)."""
+    sd = {"state": {i: dict(s) for i, s in full["state"].items()}, "param_groups": full["param_groups"]}
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for m in expert_parallel_modules(model).values():
+        for w in EXPERT_WEIGHTS:
+            state = sd["state"].get(index[id(getattr(m, w))], {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state[key] = value[m.expert_range.start:m.expert_range.stop]
+    return sd
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def init_training(n_ranks: int, global_batch: int, timeout_s: float = 300.0) -> None:
+    """The process group of an expert-parallel run (`torchrun --nproc_per_node N ... --expert-parallel N`)."""
+    if "RANK" not in os.environ and not dist.is_initialized():
+        raise ValueError(f"--expert-parallel {n_ranks} needs one process per rank: launch with "
+                         f"`torchrun --nproc_per_node {n_ranks} -m dsmoe train ...`")
+    init_distributed(timeout_s=timeout_s)
+    world = dist.get_world_size()
+    if world != n_ranks:
+        raise ValueError(f"--expert-parallel {n_ranks} does not match the {world} processes launched; "
+                         "expert parallelism spans every process")
+    if global_batch % world:
+        raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by --expert-parallel {world}")
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def local_batch(*tensors_B: torch.Tensor):
+    """This rank's contiguous slice of a global batch that every rank drew alike (same seed)."""
+    if not dist.is_initialized():
+        return tensors_B
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return tuple(t.chunk(world)[rank] for t in tensors_B)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient: replicated parameters once, every rank's experts.
+
+    Call after sync_grads (the replicated gradients are then equal on every rank).
+    """
+    experts = expert_parameter_names(model)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    sq = lambda names: sum((grads[n].float().square().sum() for n in names), torch.zeros((), device=next(
+        iter(grads.values())).device))
+    expert_sq = sq([n for n in grads if n in experts])
+    dist.all_reduce(expert_sq, group=group)
+    total = (sq([n for n in grads if n not in experts]) + expert_sq).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads.values():
+        g.mul_(scale.to(g.dtype))
+    return total
+
+
+def all_reduce_(tensor: torch.Tensor, mean: bool = True, group=None) -> torch.Tensor:
+    """In place: the sum (or mean) over the ranks; a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, group=group)
+        if mean:
+            tensor.div_(dist.get_world_size(group))
+    return tensor
+
+
+def scratch_dir():
+    """A temporary directory, removed at exit: where a rank other than 0 writes what rank 0 keeps."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+    path = tempfile.mkdtemp(prefix="dsmoe-rank")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
