@@ -21,6 +21,9 @@ signature. Its forward:
 Deduplicating per (token, rank) is what makes device-limited routing pay (DeepSeek-V2 §2.2.2): with the
 experts grouped by rank and topk_groups = M, a token crosses the network at most M times however
 large K is. The all-to-alls are autograd-aware: the backward of each is the reverse all-to-all.
+Overlap: the forward dispatch runs with async_op=True while the shared experts compute (gloo runs it
+on its own thread, NCCL on its own stream); the backward all-to-alls are synchronous, since autograd
+orders the backward and gives no place to slot the shared experts' backward between start and wait.
 
 Replicated parameters (attention, embeddings, router, shared experts) are data parallel:
 `sync_grads` averages them over the group; expert gradients stay local.
