@@ -248,7 +248,7 @@ def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             diffs += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
+        elif va != vb and key != "check_inputs":  # a runtime check, not part of the model
             diffs.append(f"{prefix}{key}: checkpoint {va!r} vs requested {vb!r}")
     return diffs
 
@@ -364,7 +364,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
 
     def save(step: int, rng_states) -> None:
         torch_rng, data_state = rng_states
-        st = {"step": step, "optimizer": parallel.full_optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
+        st = {"step": step, "optimizer": parallel.full_optimizer_state_dict(model, optimizer),  # experts gathered
+              "scheduler": scheduler.state_dict(),
               "torch_rng": torch_rng, "data_rng": data_state, "init_eval": init_eval,
               "cuda_rng": torch.cuda.get_rng_state() if device == "cuda" else None}
         tensors = parallel.full_state_dict(model)  # expert parallel: every expert once, gathered from the ranks
@@ -527,8 +528,9 @@ def add_arguments(p) -> None:
 
 
 def configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
-    extra = [f"{k}={v}" for k, v in (("out", args.out), ("device", args.device), ("steps", args.steps),
-                                             ("expert_parallel", getattr(args, "expert_parallel", None))) if v is not None]
+    flags = (("out", args.out), ("device", args.device), ("steps", args.steps),
+             ("expert_parallel", getattr(args, "expert_parallel", None)))
+    extra = [f"{k}={v}" for k, v in flags if v is not None]
     if args.resume:  # the checkpoint's configs, then the command line's overrides
         saved = checkpoint.read_config(args.resume)
         model_cfg = ModelConfig(**saved["model"])
@@ -547,6 +549,8 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dsmoe train: error: {e}")
         return 1
+    if not parallel.is_main():  # expert parallel: rank 0 reports
+        return 0
     print(f"val loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f} "
           f"(untrained {summary['init_val_ppl']:.2f}) | MaxVio_global {summary['maxvio_global_mean']:.3f} "
           f"(per layer {', '.join(f'{v:.3f}' for v in summary['maxvio_global'])}) | "
