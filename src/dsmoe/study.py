@@ -38,7 +38,7 @@ STUDIES = ("balance", "shared", "segmentation", "specialization")
 
 # Training steps per run when --steps is not given. debug: the whole `study all` (54 runs at 2 seeds)
 # fits in well under an hour on 2 CPU cores; tiny: a longer, more convincing run.
-DEFAULT_STEPS = {"debug": 300, "tiny": 1500}
+DEFAULT_STEPS = {"debug": 600, "tiny": 1500}
 
 # Segmentation baseline (DeepSeekMoE §3.1): N experts of width F_base, top-K, derived from the preset so
 # that the N*F_base total routed width equals the preset's E*F. K=2 as in GShard, the paper's baseline.
@@ -157,15 +157,15 @@ VARIANTS = {"balance": balance_variants, "shared": shared_variants, "segmentatio
 
 def run_key(model: ModelConfig, train_cfg) -> str:
     """Content hash of everything that decides a run's result (not where it is written)."""
-    train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("out", "resume")}
+    train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("out", "resume", "tensorboard")}
     blob = json.dumps({"model": model.to_dict(), "train": train}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def run_train_config(base_train, steps: int, seed: int, out: Path):
     """One study run: evaluation at the end, ~60 log points for the MaxVio curves, a final checkpoint."""
-    return dataclasses.replace(base_train, steps=steps, seed=seed, out=str(out), resume=False,
-                               eval_every=steps, save_every=steps, log_every=max(1, steps // 60))
+    return dataclasses.replace(base_train, steps=steps, seed=seed, out=str(out), resume=None, tensorboard=False,
+                               eval_every=0, save_every=0, log_every=max(1, steps // 60))
 
 
 def maxvio_curve(run_dir: Path) -> dict:
@@ -430,7 +430,8 @@ def redundancy(model, corpus, cfg, batches) -> list[dict]:
 
     base = loss()
     rows = [{"disabled": 0, "loss": base, "rise": 0.0}]
-    for n in DISABLE_TOP:
+    E, K = model.moe_layers()[0].cfg.n_routed_experts, model.moe_layers()[0].cfg.top_k
+    for n in (n for n in DISABLE_TOP if n + K <= E):  # a token needs K experts left to choose from
         with disable_top_experts(model, n):
             value = loss()
         rows.append({"disabled": n, "loss": value, "rise": value - base})
@@ -443,11 +444,12 @@ def examine(run_dir: Path, batches: int) -> dict:
     from dsmoe.train import load_checkpoint
 
     model, model_cfg, train_cfg, tokenizer = load_checkpoint(run_dir, "cpu")
+    train_cfg = dataclasses.replace(train_cfg, device="cpu", seq_len=train_cfg.seq_len or model_cfg.max_seq_len)
     corpus = load_corpus(train_cfg.data, tokenizer)
     counts = routing_by_kind(model, corpus, tokenizer, train_cfg.batch_size, train_cfg.seq_len, batches)
     mi = [mutual_information(c) for c in counts]
     return {"kind_counts": counts, "mi_bits": [m[0] for m in mi], "mi_fraction": [m[1] for m in mi],
-            "redundancy": redundancy(model, corpus, dataclasses.replace(train_cfg, device="cpu"), batches)}
+            "redundancy": redundancy(model, corpus, train_cfg, batches)}
 
 
 def specialization(runner: Runner, base: ModelConfig, eval_batches: int) -> dict:
@@ -467,10 +469,10 @@ def specialization(runner: Runner, base: ModelConfig, eval_batches: int) -> dict
         row["kind_counts"] = per_seed[0]["kind_counts"]  # the first seed's, for the heatmap
         row["mi_bits"] = mean_std([sum(p["mi_bits"]) / len(p["mi_bits"]) for p in per_seed])
         row["mi_fraction"] = mean_std([sum(p["mi_fraction"]) / len(p["mi_fraction"]) for p in per_seed])
-        row["redundancy"] = [{"disabled": n, "ratio": n / v.model.moe.n_routed_experts,
+        row["redundancy"] = [{"disabled": x["disabled"], "ratio": x["disabled"] / v.model.moe.n_routed_experts,
                               "loss": mean_std([p["redundancy"][i]["loss"] for p in per_seed]),
                               "rise": mean_std([p["redundancy"][i]["rise"] for p in per_seed])}
-                             for i, n in enumerate((0, *DISABLE_TOP))]
+                             for i, x in enumerate(per_seed[0]["redundancy"])]
         rows.append(row)
     return {"rows": rows, "kinds": list(KINDS)}
 
@@ -498,8 +500,9 @@ def specialization_tables(result: dict) -> str:
     rows = result["rows"]
     red_header = ["checkpoint", "val loss", *[f"rise, top-{n} disabled" for n in DISABLE_TOP],
                   "I(kind; expert) bits", "share of H(kind)"]
-    red = [[r["label"], _pm(r["redundancy"][0]["loss"]), *[_pm(x["rise"]) for x in r["redundancy"][1:]],
-            _pm(r["mi_bits"]), _pm(r["mi_fraction"])] for r in rows]
+    rises = [{x["disabled"]: x["rise"] for x in r["redundancy"]} for r in rows]
+    red = [[r["label"], _pm(r["redundancy"][0]["loss"]), *[_pm(rise.get(n)) for n in DISABLE_TOP],
+            _pm(r["mi_bits"]), _pm(r["mi_fraction"])] for r, rise in zip(rows, rises)]
     main = rows[0]
     layer_counts = main["kind_counts"][-1]
     E = len(layer_counts[0])
@@ -697,13 +700,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"training steps per run (default per preset: {DEFAULT_STEPS})")
     p.add_argument("--seeds", type=int, default=2, help="repetitions of every run, for mean and spread")
     p.add_argument("--out", default=None, help="output folder (default runs/study-<preset>)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these models are too small to gain from more, and "
+                        "oversubscribed cores on a shared machine slow every run down many times)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training field of the base configuration, as in `dsmoe train`")
 
 
 def run(args) -> int:
+    import torch
+
     from dsmoe.train import build_configs
 
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads} is invalid: must be >= 1")
+    torch.set_num_threads(args.threads)
     model_cfg, train_cfg = build_configs(args.preset, args.sets)
     steps = args.steps if args.steps is not None else DEFAULT_STEPS[args.preset]
     out = Path(args.out or f"runs/study-{args.preset}")
