@@ -156,7 +156,10 @@ def micro(tmp_path_factory):
     for name in ("dataclasses", "json.decoder", "string", "keyword"):
         (data / f"{name}.py").write_text(inspect.getsource(importlib.import_module(name)))
     _, train_cfg = build_configs("debug", [f"data={data}", "batch_size=2", "seq_len=16", "eval_batches=2"])
-    return micro_model(), train_cfg
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `dsmoe study` does: tiny models only lose from more threads
+    yield micro_model(), train_cfg
+    torch.set_num_threads(threads)
 
 
 def _run(micro, out, names, seeds=1):

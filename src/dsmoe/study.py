@@ -37,8 +37,8 @@ from dsmoe.config import ModelConfig
 STUDIES = ("balance", "shared", "segmentation", "specialization")
 
 # Training steps per run when --steps is not given. debug: the whole `study all` (54 runs at 2 seeds)
-# fits in well under an hour on 2 CPU cores; tiny: a longer, more convincing run.
-DEFAULT_STEPS = {"debug": 600, "tiny": 1500}
+# takes ~15-25 minutes on 2 shared CPU cores; tiny: a longer, more convincing run (hours on a CPU).
+DEFAULT_STEPS = {"debug": 1200, "tiny": 1500}
 
 # Segmentation baseline (DeepSeekMoE §3.1): N experts of width F_base, top-K, derived from the preset so
 # that the N*F_base total routed width equals the preset's E*F. K=2 as in GShard, the paper's baseline.
