@@ -26,7 +26,7 @@ class TrainConfig:
     """Everything about a run except the model."""
 
     preset: str = "tiny"              # model preset the run started from (see dsmoe.config.PRESETS)
-    steps: int = 1500                 # optimizer steps
+    steps: int = 2500                 # optimizer steps
     batch_size: int = 16              # sequences per micro-batch
     seq_len: int = 0                  # tokens per sequence; 0 = the model's max_seq_len
     grad_accum: int = 1               # micro-batches per optimizer step
@@ -37,7 +37,7 @@ class TrainConfig:
     beta1: float = 0.9                # AdamW betas
     beta2: float = 0.95
     grad_clip: float = 1.0            # clip the global gradient norm; 0 disables
-    eval_every: int = 250             # steps between evaluations; 0 = only at the start and the end
+    eval_every: int = 500             # steps between evaluations; 0 = only at the start and the end
     eval_batches: int = 16            # validation batches per evaluation (windows spread over the whole split)
     save_every: int = 500             # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     log_every: int = 10               # steps between metrics rows (and the one host sync they need)
