@@ -99,3 +99,11 @@ def test_bad_run_dir_errors(tmp_path, text, exc, match):
         plots.report(tmp_path)
     with pytest.raises(SystemExit, match="dsmoe report: .*" + match):
         cli.main(["report", "--run", str(tmp_path)])
+
+
+def test_layers_named_by_block_when_config_is_present(tmp_path):
+    run = write_metrics(tmp_path / "run", layers=2)
+    assert plots.layer_names(run, 2) == ["MoE layer 0", "MoE layer 1"]
+    (run / "config.json").write_text(json.dumps({"model": {"first_k_dense": 1}, "train": {}}))
+    assert plots.layer_names(run, 2) == ["block 1", "block 2"]
+    assert_pngs(plots.report(run), MOE_PLOTS)

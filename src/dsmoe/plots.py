@@ -41,6 +41,15 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def layer_names(run_dir: str | Path, n_layers: int) -> list[str]:
+    """Names of the MoE layers: their block index when the run's config.json tells the dense blocks first."""
+    try:
+        first = json.loads((Path(run_dir) / "config.json").read_text())["model"]["first_k_dense"]
+        return [f"block {first + i}" for i in range(n_layers)]
+    except (OSError, KeyError, TypeError, ValueError):
+        return [f"MoE layer {i}" for i in range(n_layers)]
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -93,19 +102,19 @@ def plot_loss(plt, train, evals, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_maxvio(plt, train, evals, path: Path) -> None:
-    n_layers = len(train[0]["maxvio"]) if train else len(evals[0]["maxvio_global"])
+def plot_maxvio(plt, train, evals, names: list[str], path: Path) -> None:
+    n_layers = len(names)
     cmap = plt.get_cmap("viridis")
     colors = [cmap(i / max(1, n_layers - 1)) for i in range(n_layers)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for layer in range(n_layers):
         if train:
             ax.plot([r["step"] for r in train], [r["maxvio"][layer] for r in train], color=colors[layer],
-                    alpha=0.8, lw=1.2, label=f"MoE layer {layer}: MaxVio_batch")
+                    alpha=0.8, lw=1.2, label=f"{names[layer]}: MaxVio_batch")
         if evals:
             ax.plot([r["step"] for r in evals], [r["maxvio_global"][layer] for r in evals], "D",
                     color=colors[layer], markeredgecolor="black", ms=6,
-                    label=f"MoE layer {layer}: global" if not train else None)
+                    label=f"{names[layer]}: MaxVio_global" if not train else None)
     if train and evals:  # one legend entry for the diamonds: their colour already names the layer
         ax.plot([], [], "D", color="white", markeredgecolor="black", label="diamonds: MaxVio_global (validation set)")
     if evals:
@@ -125,22 +134,22 @@ def plot_maxvio(plt, train, evals, path: Path) -> None:
     plt.close(fig)
 
 
-def _heatmap(ax, rel_LE, vmax, title):
-    L, E = rel_LE.shape
-    im = ax.imshow(rel_LE, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
+def _heatmap(ax, rel_LE, names, title):
+    from matplotlib.ticker import MaxNLocator
+    im = ax.imshow(rel_LE, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest")
     ax.set_title(title, fontsize=10)
-    ax.set_yticks(range(L))
-    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(names)), names)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("routed expert")
     return im
 
 
-def plot_load_final(plt, train, evals, path: Path) -> None:
+def plot_load_final(plt, train, evals, names, path: Path) -> None:
     row = evals[-1] if evals else train[-1]
     rel = _relative_load(row["load"])
     where = "validation set" if evals else "last training batch"
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * rel.shape[1] + 3), 1.2 + 0.6 * rel.shape[0]))
-    im = _heatmap(ax, rel, vmax=2, title=f"Expert load at step {row['step']} ({where}); 1 = balanced")
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * rel.shape[1] + 3), max(3, 1.2 + 0.6 * rel.shape[0])))
+    im = _heatmap(ax, rel, names, f"Expert load at step {row['step']} ({where}); 1 = balanced")
     fig.colorbar(im, ax=ax, label="tokens / mean tokens per expert", extend="max")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -154,17 +163,18 @@ def _windows(train: list[dict], n: int) -> list[list[dict]]:
     return [train[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def plot_load_evolution(plt, train, path: Path) -> None:
+def plot_load_evolution(plt, train, names, path: Path) -> None:
     import numpy as np
     windows = _windows(train, SNAPSHOTS)
     cols = min(3, len(windows))
     rows = math.ceil(len(windows) / cols)
     L, E = np.asarray(train[0]["load"]).shape
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, (0.5 * L + 1.4) * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1.5, (0.5 * L + 1.6) * rows), squeeze=False)
     for ax, window in zip(axes.flat, windows):
         load = np.sum([r["load"] for r in window], axis=0)
-        im = _heatmap(ax, _relative_load(load), vmax=2,
-                      title=f"steps {window[0]['step']}-{window[-1]['step']}")
+        im = _heatmap(ax, _relative_load(load), names, f"steps {window[0]['step']}-{window[-1]['step']}")
+    for ax in axes[:, 1:].flat:  # layer names once per row of panels
+        ax.tick_params(labelleft=False)
     for ax in axes.flat[len(windows):]:
         ax.axis("off")
     fig.suptitle("Expert load over training (tokens / mean, summed over each window of steps)")
@@ -174,9 +184,10 @@ def plot_load_evolution(plt, train, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_load_over_time(plt, train, path: Path) -> None:
+def plot_load_over_time(plt, train, names, path: Path) -> None:
     """One panel per layer: experts (rows) x logged steps (columns), coloured by load / mean."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
     steps = [r["step"] for r in train]
     load_NLE = np.asarray([r["load"] for r in train], dtype=float)
     N, L, E = load_NLE.shape
@@ -186,7 +197,8 @@ def plot_load_over_time(plt, train, path: Path) -> None:
         im = ax.imshow(_relative_load(load_NLE[:, layer]).T, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2,
                        interpolation="nearest", origin="lower",
                        extent=(steps[0] - half, steps[-1] + half, -0.5, E - 0.5))
-        ax.set_ylabel(f"MoE layer {layer}\nexpert")
+        ax.set_ylabel(f"{names[layer]}\nexpert")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("optimizer step")
     fig.suptitle("Expert load per training batch over steps (tokens / mean; white = balanced)")
     fig.tight_layout()
@@ -209,12 +221,13 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     has_moe = bool(train and train[0].get("maxvio")) or bool(evals and evals[0].get("maxvio_global"))
     if not has_moe:  # a dense twin: nothing is routed
         return written
-    plot_maxvio(plt, train, evals, out / "maxvio.png")
-    plot_load_final(plt, train, evals, out / "load_final.png")
+    names = layer_names(run_dir, len(train[0]["maxvio"]) if train else len(evals[0]["maxvio_global"]))
+    plot_maxvio(plt, train, evals, names, out / "maxvio.png")
+    plot_load_final(plt, train, evals, names, out / "load_final.png")
     written += [out / "maxvio.png", out / "load_final.png"]
     if train and train[0].get("load"):
-        plot_load_evolution(plt, train, out / "load_evolution.png")
-        plot_load_over_time(plt, train, out / "load_over_time.png")
+        plot_load_evolution(plt, train, names, out / "load_evolution.png")
+        plot_load_over_time(plt, train, names, out / "load_over_time.png")
         written += [out / "load_evolution.png", out / "load_over_time.png"]
     return written
 
