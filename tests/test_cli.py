@@ -149,3 +149,8 @@ def test_unknown_set_key(capsys):
 def test_missing_checkpoint(tmp_path, capsys):
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 1
     assert "nope" in capsys.readouterr().out
+
+
+def test_bench_train_rejects_a_too_long_sequence():
+    with pytest.raises(SystemExit, match="--seq-len 999 exceeds the preset's max_seq_len=64"):
+        cli.main(["bench", "train", "--preset", "debug", "--seq-len", "999"])
