@@ -279,8 +279,15 @@ def aggregate(variant: Variant, results: list[dict]) -> dict:
             continue  # a dense model has no routing to balance
         row[name] = mean_std([float(r["summary"][name]) for r in results])
     if is_moe:
+        row["maxvio_batch_final"] = mean_std([_tail_mean(r["curve"]["maxvio_batch"]) for r in results])
         row["curve"] = _mean_curve([r["curve"] for r in results])
     return row
+
+
+def _tail_mean(values: list[float], fraction: float = 0.1) -> float:
+    """Mean of the last `fraction` of a curve: where balance has settled (0 for an empty curve)."""
+    tail = values[-max(1, round(len(values) * fraction)):]
+    return sum(tail) / len(tail) if tail else 0.0
 
 
 def _mean_curve(curves: list[dict]) -> dict:
@@ -457,15 +464,16 @@ def specialization(runner: Runner, base: ModelConfig, eval_batches: int) -> dict
     variants = VARIANTS["specialization"](base)
     rows = []
     for v in variants:
-        per_seed = []
+        results, per_seed = [], []
         for s in range(runner.seeds):
             result = runner.run(v, s)
+            results.append(result)
             cache = runner.root / "runs" / result["key"] / "specialization.json"
             if not cache.is_file():
                 runner.log(f"examining {v.label} seed {result['seed']}")
                 cache.write_text(json.dumps(examine(cache.parent, eval_batches)))
             per_seed.append(json.loads(cache.read_text()))
-        row = aggregate(v, [runner.run(v, s) for s in range(runner.seeds)])
+        row = aggregate(v, results)
         row["kind_counts"] = per_seed[0]["kind_counts"]  # the first seed's, for the heatmap
         row["mi_bits"] = mean_std([sum(p["mi_bits"]) / len(p["mi_bits"]) for p in per_seed])
         row["mi_fraction"] = mean_std([sum(p["mi_fraction"]) / len(p["mi_fraction"]) for p in per_seed])
@@ -481,9 +489,10 @@ def specialization(runner: Runner, base: ModelConfig, eval_batches: int) -> dict
 
 
 def balance_table(rows: list[dict]) -> str:
-    header = ["gate", "method", "val ppl", "MaxVio_global", "mean MaxVio_batch", "dead experts"]
+    header = ["gate", "method", "val ppl", "MaxVio_global", "mean MaxVio_batch", "MaxVio_batch, last 10%",
+              "dead experts"]
     body = [[r["group"], r["label"], _pm(r["val_ppl"]), _pm(r["maxvio_global_mean"]),
-             _pm(r["maxvio_batch_mean"]), _pm(r["dead_experts"], 1)] for r in rows]
+             _pm(r["maxvio_batch_mean"]), _pm(r["maxvio_batch_final"]), _pm(r["dead_experts"], 1)] for r in rows]
     return _table(header, body)
 
 
@@ -554,15 +563,17 @@ def plot_maxvio_curves(rows: list[dict], path: Path) -> None:
 def plot_balance_tradeoff(rows: list[dict], path: Path) -> None:
     """Validation perplexity against MaxVio_global, error bars over seeds."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    methods = list(dict.fromkeys(r["label"] for r in rows))  # one colour per method, one marker per gate
+    markers = dict(zip(dict.fromkeys(r["group"] for r in rows), "os^v"))
     for r in rows:
         x, y = r["maxvio_global_mean"], r["val_ppl"]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o" if r["group"] == "sigmoid" else "s",
-                    capsize=3, label=f"{r['group']}: {r['label']}")
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers[r["group"]], capsize=3,
+                    color=plt.get_cmap("tab10")(methods.index(r["label"]) % 10), label=f"{r['group']}: {r['label']}")
     ax.set(xlabel="MaxVio_global (validation)", ylabel="validation perplexity", xscale="log",
-           title="balance vs perplexity (lower-left is better)")
+           title="balance vs perplexity, mean ± std over seeds (lower-left is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
