@@ -212,8 +212,10 @@ def test_set_top_k_rejects_too_many():
 
 def test_sequence_longer_than_max_seq_len():
     model = make_model()
-    with pytest.raises(ValueError, match="max_seq_len=32"):
+    with pytest.raises(ValueError, match="sequence of 33 tokens exceeds max_seq_len=32"):
         model(torch.randint(0, 50, (1, 33)))
+    with pytest.raises(ValueError, match="prompt of 33 tokens exceeds max_seq_len=32"):
+        model.generate(torch.randint(0, 50, (1, 33)), max_new_tokens=4)
 
 
 BAD_CONFIGS = {

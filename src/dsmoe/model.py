@@ -169,6 +169,9 @@ class MoETransformer(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, generator=None) -> torch.Tensor:
         """Sample continuations with a KV cache. temperature 0 is greedy."""
         B, S = idx_BS.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"prompt of {S} tokens exceeds max_seq_len={self.cfg.max_seq_len}; shorten it "
+                             f"(e.g. keep its last {self.cfg.max_seq_len - 1} tokens)")
         total = min(S + max_new_tokens, self.cfg.max_seq_len)
         head_dim = self.cfg.dim // self.cfg.n_heads
         cache = KVCache(self.cfg.n_layers, B, self.cfg.n_kv_heads, total, head_dim,
