@@ -16,7 +16,7 @@ MICRO = dict(dim=16, n_routed_experts=4, n_shared_experts=1, top_k=2, expert_dim
 
 @pytest.mark.parametrize("uniform", [False, True], ids=["topk", "uniform"])
 def test_bench_layer_rows(uniform):
-    rows = layer.bench_layer(MoEConfig(**MICRO, uniform_routing=uniform), tokens=32, repeats=2)
+    rows = layer.bench_layer(MoEConfig(**MICRO, uniform_routing=uniform), tokens=32, repeats=2, warmup=0)
     assert [r.name for r in rows] == ["dsmoe", "reference", "dense"]
     for r in rows:
         for v in (r.fwd_ms, r.fwd_bwd_ms, r.memory_mb, r.fwd_vs_dense, r.fwd_bwd_vs_dense, r.memory_vs_dense):
