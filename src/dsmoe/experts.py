@@ -2,10 +2,12 @@
 
 Shapes: T tokens, D model dim, E experts, F expert hidden dim, K experts per token, A = T*K assignments.
 
-`GroupedExperts` stores the experts stacked ([E, F, D] like HuggingFace's per-expert [F, D]), sorts the A
-token-expert assignments by expert and runs each projection as one grouped matrix multiply. The routing
-weight scales the hidden activation (before the down projection), and the results are combined into the
-T outputs with one index_add. `reference_experts` is the plain per-expert loop it must equal.
+`GroupedExperts` stores the experts stacked ([E, F, D] like HuggingFace's per-expert [F, D]) and sorts the A
+token-expert assignments by expert. A hand-written autograd function then gathers each expert's tokens, runs
+its SwiGLU (the routing weight scales the hidden activation, before the down projection) and adds the results
+back into the T outputs: on CUDA one torch grouped_mm per projection over all A rows; on CPU one matmul per
+expert over chunks of a few experts, so that temporaries stay small. It saves only the gate and up
+pre-activations for backward. `reference_experts` is the plain per-expert loop it must equal.
 """
 
 from __future__ import annotations
