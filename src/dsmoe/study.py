@@ -30,6 +30,7 @@ import string
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from dsmoe.config import ModelConfig
@@ -46,7 +47,10 @@ BASE_TOP_K = 2
 SEGMENTS = (1, 2, 4, 8)
 SHARED_COUNTS = (0, 1, 2, 4)
 SHARED_STUDY_M = 4          # the shared-expert study sits at the m=4 point of the segmentation family
-DISABLE_TOP = (1, 2, 3)     # redundancy test: routed experts disabled per token
+DISABLE_TOP = (1, 2, 3)     # redundancy test: routed experts disabled per token ...
+# ... and the same as shares of the routed experts, which compares models of different granularity at an
+# equal share of their routed parameters (disabling 1 of 8 coarse experts ~ 4 of 32 fine ones)
+DISABLE_SHARES = (1 / 8, 1 / 4, 3 / 8)
 
 # fields aggregated over seeds, and how the tables show them
 METRICS = ("val_ppl", "val_loss", "train_loss", "maxvio_global_mean", "maxvio_batch_mean", "dead_experts",
@@ -314,7 +318,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _millions(n: int) -> str:
-    return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 # ---- specialization ----------------------------------------------------------------------------------
@@ -429,7 +433,7 @@ def mutual_information(counts_KE: list[list[int]]) -> tuple[float, float]:
 
 
 def redundancy(model, corpus, cfg, batches) -> list[dict]:
-    """Validation loss with each token's top-n routed experts disabled, n = 0 and DISABLE_TOP."""
+    """Validation loss with each token's top-n routed experts disabled: n = 0, DISABLE_TOP and DISABLE_SHARES."""
     from dsmoe.train import evaluate
 
     def loss() -> float:
@@ -438,7 +442,8 @@ def redundancy(model, corpus, cfg, batches) -> list[dict]:
     base = loss()
     rows = [{"disabled": 0, "loss": base, "rise": 0.0}]
     E, K = model.moe_layers()[0].cfg.n_routed_experts, model.moe_layers()[0].cfg.top_k
-    for n in (n for n in DISABLE_TOP if n + K <= E):  # a token needs K experts left to choose from
+    counts = sorted({*DISABLE_TOP, *(round(f * E) for f in DISABLE_SHARES)})
+    for n in (n for n in counts if 0 < n and n + K <= E):  # a token needs K experts left to choose from
         with disable_top_experts(model, n):
             value = loss()
         rows.append({"disabled": n, "loss": value, "rise": value - base})
@@ -468,7 +473,7 @@ def specialization(runner: Runner, base: ModelConfig, eval_batches: int) -> dict
         for s in range(runner.seeds):
             result = runner.run(v, s)
             results.append(result)
-            cache = runner.root / "runs" / result["key"] / "specialization.json"
+            cache = runner.root / "runs" / result["key"] / "examine.json"
             if not cache.is_file():
                 runner.log(f"examining {v.label} seed {result['seed']}")
                 cache.write_text(json.dumps(examine(cache.parent, eval_batches)))
@@ -508,10 +513,14 @@ def shape_table(rows: list[dict]) -> str:
 def specialization_tables(result: dict) -> str:
     rows = result["rows"]
     red_header = ["checkpoint", "val loss", *[f"rise, top-{n} disabled" for n in DISABLE_TOP],
+                  *[f"rise, top {Fraction(f).limit_denominator(64)} of routed disabled" for f in DISABLE_SHARES],
                   "I(kind; expert) bits", "share of H(kind)"]
-    rises = [{x["disabled"]: x["rise"] for x in r["redundancy"]} for r in rows]
-    red = [[r["label"], _pm(r["redundancy"][0]["loss"]), *[_pm(rise.get(n)) for n in DISABLE_TOP],
-            _pm(r["mi_bits"]), _pm(r["mi_fraction"])] for r, rise in zip(rows, rises)]
+    red = []
+    for r in rows:
+        rise = {x["disabled"]: x["rise"] for x in r["redundancy"]}
+        E = len(r["kind_counts"][0][0])  # routed experts
+        red.append([r["label"], _pm(r["redundancy"][0]["loss"]), *[_pm(rise.get(n)) for n in DISABLE_TOP],
+                    *[_pm(rise.get(round(f * E))) for f in DISABLE_SHARES], _pm(r["mi_bits"]), _pm(r["mi_fraction"])])
     main = rows[0]
     layer_counts = main["kind_counts"][-1]
     E = len(layer_counts[0])
@@ -594,6 +603,7 @@ def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str
     ax.set(xlabel=xlabel, ylabel="validation perplexity", title=title)
     if x_key == "m":
         ax.set_xscale("log", base=2)
+        ax.set_xticks(SEGMENTS, [str(m) for m in SEGMENTS])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -626,11 +636,10 @@ def plot_redundancy(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         red = r["redundancy"]
-        ax.errorbar([x["disabled"] for x in red], [x["rise"]["mean"] for x in red],
+        ax.errorbar([x["ratio"] for x in red], [x["rise"]["mean"] for x in red],
                     yerr=[x["rise"]["std"] for x in red], marker="o", capsize=3, label=r["label"])
-    ax.set(xlabel="top routed experts disabled per token", ylabel="rise in validation loss (nats)",
-           title="redundancy test: a larger rise = less redundant experts")
-    ax.set_xticks([0, *DISABLE_TOP])
+    ax.set(xlabel="share of the routed experts disabled per token (its top-scoring ones)",
+           ylabel="rise in validation loss (nats)", title="redundancy test: a larger rise = less redundant experts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
