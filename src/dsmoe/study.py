@@ -1,12 +1,12 @@
 """Small-scale checks of the DeepSeekMoE and Loss-Free Balancing claims: `dsmoe study NAME`.
 
     balance         no balancing / expert-level aux loss / loss-free bias (sign, proportional) / bias +
-                    sequence-wise loss, under sigmoid and softmax gates (Wang et al. 2024, Table 1-3)
-    shared          0, 1, 2, 4 shared experts at constant total and active parameters (DeepSeekMoE §4.5)
+                    sequence-wise loss, under sigmoid and softmax gates (Wang et al. 2024)
+    shared          0, 1, 2, 4 shared experts at constant total and active parameters (DeepSeekMoE ablations)
     segmentation    m = 1, 2, 4, 8 at constant total and active parameters, with and without a shared
-                    expert, next to dense models of the same active and the same total size (DeepSeekMoE §4.2)
+                    expert, next to dense models of the same active and the same total size (DeepSeekMoE)
     specialization  which kinds of token each routed expert takes, and the redundancy test: disable each
-                    token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE §4.5)
+                    token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE)
     all             every study above
 
 Each training run is cached under OUT/runs/<key>/ (key = hash of the model and training configs and the
@@ -577,7 +577,7 @@ def _pyplot():
 
 
 def plot_maxvio_curves(rows: list[dict], path: Path) -> None:
-    """MaxVio_batch over training steps for each method, one panel per gate (the Loss-Free paper's Fig. 3)."""
+    """MaxVio_batch over training steps for each method, one panel per gate (the Loss-Free paper's headline plot)."""
     plt = _pyplot()
     gates = list(dict.fromkeys(r["group"] for r in rows))
     fig, axes = plt.subplots(1, len(gates), figsize=(7 * len(gates), 4.5), squeeze=False)
@@ -655,7 +655,7 @@ def plot_kind_heatmap(counts_LKE, label: str, path: Path) -> None:
 
 
 def plot_redundancy(rows: list[dict], path: Path) -> None:
-    """Rise of validation loss as each token's top routed experts are disabled (DeepSeekMoE Fig. 4)."""
+    """Rise of validation loss as each token's top routed experts are disabled (DeepSeekMoE's redundancy test)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -723,7 +723,8 @@ def study(names: list[str], base: ModelConfig, base_train, steps: int, seeds: in
         raise ValueError("the studies need an MoE model; the preset has moe=None")
     out = Path(out)
     runner = Runner(out, base_train, steps, seeds, log)
-    meta = {"steps": steps, "seeds": seeds, "model": base.to_dict(), "train": _jsonable(dataclasses.asdict(base_train))}
+    template = run_train_config(base_train, steps, base_train.seed, out / "runs")  # each run: its seed and key dir
+    meta = {"steps": steps, "seeds": seeds, "model": base.to_dict(), "train": _jsonable(dataclasses.asdict(template))}
     for name in names:
         runner.plan(VARIANTS[name](base))
     t0 = time.perf_counter()
