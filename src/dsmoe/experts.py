@@ -84,13 +84,18 @@ def _project(x_nI, w_EOI, parts, out=None):
     return out
 
 
-def _project_back(g_nO, w_EOI, parts):
-    """The input gradient of _project: rows of each expert times that expert's w. [n, O] -> [n, I]."""
+def _project_back(g_nO, w_EOI, parts, acc_nI=None):
+    """The input gradient of _project: rows of each expert times that expert's w, [n, O] -> [n, I];
+    added into acc when given."""
     if isinstance(parts, torch.Tensor):
-        return torch._grouped_mm(g_nO, w_EOI, offs=parts)
-    out = g_nO.new_empty(g_nO.shape[0], w_EOI.shape[2])
+        out = torch._grouped_mm(g_nO, w_EOI, offs=parts)
+        return out if acc_nI is None else acc_nI.add_(out)
+    out = g_nO.new_empty(g_nO.shape[0], w_EOI.shape[2]) if acc_nI is None else acc_nI
     for sub, e in parts:
-        torch.mm(g_nO[sub], w_EOI[e], out=out[sub])
+        if acc_nI is None:
+            torch.mm(g_nO[sub], w_EOI[e], out=out[sub])
+        else:
+            out[sub].addmm_(g_nO[sub], w_EOI[e])
     return out
 
 
@@ -106,7 +111,8 @@ def _weight_grad(g_nO, x_nI, parts, grad_EOI):
 def _silu_and_grad(g):
     """silu(g) and its derivative sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
     s = torch.sigmoid(g)
-    return g * s, s * (1 + g * (1 - s))
+    sg = g * s
+    return sg, (g - sg).add_(1).mul_(s)  # = s * (1 + g * (1 - s)), in fewer passes
 
 
 def _chunks(counts: list[int], row_bytes: int) -> list:
@@ -181,7 +187,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
             grad_g = grad_h.mul_(u).mul_(dsilu)
             grad_wg = _weight_grad(grad_g, x_nD, parts, grad_wg)
             grad_wu = _weight_grad(grad_u, x_nD, parts, grad_wu)
-            grad_x.index_add_(0, tok, _project_back(grad_g, w_gate, parts).add_(_project_back(grad_u, w_up, parts)))
+            grad_x.index_add_(0, tok, _project_back(grad_u, w_up, parts, _project_back(grad_g, w_gate, parts)))
         return grad_x, grad_wg, grad_wu, grad_wd, grad_wA, None, None
 
 
