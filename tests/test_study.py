@@ -209,3 +209,14 @@ def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
     calls.clear()
     _run(micro, tmp_path, ["shared"], seeds=2)
     assert calls == []
+
+
+@pytest.mark.parametrize("argv,message", [(["--steps", "0"], "steps (0)"), (["--set", "nope=1"], "unknown --set key"),
+                                          (["--threads", "0"], "--threads 0")],
+                         ids=["zero-steps", "unknown-key", "zero-threads"])
+def test_cli_rejects_bad_input(argv, message, tmp_path, capsys):
+    from dsmoe.cli import main
+
+    assert main(["study", "balance", "--out", str(tmp_path), *argv]) == 1
+    assert message in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # nothing was trained

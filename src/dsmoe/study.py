@@ -757,13 +757,20 @@ def run(args) -> int:
 
     from dsmoe.train import build_configs
 
-    if args.threads < 1:
-        raise ValueError(f"--threads {args.threads} is invalid: must be >= 1")
-    torch.set_num_threads(args.threads)
-    model_cfg, train_cfg = build_configs(args.preset, args.sets)
-    steps = args.steps if args.steps is not None else DEFAULT_STEPS[args.preset]
-    out = Path(args.out or f"runs/study-{args.preset}")
-    names = list(STUDIES) if args.name == "all" else [args.name]
-    study(names, model_cfg, train_cfg, steps, args.seeds, out)
+    try:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} is invalid: must be >= 1")
+        torch.set_num_threads(args.threads)
+        model_cfg, train_cfg = build_configs(args.preset, args.sets)
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS[args.preset]
+        out = Path(args.out or f"runs/study-{args.preset}")
+        names = list(STUDIES) if args.name == "all" else [args.name]
+        study(names, model_cfg, train_cfg, steps, args.seeds, out)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are cached; run the same command again to continue")
+        return 130
+    except ValueError as e:
+        print(f"dsmoe study: error: {e}")
+        return 1
     print(f"results: {out}/results.md")
     return 0
