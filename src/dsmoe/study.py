@@ -239,7 +239,7 @@ class Runner:
             result = json.loads(cached.read_text())
             if "maxvio_global_train" not in result["summary"]:  # a cache written before this metric existed
                 result["summary"]["maxvio_global_train"] = train_split_maxvio(run_dir, cfg.eval_batches)
-                cached.write_text(json.dumps(result, indent=1))
+                _write_json(cached, result)
             return result
         if run_dir.exists():  # an interrupted run: start it again from scratch
             shutil.rmtree(run_dir)
@@ -249,9 +249,7 @@ class Runner:
         wall = time.perf_counter() - t0
         result = {"key": key, "label": variant.label, "seed": cfg.seed, "wall_s": wall,
                   "summary": _jsonable(summary), "curve": maxvio_curve(run_dir)}
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(cached)  # written last and atomically: its presence means the run finished
+        _write_json(cached, result)  # written last: its presence means the run finished
         self.pending.discard(key)
         self._report(variant, cfg.seed, summary, wall)
         return result
@@ -263,6 +261,13 @@ class Runner:
         self.log(f"[{done}/{done + left}] {variant.label} ({variant.group}) seed {seed}: "
                  f"ppl {summary['val_ppl']:.3f}, MaxVio_global {_fmt(summary.get('maxvio_global_mean'))} "
                  f"in {wall:.0f}s; eta {_duration(eta)}")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomically (temp file + rename): an interrupted write never leaves a half file behind."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 def _jsonable(x):
@@ -500,7 +505,7 @@ def specialization(runner: Runner, base: ModelConfig, eval_batches: int) -> dict
             cache = runner.root / "runs" / result["key"] / "examine.json"
             if not cache.is_file():
                 runner.log(f"examining {v.label} seed {result['seed']}")
-                cache.write_text(json.dumps(examine(cache.parent, eval_batches)))
+                _write_json(cache, examine(cache.parent, eval_batches))
             per_seed.append(json.loads(cache.read_text()))
         row = aggregate(v, results)
         row["kind_counts"] = per_seed[0]["kind_counts"]  # the first seed's, for the heatmap
