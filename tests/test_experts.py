@@ -139,3 +139,13 @@ def test_grouped_equals_reference_cuda(dims, keep, monkeypatch):
 @CUDA
 def test_bf16_grouped_cuda():
     assert_grouped_equals_reference(8, 64, 32, 100, 2, keep=False, device="cuda", dtype=torch.bfloat16, tol=6e-2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 2**18], ids=["one-expert-chunks", "few-expert-chunks", "one-chunk"])
+@pytest.mark.parametrize("keep", [False, True], ids=["dropless", "dropping"])
+def test_chunked_cpu_path_equals_reference(monkeypatch, chunk_bytes, keep):
+    """The CPU path splits the sorted assignments into chunks of a few experts: any chunking gives the same
+    outputs and gradients, with idle experts between chunks."""
+    import dsmoe.experts
+    monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
+    assert_grouped_equals_reference(E=9, D=8, Fh=12, T=17, K=2, keep=keep, path="loop")
