@@ -168,7 +168,9 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     assert cli.main(["eval", "--checkpoint", str(out), "--batches", "2"]) == 0
     text = capsys.readouterr().out
-    assert "MaxVio_global per MoE layer" in text and "perplexity" in text
+    assert "MaxVio_global per MoE layer" in text and text.startswith("validation loss")
+    assert cli.main(["eval", "--checkpoint", str(out), "--batches", "2", "--split", "train"]) == 0
+    assert capsys.readouterr().out.startswith("training-split loss")
     assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-tokens", "10"]) == 0
     assert capsys.readouterr().out.startswith("def ")
     # resume from the run directory with more steps

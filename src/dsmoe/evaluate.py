@@ -7,6 +7,8 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run directory")
     p.add_argument("--data", help="text file or folder to evaluate on (default: the run's corpus)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--split", choices=["val", "train"], default="val",
+                   help="evaluate on the held-out files (default) or on windows of the training split")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 
 
@@ -34,12 +36,13 @@ def run(args) -> int:
         seq_len = train_cfg.seq_len or model_cfg.max_seq_len
         corpus.check(train_cfg.batch_size, seq_len)
         ev = evaluate(model, corpus, train_cfg.batch_size, seq_len, args.batches or train_cfg.eval_batches,
-                      args.device)
+                      args.device, args.split)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dsmoe eval: error: {e}")
         return 1
     mv = ev["maxvio_global"]
-    print(f"validation loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
+    print(f"{'validation' if args.split == 'val' else 'training-split'} loss {ev['loss']:.4f}, "
+          f"perplexity {ev['ppl']:.2f}")
     if mv:
         print(f"MaxVio_global per MoE layer: {', '.join(f'{v:.3f}' for v in mv)} (mean {sum(mv) / len(mv):.3f})")
     print(load_table(ev["load"], model_cfg.first_k_dense if model_cfg.moe else 0))

@@ -189,20 +189,21 @@ def autocast(device: str):
 
 
 @torch.no_grad()
-def evaluate(model, corpus, batch_size: int, seq_len: int, batches: int, device: str = "cpu") -> dict:
+def evaluate(model, corpus, batch_size: int, seq_len: int, batches: int, device: str = "cpu",
+             split: str = "val") -> dict:
     """Validation loss, perplexity and MaxVio_global (REFERENCE §4) from the load summed over the whole pass.
 
-    Windows are spread evenly over the validation split (no RNG, so evaluating never shifts training).
+    Windows are spread evenly over the split (validation unless asked otherwise) (no RNG, so evaluating never shifts training).
     The model runs in eval mode under no_grad, so the balancing counts are untouched.
     """
     was_training = model.training
     model.eval()
     n = batches * batch_size
-    starts = torch.linspace(0, len(corpus.val) - seq_len - 1, n).long()
+    starts = torch.linspace(0, len(getattr(corpus, split)) - seq_len - 1, n).long()
     total_loss = torch.zeros((), device=device)
     load_LE = None
     for i in range(0, n, batch_size):
-        x, y = corpus.windows("val", starts[i:i + batch_size], seq_len)
+        x, y = corpus.windows(split, starts[i:i + batch_size], seq_len)
         with autocast(device):
             _, loss = model(x.to(device), y.to(device))
         total_loss += loss.float() * len(x)
