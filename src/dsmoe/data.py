@@ -18,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Reading and encoding all ~30 MB of the standard library would slow the first run down for no gain
 # (a 5-minute CPU run sees ~6M tokens); documents are taken in hash order up to this many bytes.
 MAX_CORPUS_BYTES = 12_000_000
-VAL_FRACTION = 0.1  # share of documents held out for validation
+# Share of documents held out for validation. Files cluster (a few dozen code-page tables, test suites with
+# their own data): with 10% held out, validation MaxVio of one trained model ranged 0.18-0.48 (p10-p90)
+# across random draws of the held-out files, with 20% 0.16-0.30, so 20% is held out.
+VAL_FRACTION = 0.2
 # Each standard-library document is cut to this many characters, so that no single file dominates a split: the stdlib's
 # largest file (pydoc_data/topics.py, 750 KB of English help text) was otherwise most of the validation
 # split, and validation metrics measured prose instead of code.

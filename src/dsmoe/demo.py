@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def format_results(summary: dict, first_moe_block: int, plots: list[Path]) -> str:
     """The demo's closing report (everything but the sample)."""
     mv = summary["maxvio_global"]
-    verdict = "balanced" if mv and max(mv) < BALANCED else f"not yet below {BALANCED}"
+    if mv:  # judged on the mean over layers (REFERENCE §4); the worst layer is named too
+        below = summary["maxvio_global_mean"] < BALANCED
+        verdict = f"{'below' if below else 'not yet below'} {BALANCED}; highest block {max(mv):.3f}"
     lines = [
         f"validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}); "
         f"untrained model: {summary['init_val_ppl']:.2f} (loss {summary['init_val_loss']:.4f})",
