@@ -388,36 +388,40 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     return model.load_state_dict(sd, strict=strict)
 
 
-@torch.no_grad()
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with the per-expert state (e.g. AdamW's moments) gathered whole. A collective.
+def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict):
+    """(module, state, key, tensor) for every per-expert tensor (AdamW's moments) of an optimizer state dict.
 
-    Parameters are numbered in model.parameters() order, which sharding keeps, so the result loads into
-    a full model's optimizer or, through shard_optimizer_state, into one sharded at another world size.
+    Parameters are numbered in model.parameters() order, which sharding keeps.
     """
-    sd = optimizer.state_dict()
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     for m in expert_parallel_modules(model).values():
         for w in EXPERT_WEIGHTS:
             state = sd["state"].get(index[id(getattr(m, w))], {})
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() > 0:
-                    parts = [torch.empty_like(value) for _ in range(m.world)]
-                    dist.all_gather(parts, value.contiguous(), group=m.group)
-                    state[key] = torch.cat(parts)
+                    yield m, state, key, value
+
+
+@torch.no_grad()
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with the per-expert state gathered whole. A collective.
+
+    The result loads into a full model's optimizer or, through shard_optimizer_state, into one sharded at
+    another world size.
+    """
+    sd = optimizer.state_dict()
+    for m, state, key, value in _expert_state(model, optimizer, sd):
+        parts = [torch.empty_like(value) for _ in range(m.world)]
+        dist.all_gather(parts, value.contiguous(), group=m.group)
+        state[key] = torch.cat(parts)
     return sd
 
 
 def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> dict:
     """A full optimizer state dict cut down to this rank's experts (for optimizer.load_state_dict)."""
     sd = {"state": {i: dict(s) for i, s in full["state"].items()}, "param_groups": full["param_groups"]}
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for m in expert_parallel_modules(model).values():
-        for w in EXPERT_WEIGHTS:
-            state = sd["state"].get(index[id(getattr(m, w))], {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    state[key] = value[m.expert_range.start:m.expert_range.stop]
+    for m, state, key, value in _expert_state(model, optimizer, sd):
+        state[key] = value[m.expert_range.start:m.expert_range.stop]
     return sd
 
 
