@@ -186,6 +186,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert cli.main(["train", "--preset", "debug", "--set", f"data={tmp_path / 'empty.txt'}", "--quiet"]) == 1
     assert "empty or unreadable" in capsys.readouterr().out
+    assert cli.main(["train", "--preset", "debug", "--data", str(tmp_path / "empty.txt"), "--quiet"]) == 1
+    assert "empty or unreadable" in capsys.readouterr().out
 
 
 def test_perplexity_is_exp_loss(tmp_path):

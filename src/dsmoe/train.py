@@ -521,6 +521,7 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, a ModelConfig field, or moe.<field> (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<preset>)")
+    p.add_argument("--data", metavar="PATH", help="a text file or a folder of text files (default: the stdlib)")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or run directory")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cpu; cuda uses bf16 autocast")
     p.add_argument("--steps", type=int, help="optimizer steps")
@@ -530,8 +531,8 @@ def add_arguments(p) -> None:
 
 
 def configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
-    flags = (("out", args.out), ("device", args.device), ("steps", args.steps),
-             ("expert_parallel", getattr(args, "expert_parallel", None)))
+    flags = (("out", args.out), ("data", getattr(args, "data", None)), ("device", args.device),
+             ("steps", args.steps), ("expert_parallel", getattr(args, "expert_parallel", None)))
     extra = [f"{k}={v}" for k, v in flags if v is not None]
     if args.resume:  # the checkpoint's configs, then the command line's overrides
         saved = checkpoint.read_config(args.resume)
