@@ -93,7 +93,7 @@ def test_v2_norm_follows_deepseek_code_by_default():
 
 
 def test_release_configs():
-    """Field values of the released V3 and V2-Lite config.json files (REFERENCE §2)."""
+    """Field values of the released V3 and V2-Lite config.json files (DeepSeek-V3 and V2-Lite releases)."""
     v3 = dict(model_type="deepseek_v3", hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=256,
               n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
               norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=0.001,

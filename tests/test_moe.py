@@ -331,7 +331,7 @@ def test_set_top_k_validates():
 
 
 def test_aux_loss_is_alpha_under_uniform_routing():
-    """REFERENCE §3: f_i = 1 and P_i = 1/E (a zero gate gives equal softmax scores, round-robin choice)."""
+    """Expert-level loss under uniform routing: f_i = 1 and P_i = 1/E (a zero gate gives equal softmax scores, round-robin choice)."""
     cfg = make_cfg(top_k=2, aux_loss_alpha=0.01, uniform_routing=True, score_func="softmax")
     moe = MoE(cfg)
     with torch.no_grad():
@@ -343,7 +343,7 @@ def test_aux_loss_is_alpha_under_uniform_routing():
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_activation_checkpointing_counts_once(reentrant):
-    """REFERENCE §3: the recomputation of activation checkpointing must not count tokens a second time."""
+    """The recomputation of activation checkpointing must not count tokens a second time."""
     from torch.utils.checkpoint import checkpoint
     moe = biased_moe()
     x = torch.randn(10, moe.cfg.dim, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Load balancing (REFERENCE §3): auxiliary losses as pure functions, and the loss-free bias update.
+"""Load balancing (DeepSeekMoE, DeepSeek-V2/V3, Loss-Free Balancing, Switch, ST-MoE): auxiliary losses as pure functions, and the loss-free bias update.
 
 Shapes: T tokens, B sequences of S tokens, E routed experts, K experts per token, G expert groups
 (devices), M groups a token may reach.

@@ -58,7 +58,7 @@ class MoEConfig:
     n_groups: int = 1                   # G, expert groups (devices / nodes); 1 disables group limits
     topk_groups: int = 1                # M, groups a token may reach
     group_score: str = "max"            # how a group is scored: "max" (V2) or "top2" (V3)
-    # balancing (REFERENCE §3); every term is off at 0 and they combine freely
+    # balancing (Loss-Free Balancing, Switch, DeepSeek-V2/V3, ST-MoE); every term is off at 0 and they combine freely
     bias_update_speed: float = 0.0      # u of auxiliary-loss-free balancing; 0 turns the bias update off
     bias_update_rule: str = "sign"      # "sign" or "proportional"
     aux_loss_alpha: float = 0.0         # expert-level auxiliary loss (Switch / DeepSeekMoE)
@@ -116,7 +116,7 @@ class MoEConfig:
     @classmethod
     def segmented(cls, dim: int, n_experts: int, top_k: int, expert_dim: int, m: int,
                   n_shared: int = 0, **kwargs) -> "MoEConfig":
-        """Fine-grained segmentation (DeepSeekMoE §3.1, REFERENCE §1).
+        """Fine-grained segmentation (DeepSeekMoE, arXiv 2401.06066 §3.1).
 
         A baseline of `n_experts` experts of width `expert_dim`, top-`top_k`, becomes m*N experts of width
         expert_dim/m, top-m*K; `n_shared` of the fine experts are isolated as always-active shared experts.

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def format_results(summary: dict, first_moe_block: int, plots: list[Path]) -> str:
     """The demo's closing report (everything but the sample)."""
     mv = summary["maxvio_global"]
-    if mv:  # judged on the mean over layers (REFERENCE §4); the worst layer is named too
+    if mv:  # judged on the mean over layers (as the Loss-Free Balancing paper reports it); the worst layer is named too
         below = summary["maxvio_global_mean"] < BALANCED
         verdict = f"{'below' if below else 'not yet below'} {BALANCED}; highest block {max(mv):.3f}"
     lines = [

@@ -1,4 +1,4 @@
-"""HuggingFace DeepSeek-V2 / V3 format (REFERENCE §6): config fields and the weights of one MoE block.
+"""HuggingFace DeepSeek-V2 / V3 format (the DeepSeek-V2/V3 checkpoints' config.json and weight names): config fields and the weights of one MoE block.
 
 Shapes: E routed experts, D model dim, F expert hidden dim.
 

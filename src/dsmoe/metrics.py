@@ -1,4 +1,4 @@
-"""Balance metrics (REFERENCE §4). Load_i = tokens routed to expert i."""
+"""Balance metrics (Loss-Free Balancing, arXiv 2408.15664 §4.1). Load_i = tokens routed to expert i."""
 
 from __future__ import annotations
 

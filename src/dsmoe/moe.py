@@ -1,4 +1,4 @@
-"""The DeepSeekMoE layer (REFERENCE §1): y = shared(x) + sum_{i in TopK(x)} g_i(x) * expert_i(x).
+"""The DeepSeekMoE layer (DeepSeekMoE, arXiv 2401.06066): y = shared(x) + sum_{i in TopK(x)} g_i(x) * expert_i(x).
 
 Shapes: T tokens, D model dim, E routed experts, K experts per token, A = T*K assignments.
 """

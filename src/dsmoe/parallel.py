@@ -1,4 +1,4 @@
-"""Expert parallelism over torch.distributed (REFERENCE §5), applied to a built model from outside.
+"""Expert parallelism over torch.distributed (DeepSeek-V2 §2.1.3, DeepSeek-V3 §2.1.2 and §3.2), applied to a built model from outside.
 
 Shapes: T local tokens, D model dim, E routed experts, L = E/R experts per rank, R ranks of the
 expert-parallel group, K experts per token, A = T*K assignments sent, P (token, rank) pairs sent,

@@ -1,4 +1,4 @@
-"""The DeepSeekMoE router (REFERENCE §2).
+"""The DeepSeekMoE router (DeepSeek-V2 §2.1.2-2.1.3, DeepSeek-V3 §2.1.2).
 
 Shapes: T tokens, D model dim, E routed experts, G expert groups, K experts per token.
 

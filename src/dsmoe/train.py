@@ -191,7 +191,7 @@ def autocast(device: str):
 @torch.no_grad()
 def evaluate(model, corpus, batch_size: int, seq_len: int, batches: int, device: str = "cpu",
              split: str = "val") -> dict:
-    """Validation loss, perplexity and MaxVio_global (REFERENCE §4) from the load summed over the whole pass.
+    """Validation loss, perplexity and MaxVio_global (Loss-Free Balancing §4.1) from the load summed over the whole pass.
 
     Windows are spread evenly over the split (validation unless asked otherwise) (no RNG, so evaluating never shifts training).
     The model runs in eval mode under no_grad, so the balancing counts are untouched.
