@@ -355,7 +355,7 @@ def test_apply_rejects_bad_layouts():
 
 # --------------------------------------------------------------------------------------------- training
 
-TRAIN_SETS = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "save_every=0", "log_every=1",
+TRAIN_SETS = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "save_every=2", "log_every=1",
               "warmup_steps=2", "tensorboard=false", "steps=4", "moe.n_groups=2", "moe.topk_groups=1"]
 
 

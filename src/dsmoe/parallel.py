@@ -410,6 +410,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     another world size.
     """
     sd = optimizer.state_dict()
+    sd["state"] = {i: dict(s) for i, s in sd["state"].items()}  # state_dict() shares these with the optimizer
     for m, state, key, value in _expert_state(model, optimizer, sd):
         parts = [torch.empty_like(value) for _ in range(m.world)]
         dist.all_gather(parts, value.contiguous(), group=m.group)
