@@ -157,3 +157,13 @@ def test_router_module_fp32_and_shapes():
     # an empty batch routes to nothing without error
     w, ids, s, logits = router(torch.randn(0, 8))
     assert ids.shape == (0, 3)
+
+
+def test_router_logits_stay_fp32_under_bf16_autocast():
+    """DeepSeek-V3 keeps the gate in fp32: autocast must not turn the router's matmul into bf16."""
+    router = Router(MoEConfig(dim=8, n_routed_experts=4, n_shared_experts=0, top_k=2, expert_dim=4))
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights_TK, _, scores_TE, logits_TE = router(x)
+    assert logits_TE.dtype == scores_TE.dtype == weights_TK.dtype == torch.float32
+    torch.testing.assert_close(logits_TE, x @ router.weight.detach().T)  # not bf16-rounded

@@ -1,6 +1,7 @@
 """The training loop: loss goes down, exact resume after Ctrl-C, one bias update per optimizer step,
 learning-rate and top-k schedules, --set parsing and its errors, NaN stop, eval/generate commands."""
 
+import dataclasses
 import json
 import math
 
@@ -107,9 +108,31 @@ def test_nan_loss_stops_with_clear_error(tmp_path, monkeypatch):
         return logits, (loss * float("nan") if loss is not None and self.training else loss)
 
     monkeypatch.setattr(MoETransformer, "forward", nan_forward)
-    with pytest.raises(TrainingDiverged, match="nan"):
+    with pytest.raises(TrainingDiverged, match="nan.*No checkpoint had been written yet"):
         run(tmp_path, "steps=3")
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_resume_takes_the_new_optimizer_settings(tmp_path, monkeypatch):
+    """--set lr / weight_decay / beta2 on resume change the optimizer, not only the saved config."""
+    import dsmoe.train as train_mod
+    run(tmp_path, "steps=4")
+    built = []
+    real = train_mod.build_optimizer
+    monkeypatch.setattr(train_mod, "build_optimizer", lambda model, cfg: built.append(real(model, cfg)) or built[-1])
+    model_cfg, train_cfg = build_configs("debug", FAST + [f"out={tmp_path / 'run'}", "steps=6", "lr=1e-4",
+                                                          "min_lr=1e-5", "weight_decay=0", "beta2=0.99"])
+    train(model_cfg, dataclasses.replace(train_cfg, resume=str(tmp_path / "run")), progress=False)
+    group = built[0].param_groups[0]
+    assert group["weight_decay"] == 0 and group["betas"][1] == 0.99
+    assert group["lr"] == pytest.approx(1e-4 * train_mod.lr_factor(6, train_cfg))
+
+
+def test_resume_with_a_broken_config_is_clear(tmp_path, capsys):
+    run(tmp_path, "steps=2")
+    (tmp_path / "run" / "checkpoint" / "config.json").write_text(json.dumps({"model": {"bogus": 1}}))
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 1
+    assert "not a valid config" in capsys.readouterr().out
 
 
 def test_lr_schedule_warmup_then_cosine():

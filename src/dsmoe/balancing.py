@@ -19,7 +19,8 @@ def _expert_fraction(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
 
 
 def expert_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-    """sum_i f_i * P_i (Switch Transformer eq. 4, DeepSeekMoE eq. 12). Equals 1 under uniform routing."""
+    """sum_i f_i * P_i (Switch Transformer eq. 4, DeepSeekMoE eq. 12). Equals 1 under uniform routing of softmax
+    scores (sigmoid scores need not sum to 1 over experts, so their minimum differs)."""
     return (_expert_fraction(ids_TK, scores_TE.shape[1]) * scores_TE.mean(0)).sum()
 
 

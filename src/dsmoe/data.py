@@ -222,7 +222,8 @@ def _encode(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def read_split(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction: float = VAL_FRACTION):
-    """{"train": [(name, text)], "val": [...]}: documents split by path hash, or one text cut 90/10."""
+    """{"train": [(name, text)], "val": [...]}: documents split by path hash; with too few documents, one
+    text whose last val_fraction (at least 10%) is held out."""
     base, files = list_documents(path, max_bytes)
     docs = [(str(p.relative_to(base)), _read_text(p)) for p in files]
     limit = MAX_DOC_CHARS if path is None else None  # a user's own files are taken whole
@@ -271,11 +272,14 @@ def load_corpus(path: str | None, tokenizer, cache_dir=None, max_bytes: int = MA
     info = {"source": path or "stdlib", "train_docs": len(split["train"]), "val_docs": len(split["val"]),
             "train_tokens": len(train), "val_tokens": len(val)}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"train": train, "val": val, "info": json.dumps(info)}, tmp)
-        os.replace(tmp, cache)
-        info["cache"] = str(cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"train": train, "val": val, "info": json.dumps(info)}, tmp)
+            os.replace(tmp, cache)
+            info["cache"] = str(cache)
+        except OSError:  # a read-only or odd cache folder costs the next run an encode, never this run
+            pass
     return Corpus(train, val, info)
 
 
@@ -291,7 +295,10 @@ def build_tokenizer(kind: str, path: str | None, vocab_size: int = 2048, cache_d
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     cached = Path(cache_dir, f"bpe-{key}") if cache_dir else None
     if cached is not None and (cached / "bpe.json").exists():
-        return BPETokenizer.load(cached)
+        try:
+            return BPETokenizer.load(cached)
+        except Exception:  # a cache cut short by a crash: train again below
+            pass
     # a few MB of text learn a small vocabulary well and keep training to seconds
     texts, budget = [], 4_000_000
     for _, text in read_split(path, max_bytes)["train"]:
@@ -301,6 +308,9 @@ def build_tokenizer(kind: str, path: str | None, vocab_size: int = 2048, cache_d
             break
     tok = BPETokenizer.train(texts, vocab_size)
     if cached is not None:
-        cached.mkdir(parents=True, exist_ok=True)
-        tok.save(cached)
+        try:
+            cached.mkdir(parents=True, exist_ok=True)
+            tok.save(cached)
+        except OSError:
+            pass
     return tok

@@ -72,16 +72,16 @@ def run(args) -> int:
           f"{train_cfg.data or 'the Python standard library'} ({args.device})")
     try:
         summary = train(model_cfg, train_cfg, progress=not args.quiet)
+        run_dir = Path(summary["run_dir"])
+        written = plots.report(run_dir)
+        model, _, _, tokenizer = load_checkpoint(run_dir / "checkpoint", args.device)
+        sample = generate_text(model, tokenizer, args.prompt, args.max_tokens, temperature=0.8, top_p=0.95,
+                               device=args.device)
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dsmoe demo: error: {e}")
         return 1
-    run_dir = Path(summary["run_dir"])
-    written = plots.report(run_dir)
-    model, _, _, tokenizer = load_checkpoint(run_dir / "checkpoint", args.device)
-    sample = generate_text(model, tokenizer, args.prompt, args.max_tokens, temperature=0.8, top_p=0.95,
-                           device=args.device)
 
     first_moe_block = model_cfg.first_k_dense if model_cfg.moe is not None else 0
     print("\n" + "=" * 100)

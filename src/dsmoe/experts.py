@@ -167,7 +167,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
         grad_wg, grad_wu, grad_wd = (torch.empty_like(w) for w in (w_gate, w_up, w_down))
         used = [e for _, parts in ctx.chunks if isinstance(parts, list) for _, e in parts]
         if len(used) < w_gate.shape[0] and not (ctx.chunks and isinstance(ctx.chunks[0][1], torch.Tensor)):
-            idle_E = torch.ones(w_gate.shape[0], dtype=torch.bool)
+            idle_E = torch.ones(w_gate.shape[0], dtype=torch.bool, device=w_gate.device)
             idle_E[used] = False
             for grad in (grad_wg, grad_wu, grad_wd):
                 grad[idle_E] = 0  # an idle expert's gradient is exactly zero

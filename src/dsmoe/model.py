@@ -16,7 +16,7 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.experts import SwiGLU
-from dsmoe.moe import MoE, moe_layers
+from dsmoe.moe import MoE, moe_layers, update_biases
 
 
 def rotary_table(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
@@ -155,8 +155,7 @@ class MoETransformer(nn.Module):
 
     def update_biases(self, group=None) -> None:
         """Loss-free balancing step on every MoE layer: once per optimizer step."""
-        for m in self.moe_layers():
-            m.update_bias(group)
+        update_biases(self, group)
 
     def set_top_k(self, k: int) -> None:
         for m in self.moe_layers():

@@ -89,7 +89,7 @@ class MoE(nn.Module):
         load_E = torch.bincount(ids_TK.reshape(-1), minlength=self.cfg.n_routed_experts)
         self.tokens_per_expert = load_E
         self.maxvio = max_violation(load_E)
-        self.dropped = (~keep_A).sum() if keep_A is not None else torch.zeros((), dtype=torch.long)
+        self.dropped = (~keep_A).sum() if keep_A is not None else load_E.new_zeros(())
         if count:  # not in eval, nor under no_grad
             self.counts += load_E
 

@@ -247,7 +247,8 @@ class ExpertParallel(nn.Module):
         self.sent_tokens_R, self.recv_tokens_R = torch.tensor(send_pairs), torch.tensor(recv_pairs)
         self.sent_assignments_R, self.recv_assignments_R = torch.tensor(send_assign), torch.tensor(recv_assign)
         T = x_TD.shape[0]
-        self.max_ranks_per_token = int(torch.bincount(token_P, minlength=T).max()) if T else 0
+        # kept a tensor: read (a host sync) only when comm_stats() asks
+        self.max_ranks_per_token = torch.bincount(token_P, minlength=max(T, 1)).max()
         off_pairs = sum(send_pairs) - send_pairs[r]           # dispatched hidden states
         off_assign = sum(send_assign) - send_assign[r]        # weight (fp32) + meta (int64)
         back_pairs = sum(recv_pairs) - recv_pairs[r]          # combined outputs sent back
@@ -311,7 +312,7 @@ def comm_stats(model: nn.Module) -> dict[str, float]:
         "tokens_sent": sum(int(m.sent_tokens_R.sum()) for m in mods),
         "tokens_received": sum(int(m.recv_tokens_R.sum()) for m in mods),
         "a2a_bytes": sum(m.a2a_bytes for m in mods),
-        "max_ranks_per_token": max((m.max_ranks_per_token for m in mods), default=0),
+        "max_ranks_per_token": max((int(m.max_ranks_per_token) for m in mods), default=0),
     }
 
 

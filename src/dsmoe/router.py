@@ -65,5 +65,6 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor):
         """Returns (weights_TK, ids_TK, scores_TE, logits_TE); scores and logits are fp32."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under bf16 autocast (DeepSeek-V3 §3.3)
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         return (*route(logits_TE, self.bias, self.cfg), logits_TE)

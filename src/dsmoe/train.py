@@ -226,18 +226,22 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def configs_from_checkpoint(ckpt) -> tuple[ModelConfig, TrainConfig]:
+    """The configs saved with a checkpoint, or a CheckpointError saying why they are not valid."""
+    config = checkpoint.read_config(ckpt)
+    try:
+        return ModelConfig(**config["model"]), TrainConfig(**config.get("train", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {str(ckpt)!r}: config.json is not a valid config ({e})") from None
+
+
 def load_checkpoint(directory, device: str = "cpu"):
     """(model, model_cfg, train_cfg, tokenizer) from a checkpoint or run directory, in eval mode."""
     from dsmoe.data import load_tokenizer
     from dsmoe.model import MoETransformer
 
     ckpt = checkpoint.resolve(directory)
-    config = checkpoint.read_config(ckpt)
-    try:
-        model_cfg = ModelConfig(**config["model"])
-        train_cfg = TrainConfig(**config.get("train", {}))
-    except (TypeError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"checkpoint {str(ckpt)!r}: config.json is not a valid config ({e})") from None
+    model_cfg, train_cfg = configs_from_checkpoint(ckpt)
     model = MoETransformer(model_cfg)
     checkpoint.load_weights(ckpt, model)
     model.to(resolve_device(device)).eval()
@@ -349,8 +353,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
     if state is not None:
         if not cfg.expert_parallel:
             checkpoint.load_weights(ckpt, model)
+        hyper = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
         optimizer.load_state_dict(parallel.shard_optimizer_state(model, optimizer, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
+        # this run's lr, betas and weight decay (--set on resume) win over the ones saved with the optimizer
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for group, h in zip(optimizer.param_groups, hyper):
+            group.update(h, initial_lr=cfg.lr, lr=cfg.lr * lr_factor(state["step"], cfg))
         torch.set_rng_state(state["torch_rng"])
         data_rng.set_state(state["data_rng"])
         if device == "cuda" and state.get("cuda_rng") is not None:
@@ -396,7 +405,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
     loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     maxvio_sum_L = torch.zeros(n_moe, device=device)
     load_LE = torch.zeros(n_moe, model_cfg.moe.n_routed_experts if n_moe else 0, device=device, dtype=torch.long)
-    last_good, t_log, n_since = start, time.perf_counter(), 0
+    last_good = start if state is not None else None  # step of the last checkpoint written (None: none yet)
+    t_log, n_since = time.perf_counter(), 0
     rng_at_step = (torch.get_rng_state(), data_rng.get_state())
     ev = None
     model.train()
@@ -441,8 +451,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
                     parallel.all_reduce_(loss_sum), parallel.all_reduce_(aux_sum), parallel.all_reduce_(load_LE, mean=False)
                 loss_v = (loss_sum / n_since).item()  # the one host sync of this interval
                 if not math.isfinite(loss_v):
-                    raise TrainingDiverged(f"training loss became {loss_v} by step {done}; stopping. The last good "
-                                           f"checkpoint (step {last_good}) is kept in {run_dir / 'checkpoint'}")
+                    raise TrainingDiverged(f"training loss became {loss_v} by step {done}; stopping. "
+                                           + _kept(last_good, run_dir))
                 dt = time.perf_counter() - t_log
                 tps = tokens_per_step * n_since / dt
                 maxvio_L = (maxvio_sum_L / n_since).tolist()
@@ -510,8 +520,14 @@ def _check_finite(loss_sum, n, step, last_good, run_dir) -> None:
     """Never overwrite a good checkpoint with a diverged model."""
     value = (loss_sum / max(n, 1)).item()
     if not math.isfinite(value):
-        raise TrainingDiverged(f"training loss became {value} by step {step}; stopping without saving. The last "
-                               f"good checkpoint (step {last_good}) is kept in {run_dir / 'checkpoint'}")
+        raise TrainingDiverged(f"training loss became {value} by step {step}; stopping without saving. "
+                               + _kept(last_good, run_dir))
+
+
+def _kept(last_good, run_dir) -> str:
+    if last_good is None:
+        return "No checkpoint had been written yet (lower lr, or set save_every)."
+    return f"The last good checkpoint (step {last_good}) is kept in {run_dir / 'checkpoint'}"
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
@@ -535,9 +551,7 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
              ("steps", args.steps), ("expert_parallel", getattr(args, "expert_parallel", None)))
     extra = [f"{k}={v}" for k, v in flags if v is not None]
     if args.resume:  # the checkpoint's configs, then the command line's overrides
-        saved = checkpoint.read_config(args.resume)
-        model_cfg = ModelConfig(**saved["model"])
-        train_cfg = TrainConfig(**saved.get("train", {}))
+        model_cfg, train_cfg = configs_from_checkpoint(checkpoint.resolve(args.resume))
         model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, args.sets + extra)
         return model_cfg, dataclasses.replace(train_cfg, resume=args.resume)
     return build_configs(args.preset, args.sets + extra)
