@@ -57,8 +57,8 @@ def save(directory, model, config: dict, state: dict, tokenizer=None, tensors: d
         tokenizer.save(tmp)
     # os.replace cannot overwrite a non-empty directory: move the old one aside, swap, then delete it
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
+    if directory.exists():  # else `old` may be the only checkpoint left by a crash mid-swap: keep it until now
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
