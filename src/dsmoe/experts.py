@@ -44,18 +44,6 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(w.dtype == x.dtype and w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
 
-def grouped_mm(x_AI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None):
-    """Row block e of x (rows offs[e-1]:offs[e]) times w[e]^T. Shapes: x [A, I], w [E, O, I] -> [A, O].
-
-    The fallback loops over experts on an unbind of w: one gradient per expert is stacked once, where
-    indexing w[e] under autograd would write a full [E, O, I] zero gradient for every expert.
-    """
-    if counts is None:
-        return torch._grouped_mm(x_AI, w_EOI.transpose(1, 2), offs=offs_E)
-    outs = [xe @ we.T for xe, we in zip(x_AI.split(counts), w_EOI.unbind(0))]
-    return torch.cat(outs) if outs else x_AI.new_zeros(0, w_EOI.shape[1])
-
-
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects zero strides)."""
 
@@ -211,14 +199,6 @@ class GroupedExperts(nn.Module):
             bound = 1 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
 
-    def _grouped(self, x_TD) -> bool:
-        if self.use_grouped_mm is None:
-            # On CPU torch's grouped_mm is itself a loop over experts, but over the whole gathered [A, D]
-            # input: the per-expert loop here keeps every temporary small (reused by the allocator, warm in
-            # cache) and measures faster (benchmarks/bench_layer.py). On CUDA one kernel avoids a host sync.
-            return x_TD.device.type == "cuda" and _grouped_mm_ok(x_TD, self.w_gate, self.w_down)
-        return self.use_grouped_mm and _grouped_mm_ok(x_TD, self.w_gate, self.w_down)
-
     def forward(self, x_TD, ids_TK, weights_TK, keep_A: torch.Tensor | None = None):
         """x [T, D]; ids, weights [T, K]; keep [T*K] bool marks the assignments that are not dropped."""
         T, K = ids_TK.shape
@@ -231,11 +211,24 @@ class GroupedExperts(nn.Module):
         token_A = (order_A if keep_A is None else assign_A[order_A]) // K
         w_A = w_A[order_A].to(x_TD.dtype)
         counts_E = torch.bincount(ids_A, minlength=E)
-        if self._grouped(x_TD):
-            chunks = [(slice(None), counts_E.cumsum(0).to(torch.int32))]
-        else:
-            chunks = _chunks(counts_E.tolist(), x_TD.shape[1] * x_TD.element_size())
-        return _RoutedSwiGLU.apply(x_TD, self.w_gate, self.w_up, self.w_down, w_A, token_A, chunks)
+        return routed_swiglu(x_TD, self.w_gate, self.w_up, self.w_down, w_A, token_A, counts_E, self.use_grouped_mm)
+
+
+def routed_swiglu(x_TD, w_gate, w_up, w_down, w_A, token_A, counts_E, use_grouped_mm: bool | None = None):
+    """sum over assignments a of w_A[a] * expert_e(x[token_A[a]]) into row token_A[a], assignments sorted by
+    expert e with counts_E[e] of them. Shared by GroupedExperts and the expert-parallel receive side.
+
+    use_grouped_mm None picks by device: on CPU torch's grouped_mm is itself a loop over experts, but over the
+    whole gathered [A, D] input, and the chunked per-expert loop here measures faster (benchmarks/bench_layer.py);
+    on CUDA one kernel per projection avoids a host sync.
+    """
+    grouped = _grouped_mm_ok(x_TD, w_gate, w_down) and (
+        x_TD.device.type == "cuda" if use_grouped_mm is None else use_grouped_mm)
+    if grouped:
+        chunks = [(slice(None), counts_E.cumsum(0).to(torch.int32))]
+    else:
+        chunks = _chunks(counts_E.tolist(), x_TD.shape[1] * x_TD.element_size())
+    return _RoutedSwiGLU.apply(x_TD, w_gate, w_up, w_down, w_A, token_A, chunks)
 
 
 def reference_experts(experts: GroupedExperts, x_TD, ids_TK, weights_TK, keep_A=None):

@@ -36,10 +36,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from dsmoe.experts import GroupedExperts, SwiGLU, _ContiguousGrad, _grouped_mm_ok, grouped_mm
+from dsmoe.experts import GroupedExperts, SwiGLU, _ContiguousGrad, routed_swiglu
 from dsmoe.moe import MoE, moe_layers
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -225,21 +224,12 @@ class ExpertParallel(nn.Module):
         order_B = torch.argsort(expert_B, stable=True)
         pair_B, w_B = pair_B[order_B], w_B[order_B]
         counts_L = recv_R1L[:, 1:].sum(0)
-        out_BD = self._experts(x_QD[pair_B], w_B, counts_L)
+        out_QD = routed_swiglu(x_QD, self.w_gate, self.w_up, self.w_down, w_B.to(x_QD.dtype), pair_B, counts_L)
 
-        # 4. combine: sum each pair's outputs here, send back, add into the tokens
-        out_QD = x_QD.new_zeros(x_QD.shape).index_add_(0, pair_B, out_BD)
+        # 4. combine: each pair's outputs are summed here (above); send back, add into the tokens
         y_PD = all_to_all(out_QD, send_pairs, recv_pairs, group)
         self._record(x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign)
         return torch.zeros_like(x_TD).index_add_(0, token_P, _ContiguousGrad.apply(y_PD))
-
-    def _experts(self, x_BD, w_B, counts_L):
-        """GroupedExperts' math on assignments already sorted by expert (routing weight on the hidden)."""
-        offs_L = counts_L.cumsum(0).to(torch.int32)
-        counts = None if _grouped_mm_ok(x_BD, self.w_gate, self.w_down) else counts_L.tolist()
-        h_BF = F.silu(grouped_mm(x_BD, self.w_gate, offs_L, counts)) * grouped_mm(x_BD, self.w_up, offs_L, counts)
-        h_BF = h_BF * w_B.to(h_BF.dtype).unsqueeze(-1)
-        return grouped_mm(_ContiguousGrad.apply(h_BF), self.w_down, offs_L, counts)
 
     @torch.no_grad()
     def _record(self, x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign):
