@@ -50,11 +50,17 @@ def layer_names(run_dir: str | Path, n_layers: int) -> list[str]:
         return [f"MoE layer {i}" for i in range(n_layers)]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save(fig, path, dpi: int = 120) -> None:
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 def _relative_load(load_LE) -> "np.ndarray":
@@ -98,8 +104,7 @@ def plot_loss(plt, train, evals, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_maxvio(plt, train, evals, names: list[str], path: Path) -> None:
@@ -130,8 +135,7 @@ def plot_maxvio(plt, train, evals, names: list[str], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2 if n_layers > 3 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _heatmap(ax, rel_LE, names, title):
@@ -152,8 +156,7 @@ def plot_load_final(plt, train, evals, names, path: Path) -> None:
     im = _heatmap(ax, rel, names, f"Expert load at step {row['step']} ({where}); 1 = balanced")
     fig.colorbar(im, ax=ax, label="tokens / mean tokens per expert", extend="max")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _windows(train: list[dict], n: int) -> list[list[dict]]:
@@ -180,8 +183,7 @@ def plot_load_evolution(plt, train, names, path: Path) -> None:
     fig.suptitle("Expert load over training (tokens / mean, summed over each window of steps)")
     fig.tight_layout()
     fig.colorbar(im, ax=axes, label="tokens / mean tokens per expert", extend="max", shrink=0.9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_load_over_time(plt, train, names, path: Path) -> None:
@@ -203,8 +205,7 @@ def plot_load_over_time(plt, train, names, path: Path) -> None:
     fig.suptitle("Expert load per training batch over steps (tokens / mean; white = balanced)")
     fig.tight_layout()
     fig.colorbar(im, ax=axes, label="tokens / mean tokens per expert", extend="max", shrink=0.9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -215,7 +216,7 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     train, evals = read_metrics(run_dir)
     out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     written = [out / "loss.png"]
     plot_loss(plt, train, evals, written[0])
     has_moe = bool(train and train[0].get("maxvio")) or bool(evals and evals[0].get("maxvio_global"))

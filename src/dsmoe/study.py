@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from dsmoe import plots
 from dsmoe.config import ModelConfig
 
 STUDIES = ("balance", "shared", "segmentation", "specialization")
@@ -175,10 +176,8 @@ def run_train_config(base_train, steps: int, seed: int, out: Path):
 
 def maxvio_curve(run_dir: Path) -> dict:
     """MaxVio_batch (mean over MoE layers) and train loss at each logged step."""
-    from dsmoe.plots import read_metrics
-
     try:
-        rows = read_metrics(run_dir)[0]
+        rows = plots.read_metrics(run_dir)[0]
     except (FileNotFoundError, ValueError):
         return {"step": [], "maxvio_batch": [], "loss": []}
     rows = [r for r in rows if r.get("maxvio")]
@@ -574,16 +573,9 @@ def _lift(counts_KE) -> list[list[float]]:
 # ---- plots (matplotlib, Agg backend: files only) -----------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_maxvio_curves(rows: list[dict], path: Path) -> None:
     """MaxVio_batch over training steps for each method, one panel per gate (the Loss-Free paper's headline plot)."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     gates = list(dict.fromkeys(r["group"] for r in rows))
     fig, axes = plt.subplots(1, len(gates), figsize=(7 * len(gates), 4.5), squeeze=False)
     for ax, gate in zip(axes[0], gates):
@@ -594,13 +586,12 @@ def plot_maxvio_curves(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
 
 
 def plot_balance_tradeoff(rows: list[dict], path: Path) -> None:
     """Validation perplexity against MaxVio_global, error bars over seeds."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(10, 5))
     methods = list(dict.fromkeys(r["label"] for r in rows))  # one colour per method, one marker per gate
     markers = dict(zip(dict.fromkeys(r["group"] for r in rows), "os^v"))
@@ -613,13 +604,12 @@ def plot_balance_tradeoff(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
 
 
 def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str) -> None:
     """Validation perplexity against x_key per group; dense references as horizontal lines."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for group in dict.fromkeys(r["group"] for r in rows):
         pts = [r for r in rows if r["group"] == group]
@@ -636,13 +626,12 @@ def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
 
 
 def plot_kind_heatmap(counts_LKE, label: str, path: Path) -> None:
     """log2 of P(expert | kind) / P(expert) for each MoE layer: red = the kind prefers that expert."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     L = len(counts_LKE)
     fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.35 * len(counts_LKE[0][0]) + 3), 3.6 * L), squeeze=False)
     for layer, ax in enumerate(axes[:, 0]):
@@ -655,13 +644,12 @@ def plot_kind_heatmap(counts_LKE, label: str, path: Path) -> None:
         ax.tick_params(axis="x", labelsize=7)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
 
 
 def plot_redundancy(rows: list[dict], path: Path) -> None:
     """Rise of validation loss as each token's top routed experts are disabled (DeepSeekMoE's redundancy test)."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         red = r["redundancy"]
@@ -672,8 +660,7 @@ def plot_redundancy(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
 
 
 # ---- the studies -------------------------------------------------------------------------------------
