@@ -322,6 +322,19 @@ def test_bad_input_is_rejected_clearly(x, exc, words):
         moe(x)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_element_is_caught(bad):
+    """The check runs on the router logits: one bad number in one token, even under a zero gate row, is enough."""
+    moe = MoE(make_cfg())
+    with torch.no_grad():
+        moe.gate.weight[:, 5] = 0  # inf * 0 = NaN: still caught
+    for col in (5, 6):
+        x = torch.randn(4, 8)
+        x[2, col] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            moe(x)
+
+
 def test_set_top_k_validates():
     moe = MoE(make_cfg("grouped", "groups-max"))
     moe.set_top_k(5)

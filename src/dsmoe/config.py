@@ -68,7 +68,7 @@ class MoEConfig:
     z_loss_beta: float = 0.0            # router z-loss (ST-MoE: ~1e-3)
     capacity_factor: float | None = None  # None = dropless; else drop lowest-affinity tokens over capacity
     uniform_routing: bool = False       # debug: route round-robin, to time kernels apart from routing skew
-    check_inputs: bool = True           # reject NaN/inf inputs (one host sync per forward)
+    check_inputs: bool = True           # reject NaN/inf inputs (checked on the router logits; one host sync)
 
     def __post_init__(self):
         self.score_func = _choice("score_func", self.score_func, ScoreFunc)

@@ -59,14 +59,16 @@ class MoE(nn.Module):
             raise TypeError(f"MoE input must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"MoE input must have shape (..., dim={self.cfg.dim}), got {tuple(x.shape)}")
-        if self.cfg.check_inputs and not torch.isfinite(x).all():
-            raise ValueError("MoE input contains NaN or inf")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         cfg = self.cfg
         x_TD = x.reshape(-1, cfg.dim)
         weights_TK, ids_TK, scores_TE, logits_TE = self.gate(x_TD)
+        # A NaN or inf anywhere in a token makes all of its logits non-finite (inf * 0 is NaN too), so checking
+        # the [T, E] logits catches every bad input at E/D of the cost of checking x.
+        if cfg.check_inputs and not torch.isfinite(logits_TE).all():
+            raise ValueError("MoE input contains NaN or inf (or overflows the router logits)")
 
         keep_A = None
         if cfg.capacity_factor is not None and x_TD.shape[0] > 0:
