@@ -13,12 +13,17 @@ upstream gradient. "memory" is the peak of bytes allocated by the forward above 
 what a training step keeps for backward plus the forward's temporaries (parameters, their gradients and
 the input excluded). On CUDA it is torch.cuda.max_memory_allocated; on CPU the same quantity counted
 exactly by a TorchDispatchMode that follows every storage the forward's ops create until it is freed.
+
+A second table, "matmuls alone", times only the matmuls of the dsmoe and dense rows (into preallocated
+buffers, nothing else): the ratio any one-matmul-per-expert implementation starts from on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import platform
 import statistics
 import time
@@ -155,6 +160,72 @@ def bench_layer(cfg: MoEConfig, tokens: int, device="cpu", dtype=torch.float32, 
     return rows
 
 
+# ----------------------------------------------------------------------------- matmul floor
+
+def _swiglu_matmuls(rows: list[int], dim: int, hidden: int, device, dtype):
+    """(forward, backward): the 3 and 6 matmuls of SwiGLU blocks over consecutive row blocks (one weight set
+    per block), every one into a preallocated buffer, with nothing else around them."""
+    n, B = sum(rows), len(rows)
+    new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    x, gy, y, gx = new(n, dim), new(n, dim), new(n, dim), new(n, dim)
+    g, u, h, gh = new(n, hidden), new(n, hidden), new(n, hidden), new(n, hidden)
+    w1, w3, w2 = new(B, hidden, dim), new(B, hidden, dim), new(B, dim, hidden)
+    gw1, gw3, gw2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+    blocks = [(slice(a - r, a), b) for b, (a, r) in enumerate(zip(itertools.accumulate(rows), rows)) if r]
+
+    def forward():
+        for s, b in blocks:
+            torch.mm(x[s], w1[b].T, out=g[s])
+            torch.mm(x[s], w3[b].T, out=u[s])
+            torch.mm(h[s], w2[b].T, out=y[s])
+
+    def backward():
+        for s, b in blocks:
+            torch.mm(gy[s].T, h[s], out=gw2[b])
+            torch.mm(gy[s], w2[b], out=gh[s])
+            torch.mm(g[s].T, x[s], out=gw1[b])
+            torch.mm(u[s].T, x[s], out=gw3[b])
+            torch.mm(g[s], w1[b], out=gx[s])
+            gx[s].addmm_(u[s], w3[b])
+
+    return forward, backward
+
+
+def matmul_floor(layer: MoE, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """The matmuls alone: the routed experts' (one per expert, for the routing `layer` gives x) and the shared
+    experts' forward and backward matmuls against the dense FFN's of the same FLOPs (router excluded), all
+    into preallocated buffers with no gather, scatter, elementwise op, allocation or autograd around them.
+    Their ratio is what one-matmul-per-expert costs on this machine before any routing work: the floor
+    under the layer's ratio."""
+    cfg, (T, D), device, dtype = layer.cfg, x.shape, x.device, x.dtype
+    with torch.no_grad():
+        layer(x)
+    candidates = {
+        "dsmoe": [_swiglu_matmuls(layer.tokens_per_expert.tolist(), D, cfg.expert_dim, device, dtype)]
+        + ([_swiglu_matmuls([T], D, cfg.n_shared_experts * cfg.expert_dim, device, dtype)]
+           if cfg.n_shared_experts else []),
+        "dense": [_swiglu_matmuls([T], D, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim, device, dtype)],
+    }
+    times = {(n, p): [] for n in candidates for p in ("fwd", "bwd")}
+    for r in range(warmup + repeats):
+        for name, parts in candidates.items():
+            for phase, i in (("fwd", 0), ("bwd", 1)):
+                _sync(device)
+                t = time.perf_counter()
+                for part in parts:
+                    part[i]()
+                _sync(device)
+                if r >= warmup:
+                    times[name, phase].append(time.perf_counter() - t)
+    ms = {f"{n}_{p}": 1e3 * statistics.median(v) for (n, p), v in times.items()}
+    out = {}
+    for n in candidates:
+        out[f"{n}_fwd_ms"], out[f"{n}_fwd_bwd_ms"] = ms[f"{n}_fwd"], ms[f"{n}_fwd"] + ms[f"{n}_bwd"]
+    out["fwd_vs_dense"] = out["dsmoe_fwd_ms"] / out["dense_fwd_ms"]
+    out["fwd_bwd_vs_dense"] = out["dsmoe_fwd_bwd_ms"] / out["dense_fwd_bwd_ms"]
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 def machine(device) -> str:
@@ -181,8 +252,9 @@ def format_table(rows: list[Row]) -> str:
     lines = [f"{'layer':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'memory MB':>10} "
              f"{'fwd/dense':>10} {'f+b/dense':>10} {'mem/dense':>10}"]
     for r in rows:
-        lines.append(f"{r.name:<10} {r.fwd_ms:>9.2f} {r.fwd_bwd_ms:>11.2f} {r.memory_mb:>10.1f} "
-                     f"{r.fwd_vs_dense:>10.3f} {r.fwd_bwd_vs_dense:>10.3f} {r.memory_vs_dense:>10.3f}")
+        mem = (f"{r.memory_mb:>10.1f}", f"{r.memory_vs_dense:>10.3f}") if math.isfinite(r.memory_mb) else ("-",) * 2
+        lines.append(f"{r.name:<10} {r.fwd_ms:>9.2f} {r.fwd_bwd_ms:>11.2f} {mem[0]:>10} "
+                     f"{r.fwd_vs_dense:>10.3f} {r.fwd_bwd_vs_dense:>10.3f} {mem[1]:>10}")
     return "\n".join(lines)
 
 
@@ -199,6 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
     p.add_argument("--uniform", action="store_true", help="round-robin routing: kernel speed without skew")
     p.add_argument("--no-reference", action="store_true", help="skip the slow per-expert loop")
+    p.add_argument("--no-floor", action="store_true", help="skip the matmuls-alone measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
@@ -224,7 +297,17 @@ def run(args) -> int:
     print("memory = peak bytes allocated by the training forward (kept for backward + temporaries), "
           "parameters and gradients excluded\n")
     print(format_table(rows))
+    result = {"machine": where, "shape": shape, "rows": [asdict(r) for r in rows]}
+    if not args.no_floor:
+        fast = build(cfg, device, DTYPES[args.dtype])["dsmoe"]  # the benchmarked weights, hence its routing
+        x = torch.randn(args.tokens, args.dim, device=device, dtype=DTYPES[args.dtype])
+        floor = result["matmul_floor"] = matmul_floor(fast, x, args.repeats, args.warmup)
+        print("\nmatmuls alone (the same matmuls into preallocated buffers, nothing else; router excluded), "
+              "the floor of one matmul per expert on this machine:")
+        print(format_table([Row(n, floor[f"{n}_fwd_ms"], floor[f"{n}_fwd_bwd_ms"], float("nan"),
+                                floor[f"{n}_fwd_ms"] / floor["dense_fwd_ms"],
+                                floor[f"{n}_fwd_bwd_ms"] / floor["dense_fwd_bwd_ms"]) for n in ("dsmoe", "dense")]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": where, "shape": shape, "rows": [asdict(r) for r in rows]}, f, indent=2)
+            json.dump(result, f, indent=2)
     return 0
