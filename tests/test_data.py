@@ -67,7 +67,7 @@ def test_corpus_smaller_than_a_batch(tmp_path):
     (tmp_path / "a.txt").write_text("tiny text, far too short")
     corpus = load_corpus(str(tmp_path / "a.txt"), ByteTokenizer(), cache_dir=False)
     with pytest.raises(ValueError, match="corpus too small"):
-        corpus.check(batch_size=2, seq_len=64)
+        corpus.check(seq_len=64)
 
 
 def test_byte_tokenizer_round_trip():

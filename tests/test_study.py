@@ -211,6 +211,28 @@ def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_changed_corpus_trains_again(micro, tmp_path, monkeypatch):
+    """A cached run belongs to its corpus: editing a corpus file makes the same study train again."""
+    import dataclasses
+    import shutil
+
+    from dsmoe import train as train_mod
+
+    model, train_cfg = micro
+    data = shutil.copytree(train_cfg.data, tmp_path / "corpus")
+    mine = (model, dataclasses.replace(train_cfg, data=str(data)))
+    monkeypatch.setattr(study, "VARIANTS", {**study.VARIANTS, "shared": lambda b: study.shared_variants(b)[:1]})
+    real, calls = train_mod.train, []
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for edit, trained in ((False, 1), (False, 0), (True, 1)):
+        if edit:
+            with open(data / "string.py", "a") as f:
+                f.write("\n# one more line\n")
+        calls.clear()
+        _run(mine, tmp_path / "out", ["shared"])
+        assert len(calls) == trained
+
+
 @pytest.mark.parametrize("argv,message", [(["--steps", "0"], "steps (0)"), (["--set", "nope=1"], "unknown --set key"),
                                           (["--threads", "0"], "--threads 0")],
                          ids=["zero-steps", "unknown-key", "zero-threads"])

@@ -190,7 +190,7 @@ class Corpus:
     val: torch.Tensor    # (N_val,)
     info: dict           # documents, bytes, tokens per split, cache file
 
-    def check(self, batch_size: int, seq_len: int) -> None:
+    def check(self, seq_len: int) -> None:
         """Both splits must hold at least one window of seq_len+1 tokens."""
         for split in ("train", "val"):
             n = len(getattr(self, split))
@@ -243,9 +243,16 @@ def read_split(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction
 
 def _corpus_key(path, files_root, files, tokenizer, max_bytes, val_fraction) -> str:
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps([CACHE_VERSION, sys.version, str(path), str(files_root), stats, tokenizer.cache_key(),
-                       max_bytes, val_fraction])
+    blob = json.dumps([CACHE_VERSION, sys.version, str(path), str(files_root), stats,
+                       tokenizer and tokenizer.cache_key(), max_bytes, val_fraction])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def corpus_fingerprint(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction: float = VAL_FRACTION) -> str:
+    """A hash of what decides a corpus' documents and split, the tokenizer aside: this code's CACHE_VERSION,
+    the Python version (the standard library) and every file's path, size and mtime."""
+    root, files = list_documents(path, max_bytes)
+    return _corpus_key(path, root, files, None, max_bytes, val_fraction)
 
 
 def load_corpus(path: str | None, tokenizer, cache_dir=None, max_bytes: int = MAX_CORPUS_BYTES,

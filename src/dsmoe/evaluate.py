@@ -34,7 +34,7 @@ def run(args) -> int:
         model, model_cfg, train_cfg, tokenizer = load_checkpoint(args.checkpoint, args.device)
         corpus = load_corpus(args.data if args.data else train_cfg.data, tokenizer)
         seq_len = train_cfg.seq_len or model_cfg.max_seq_len
-        corpus.check(train_cfg.batch_size, seq_len)
+        corpus.check(seq_len)
         ev = evaluate(model, corpus, train_cfg.batch_size, seq_len, args.batches or train_cfg.eval_batches,
                       args.device, args.split)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:

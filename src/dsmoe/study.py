@@ -9,8 +9,9 @@
                     token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE)
     all             every study above
 
-Each training run is cached under OUT/runs/<key>/ (key = hash of the model and training configs and the
-seed), so identical runs are shared between studies and an interrupted study continues where it stopped.
+Each training run is cached under OUT/runs/<key>/ (key = hash of the model and training configs, the
+seed and the corpus' fingerprint), so identical runs are shared between studies and an interrupted
+study continues where it stopped.
 Each study writes OUT/<study>/results.json, results.md and PNGs.
 """
 
@@ -161,10 +162,11 @@ VARIANTS = {"balance": balance_variants, "shared": shared_variants, "segmentatio
 # ---- running and caching -----------------------------------------------------------------------------
 
 
-def run_key(model: ModelConfig, train_cfg) -> str:
-    """Content hash of everything that decides a run's result (not where it is written)."""
+def run_key(model: ModelConfig, train_cfg, corpus: str) -> str:
+    """Content hash of everything that decides a run's result (not where it is written); `corpus` is the
+    corpus' fingerprint (dsmoe.data.corpus_fingerprint), so a changed corpus or split trains again."""
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("out", "resume", "tensorboard")}
-    blob = json.dumps({"model": model.to_dict(), "train": train}, sort_keys=True, default=str)
+    blob = json.dumps({"model": model.to_dict(), "train": train, "corpus": corpus}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -208,7 +210,10 @@ class Runner:
     """Trains (or reuses) runs under root/runs/<key>/, printing one line per run with an ETA."""
 
     def __init__(self, root: Path, base_train, steps: int, seeds: int, log=None):
+        from dsmoe.data import corpus_fingerprint
+
         self.root, self.base_train, self.steps, self.seeds = Path(root), base_train, steps, seeds
+        self.corpus = corpus_fingerprint(base_train.data)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.trained_s: list[float] = []  # wall time of each run trained in this process
         self.pending: set[str] = set()    # keys of the planned runs not trained yet, for the ETA
@@ -224,7 +229,7 @@ class Runner:
     def train_config(self, variant: Variant, seed_index: int):
         seed = self.base_train.seed + seed_index
         cfg = run_train_config(self.base_train, self.steps, seed, Path("."))
-        key = run_key(variant.model, cfg)
+        key = run_key(variant.model, cfg, self.corpus)
         return dataclasses.replace(cfg, out=str(self.root / "runs" / key)), key
 
     def run(self, variant: Variant, seed_index: int) -> dict:

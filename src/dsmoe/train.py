@@ -336,7 +336,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
     corpus = load_corpus(cfg.data, tokenizer)
-    corpus.check(cfg.batch_size, seq_len)
+    corpus.check(seq_len)
 
     # ---- model, optimizer, schedule, RNG -------------------------------------------------------------
     torch.manual_seed(cfg.seed)
