@@ -74,6 +74,34 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, gra
     assert biases == [8, 8]
 
 
+def test_ctrl_c_during_the_update_checkpoints_the_updated_step(tmp_path, monkeypatch):
+    """A Ctrl-C that lands between the optimizer step and the step counter is held until both are done,
+    so the checkpoint's step number matches its weights and the resumed run equals the uninterrupted one."""
+    import os
+    import signal
+
+    from dsmoe.model import MoETransformer
+
+    sets = ["steps=8", "moe.bias_update_speed=0.01"]
+    full = run(tmp_path, *sets, name="full")
+    real_update, calls = MoETransformer.update_biases, {"n": 0}
+
+    def interrupted_update(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after step 5's optimizer step, before its bias update and step count
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoETransformer, "update_biases", interrupted_update)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *sets, name="cut")
+    monkeypatch.setattr(MoETransformer, "update_biases", real_update)
+    assert json.load(open(tmp_path / "cut/checkpoint/config.json"))["step"] == 5
+    model_cfg, train_cfg = build_configs("debug", FAST + sets + [f"out={tmp_path / 'cut'}",
+                                                                 f"resume={tmp_path / 'cut'}"])
+    assert losses(train(model_cfg, train_cfg, progress=False)["run_dir"]) == losses(full["run_dir"])
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2, 4], ids=["accum1", "accum2", "accum4"])
 def test_bias_updates_once_per_optimizer_step(tmp_path, monkeypatch, grad_accum):
     updates, counted = [], []

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import contextlib
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -299,6 +302,22 @@ class MetricsLog:
 
 # ---- the loop ---------------------------------------------------------------------------------------
 
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) a run; returns the summary also written to run_dir/summary.json."""
     from dsmoe.data import build_tokenizer, load_corpus, load_tokenizer
@@ -438,33 +457,38 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
                 parallel.clip_grad_norm_(model, cfg.grad_clip)
             elif cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            # loss-free balancing: one bias step per optimizer step, on counts of all micro-batches
-            model.update_biases()
-            n_since += 1
-            done = completed = step + 1
+            # the update, its step count and its log row happen together (a Ctrl-C waits), so that a
+            # checkpoint written on Ctrl-C names the step its weights are at and the metrics have every step
+            with _ctrl_c_held():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                # loss-free balancing: one bias step per optimizer step, on counts of all micro-batches
+                model.update_biases()
+                n_since += 1
+                done = completed = step + 1
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                if cfg.expert_parallel:  # the global batch's loss and load
-                    parallel.all_reduce_(loss_sum), parallel.all_reduce_(aux_sum), parallel.all_reduce_(load_LE, mean=False)
-                loss_v = (loss_sum / n_since).item()  # the one host sync of this interval
-                if not math.isfinite(loss_v):
-                    raise TrainingDiverged(f"training loss became {loss_v} by step {done}; stopping. "
-                                           + _kept(last_good, run_dir))
-                dt = time.perf_counter() - t_log
-                tps = tokens_per_step * n_since / dt
-                maxvio_L = (maxvio_sum_L / n_since).tolist()
-                lr = scheduler.get_last_lr()[0]
-                log.write({"kind": "train", "step": done, "loss": loss_v, "aux_loss": (aux_sum / n_since).item(),
-                           "lr": lr, "tokens_per_s": tps, "top_k": k, "maxvio": maxvio_L, "load": load_LE.tolist()})
-                if bar is not None:
-                    mv = sum(maxvio_L) / len(maxvio_L) if maxvio_L else 0.0
-                    bar.set_postfix_str(f"loss {loss_v:.3f} | {tps:,.0f} tok/s | lr {lr:.2e} | MaxVio {mv:.2f}")
-                    bar.update(n_since)
-                loss_sum.zero_(), aux_sum.zero_(), maxvio_sum_L.zero_(), load_LE.zero_()
-                n_since, t_log = 0, time.perf_counter()
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    if cfg.expert_parallel:  # the global batch's loss and load
+                        parallel.all_reduce_(loss_sum), parallel.all_reduce_(aux_sum)
+                        parallel.all_reduce_(load_LE, mean=False)
+                    loss_v = (loss_sum / n_since).item()  # the one host sync of this interval
+                    if not math.isfinite(loss_v):
+                        raise TrainingDiverged(f"training loss became {loss_v} by step {done}; stopping. "
+                                               + _kept(last_good, run_dir))
+                    dt = time.perf_counter() - t_log
+                    tps = tokens_per_step * n_since / dt
+                    maxvio_L = (maxvio_sum_L / n_since).tolist()
+                    lr = scheduler.get_last_lr()[0]
+                    log.write({"kind": "train", "step": done, "loss": loss_v, "aux_loss": (aux_sum / n_since).item(),
+                               "lr": lr, "tokens_per_s": tps, "top_k": k, "maxvio": maxvio_L,
+                               "load": load_LE.tolist()})
+                    if bar is not None:
+                        mv = sum(maxvio_L) / len(maxvio_L) if maxvio_L else 0.0
+                        bar.set_postfix_str(f"loss {loss_v:.3f} | {tps:,.0f} tok/s | lr {lr:.2e} | MaxVio {mv:.2f}")
+                        bar.update(n_since)
+                    loss_sum.zero_(), aux_sum.zero_(), maxvio_sum_L.zero_(), load_LE.zero_()
+                    n_since, t_log = 0, time.perf_counter()
 
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 ev = run_eval(done)
