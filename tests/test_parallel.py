@@ -384,6 +384,39 @@ def eval_worker(rank, world):
     return evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
 
 
+def _cut_at_step_2():
+    """Make the third Corpus.batch call (step 3's batch) raise KeyboardInterrupt: a Ctrl-C checkpoint at step 2."""
+    from dsmoe.data import Corpus
+
+    real, calls = Corpus.batch, []
+
+    def batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    Corpus.batch = batch
+    return real
+
+
+def resume_worker(rank, world):
+    """Resume the run in DSMOE_RUN with `world` expert-parallel ranks; with DSMOE_CUT set, train it from scratch
+    and stop at step 2 instead."""
+    from dsmoe.train import build_configs, train
+
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={world}"]
+    if not os.environ.get("DSMOE_CUT"):
+        train(*build_configs("debug", sets + [f"resume={os.environ['DSMOE_RUN']}"]), progress=False)
+        return {}
+    _cut_at_step_2()
+    try:
+        train(*build_configs("debug", sets), progress=False)
+    except KeyboardInterrupt:
+        return {"interrupted": True}
+    return {"interrupted": False}
+
+
 def _train_rows(run_dir):
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     return [r["loss"] for r in rows if r["kind"] == "train"], [r["val_loss"] for r in rows if r["kind"] == "eval"]
@@ -422,3 +455,38 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
     assert abs(at1["loss"] - ep_val[-1]) < 1e-5
     at4 = launch(eval_worker, 4, tmp_path / "at4")  # 2 ranks -> 4
     assert all(abs(r["loss"] - ep_val[-1]) < 1e-5 for r in at4), (at4, ep_val)
+
+
+def test_resume_at_another_rank_count(tmp_path, monkeypatch):
+    """A run stopped at step 2 resumes at another rank count (1 -> 2 and 2 -> 1), optimizer state included:
+    the losses of steps 3-4 are the uninterrupted single-process run's."""
+    from dsmoe.data import Corpus
+    from dsmoe.train import build_configs, train
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'full'}"]), progress=False)
+    full = torch.tensor(_train_rows(tmp_path / "full")[0])
+
+    real = _cut_at_step_2()  # 1 process to step 2, then 2 ranks
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'one'}"]), progress=False)
+    finally:
+        Corpus.batch = real
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "one"))
+    launch(resume_worker, 2, tmp_path / "results-one")
+    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "one")[0]), full, atol=1e-4, rtol=0)
+
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "two"))  # 2 ranks to step 2, then 1 process
+    monkeypatch.setenv("DSMOE_CUT", "1")
+    assert launch(resume_worker, 2, tmp_path / "results-two") == [{"interrupted": True}] * 2
+    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'two'}", f"resume={tmp_path / 'two'}"]),
+          progress=False)
+    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "two")[0]), full, atol=1e-4, rtol=0)
+    final = {d: torch.load(tmp_path / d / "checkpoint" / "state.pt", weights_only=True)["optimizer"]["state"]
+             for d in ("full", "one", "two")}
+    for d in ("one", "two"):  # the AdamW moments of every parameter, the experts' gathered whole
+        assert final[d].keys() == final["full"].keys()
+        for i, state in final["full"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(final[d][i][key], state[key], atol=1e-6, rtol=1e-4)
