@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import contextlib
 import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,8 +301,7 @@ class MetricsLog:
 
 # ---- the loop ---------------------------------------------------------------------------------------
 
-
-@contextlib.contextmanager
+@contextmanager
 def _ctrl_c_held():
     """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
@@ -317,6 +315,7 @@ def _ctrl_c_held():
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) a run; returns the summary also written to run_dir/summary.json."""
