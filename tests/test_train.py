@@ -45,29 +45,39 @@ def test_debug_run_lowers_the_loss(tmp_path):
     assert json.load(open(f"{summary['run_dir']}/summary.json")) == summary
 
 
+def interrupt_and_resume(tmp_path, monkeypatch, sets, owner, name, call, interrupt):
+    """Train `sets` whole, then again with owner.name wrapped to call interrupt() on its call-th call (which
+    must end in a KeyboardInterrupt), resume the cut run; returns (full summary, resumed summary, cut step)."""
+    full = run(tmp_path, *sets, name="full")
+    real, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *sets, name="cut")
+    monkeypatch.setattr(owner, name, real)
+    cut_step = json.load(open(tmp_path / "cut/checkpoint/config.json"))["step"]
+    model_cfg, train_cfg = build_configs("debug", FAST + sets + [f"out={tmp_path / 'cut'}",
+                                                                 f"resume={tmp_path / 'cut'}"])
+    return full, train(model_cfg, train_cfg, progress=False), cut_step
+
+
+def _raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
 @pytest.mark.parametrize("grad_accum", [1, 3], ids=["accum1", "accum3"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, grad_accum):
     sets = ["steps=8", f"grad_accum={grad_accum}", "moe.bias_update_speed=0.01"]
-    full = run(tmp_path, *sets, name="full")
-
     # Ctrl-C in the middle of step 5's micro-batches
-    real_batch, calls = Corpus.batch, {"n": 0}
-
-    def interrupting_batch(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5 * grad_accum + 1 + (grad_accum > 1):
-            raise KeyboardInterrupt
-        return real_batch(self, *args, **kwargs)
-
-    monkeypatch.setattr(Corpus, "batch", interrupting_batch)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, *sets, name="cut")
-    monkeypatch.setattr(Corpus, "batch", real_batch)
-    assert json.load(open(tmp_path / "cut/checkpoint/config.json"))["step"] == 5
-
-    model_cfg, train_cfg = build_configs("debug", FAST + sets + [f"out={tmp_path / 'cut'}",
-                                                                 f"resume={tmp_path / 'cut'}"])
-    resumed = train(model_cfg, train_cfg, progress=False)
+    full, resumed, cut_step = interrupt_and_resume(tmp_path, monkeypatch, sets, Corpus, "batch",
+                                                   5 * grad_accum + 1 + (grad_accum > 1), _raise_keyboard_interrupt)
+    assert cut_step == 5
     assert losses(resumed["run_dir"]) == losses(full["run_dir"])  # bit-exact, every step
     assert resumed["val_loss"] == full["val_loss"]
     biases = [torch.load(tmp_path / d / "checkpoint" / "state.pt", weights_only=True)["step"] for d in ("full", "cut")]
@@ -75,31 +85,20 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, gra
 
 
 def test_ctrl_c_during_the_update_checkpoints_the_updated_step(tmp_path, monkeypatch):
-    """A Ctrl-C that lands between the optimizer step and the step counter is held until both are done,
-    so the checkpoint's step number matches its weights and the resumed run equals the uninterrupted one."""
+    """A Ctrl-C (a real SIGINT) that lands between the optimizer step and the step counter is held until both
+    are done, so the checkpoint's step number matches its weights and the resumed run equals the uninterrupted
+    one."""
     import os
     import signal
 
     from dsmoe.model import MoETransformer
 
-    sets = ["steps=8", "moe.bias_update_speed=0.01"]
-    full = run(tmp_path, *sets, name="full")
-    real_update, calls = MoETransformer.update_biases, {"n": 0}
-
-    def interrupted_update(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after step 5's optimizer step, before its bias update and step count
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_update(self, *args, **kwargs)
-
-    monkeypatch.setattr(MoETransformer, "update_biases", interrupted_update)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, *sets, name="cut")
-    monkeypatch.setattr(MoETransformer, "update_biases", real_update)
-    assert json.load(open(tmp_path / "cut/checkpoint/config.json"))["step"] == 5
-    model_cfg, train_cfg = build_configs("debug", FAST + sets + [f"out={tmp_path / 'cut'}",
-                                                                 f"resume={tmp_path / 'cut'}"])
-    assert losses(train(model_cfg, train_cfg, progress=False)["run_dir"]) == losses(full["run_dir"])
+    # the 5th bias update comes after step 5's optimizer step, before its step count
+    full, resumed, cut_step = interrupt_and_resume(tmp_path, monkeypatch, ["steps=8", "moe.bias_update_speed=0.01"],
+                                                   MoETransformer, "update_biases", 5,
+                                                   lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert cut_step == 5
+    assert losses(resumed["run_dir"]) == losses(full["run_dir"])
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2, 4], ids=["accum1", "accum2", "accum4"])
