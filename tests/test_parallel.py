@@ -474,7 +474,7 @@ def test_resume_at_another_rank_count(tmp_path, monkeypatch):
     finally:
         Corpus.batch = real
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "one"))
-    launch(resume_worker, 2, tmp_path / "results-one")
+    assert launch(resume_worker, 2, tmp_path / "results-one") == [{}, {}]
     torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "one")[0]), full, atol=1e-4, rtol=0)
 
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "two"))  # 2 ranks to step 2, then 1 process
