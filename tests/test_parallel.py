@@ -270,8 +270,23 @@ def check_sync_grads(rank, world):
     assert set(expert_parallel_modules(ep)) == {"1.experts"}
 
 
+def check_local_batch(rank, world):
+    """Each rank takes its contiguous slice of the global batch; a batch the ranks cannot share is refused."""
+    from dsmoe.parallel import local_batch
+
+    (x,) = local_batch(torch.arange(2 * world))
+    assert x.tolist() == [2 * rank, 2 * rank + 1]
+    try:
+        local_batch(torch.arange(world + 1))
+    except ValueError as e:
+        assert f"batch_size={world + 1}" in str(e) and f"{world} ranks" in str(e)
+    else:
+        raise AssertionError("an indivisible batch must be refused")
+
+
 def misc_worker(rank, world):
-    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "sync-grads": check_sync_grads}
+    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "sync-grads": check_sync_grads,
+             "local-batch": check_local_batch}
     return run_cases(cases, rank, world)
 
 
@@ -321,7 +336,7 @@ def test_expert_parallel_layer(world, case, tmp_path_factory):
     assert not error, error
 
 
-@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "sync-grads"])
+@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "sync-grads", "local-batch"])
 def test_checkpoints_and_grads(case, tmp_path_factory):
     error = _results("misc", 4, tmp_path_factory)[case]
     assert not error, error
@@ -381,7 +396,10 @@ def eval_worker(rank, world):
     model, _, train_cfg, tokenizer = load_checkpoint(os.environ["DSMOE_RUN"])
     apply_expert_parallel(model)
     corpus = load_corpus(None, tokenizer)
-    return evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
+    windows = []
+    model.register_forward_pre_hook(lambda module, args: windows.append(len(args[0])))
+    ev = evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
+    return {**ev, "windows": sum(windows), "all_windows": train_cfg.batch_size * train_cfg.eval_batches}
 
 
 def _cut_at_step_2():
@@ -455,6 +473,7 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
     assert abs(at1["loss"] - ep_val[-1]) < 1e-5
     at4 = launch(eval_worker, 4, tmp_path / "at4")  # 2 ranks -> 4
     assert all(abs(r["loss"] - ep_val[-1]) < 1e-5 for r in at4), (at4, ep_val)
+    assert all(r["windows"] * 4 == r["all_windows"] for r in at4), "each rank evaluates its quarter of the windows"
 
 
 def test_resume_at_another_rank_count(tmp_path, monkeypatch):

@@ -442,6 +442,9 @@ def local_batch(*tensors_B: torch.Tensor):
     if not dist.is_initialized():
         return tensors_B
     rank, world = dist.get_rank(), dist.get_world_size()
+    B = len(tensors_B[0])
+    if B % world:
+        raise ValueError(f"batch_size={B} (the global batch) must be divisible by the {world} ranks")
     return tuple(t.chunk(world)[rank] for t in tensors_B)
 
 

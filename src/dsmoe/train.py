@@ -196,7 +196,8 @@ def evaluate(model, corpus, batch_size: int, seq_len: int, batches: int, device:
     """Validation loss, perplexity and MaxVio_global (Loss-Free Balancing §4.1) from the load summed over the whole pass.
 
     Windows are spread evenly over the split (validation unless asked otherwise) (no RNG, so evaluating never shifts training).
-    The model runs in eval mode under no_grad, so the balancing counts are untouched.
+    The model runs in eval mode under no_grad, so the balancing counts are untouched. Under torch.distributed
+    (expert parallelism) every rank evaluates its share of each batch and the sums are all-reduced.
     """
     was_training = model.training
     model.eval()
@@ -206,6 +207,7 @@ def evaluate(model, corpus, batch_size: int, seq_len: int, batches: int, device:
     load_LE = None
     for i in range(0, n, batch_size):
         x, y = corpus.windows(split, starts[i:i + batch_size], seq_len)
+        x, y = parallel.local_batch(x, y)
         with autocast(device):
             _, loss = model(x.to(device), y.to(device))
         total_loss += loss.float() * len(x)
@@ -214,6 +216,9 @@ def evaluate(model, corpus, batch_size: int, seq_len: int, batches: int, device:
             load_LE = stats["tokens_per_expert"] if load_LE is None else load_LE + stats["tokens_per_expert"]
     model.train(was_training)
     from dsmoe.metrics import max_violation
+    parallel.all_reduce_(total_loss, mean=False)
+    if load_LE is not None:
+        parallel.all_reduce_(load_LE, mean=False)
     loss = (total_loss / n).item()
     out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "maxvio_global": [], "load": []}
     if load_LE is not None:
