@@ -333,6 +333,10 @@ def test_one_non_finite_element_is_caught(bad):
         x[2, col] = bad
         with pytest.raises(ValueError, match="NaN or inf"):
             moe(x)
+    with torch.no_grad():
+        moe.gate.weight[0, 0] = float("nan")  # a broken router is named too
+    with pytest.raises(ValueError, match="router weight"):
+        moe(torch.randn(4, 8))
 
 
 def test_set_top_k_validates():

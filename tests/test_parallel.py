@@ -474,6 +474,8 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
     at4 = launch(eval_worker, 4, tmp_path / "at4")  # 2 ranks -> 4
     assert all(abs(r["loss"] - ep_val[-1]) < 1e-5 for r in at4), (at4, ep_val)
     assert all(r["windows"] * 4 == r["all_windows"] for r in at4), "each rank evaluates its quarter of the windows"
+    assert all(r["load"] == at1["load"] and r["maxvio_global"] == at1["maxvio_global"] for r in at4), \
+        "the load is summed over the ranks' shares"
 
 
 def test_resume_at_another_rank_count(tmp_path, monkeypatch):

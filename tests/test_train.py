@@ -99,6 +99,23 @@ def test_ctrl_c_during_the_update_checkpoints_the_updated_step(tmp_path, monkeyp
                                                    lambda: os.kill(os.getpid(), signal.SIGINT))
     assert cut_step == 5
     assert losses(resumed["run_dir"]) == losses(full["run_dir"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_ctrl_c_hold_leaves_other_handlers_alone():
+    """An ignored SIGINT stays ignored inside the hold (no KeyboardInterrupt appears from nowhere)."""
+    import os
+    import signal
+
+    from dsmoe.train import _ctrl_c_held
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2, 4], ids=["accum1", "accum2", "accum4"])

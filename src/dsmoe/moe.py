@@ -68,7 +68,8 @@ class MoE(nn.Module):
         # A NaN or inf anywhere in a token makes all of its logits non-finite (inf * 0 is NaN too), so checking
         # the [T, E] logits catches every bad input at E/D of the cost of checking x.
         if cfg.check_inputs and not torch.isfinite(logits_TE).all():
-            raise ValueError("MoE input contains NaN or inf (or overflows the router logits)")
+            raise ValueError("MoE router logits are not finite: the input contains NaN or inf (or the router "
+                             "weight does, or the logits overflow)")
 
         keep_A = None
         if cfg.capacity_factor is not None and x_TD.shape[0] > 0:

@@ -308,8 +308,13 @@ class MetricsLog:
 
 @contextmanager
 def _ctrl_c_held():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends.
+
+    Only where Ctrl-C would raise KeyboardInterrupt anyway: in the main thread (the only one that can set
+    handlers) and with Python's default handler in place (an ignored or custom SIGINT is left alone).
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     caught = []
