@@ -212,8 +212,10 @@ def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
 
 
 def test_changed_corpus_trains_again(micro, tmp_path, monkeypatch):
-    """A cached run belongs to its corpus: editing a corpus file makes the same study train again."""
+    """A cached run belongs to its corpus: editing a corpus file makes the same study train again; touching
+    one does not."""
     import dataclasses
+    import os
     import shutil
 
     from dsmoe import train as train_mod
@@ -224,8 +226,10 @@ def test_changed_corpus_trains_again(micro, tmp_path, monkeypatch):
     monkeypatch.setattr(study, "VARIANTS", {**study.VARIANTS, "shared": lambda b: study.shared_variants(b)[:1]})
     real, calls = train_mod.train, []
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    for edit, trained in ((False, 1), (False, 0), (True, 1)):
-        if edit:
+    for change, trained in ((None, 1), (None, 0), ("touch", 0), ("edit", 1)):
+        if change == "touch":
+            os.utime(data / "string.py", (1e9, 1e9))
+        if change == "edit":
             with open(data / "string.py", "a") as f:
                 f.write("\n# one more line\n")
         calls.clear()

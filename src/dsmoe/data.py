@@ -243,16 +243,21 @@ def read_split(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction
 
 def _corpus_key(path, files_root, files, tokenizer, max_bytes, val_fraction) -> str:
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps([CACHE_VERSION, sys.version, str(path), str(files_root), stats,
-                       tokenizer and tokenizer.cache_key(), max_bytes, val_fraction])
+    blob = json.dumps([CACHE_VERSION, sys.version, str(path), str(files_root), stats, tokenizer.cache_key(),
+                       max_bytes, val_fraction])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def corpus_fingerprint(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction: float = VAL_FRACTION) -> str:
     """A hash of what decides a corpus' documents and split, the tokenizer aside: this code's CACHE_VERSION,
-    the Python version (the standard library) and every file's path, size and mtime."""
-    root, files = list_documents(path, max_bytes)
-    return _corpus_key(path, root, files, None, max_bytes, val_fraction)
+    the split settings and every kept file's name (relative to the corpus root) and bytes: touching a file
+    keeps it, editing, adding or removing one changes it."""
+    base, files = list_documents(path, max_bytes)
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, path is None, max_bytes, val_fraction]).encode())
+    for p in files:
+        h.update(f"\0{p.relative_to(base)}\0".encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:20]
 
 
 def load_corpus(path: str | None, tokenizer, cache_dir=None, max_bytes: int = MAX_CORPUS_BYTES,
