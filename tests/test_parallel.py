@@ -435,6 +435,31 @@ def resume_worker(rank, world):
     return {"interrupted": False}
 
 
+def ctrl_c_worker(rank, world):
+    """Rank 0 alone gets a Ctrl-C (a real SIGINT) in the middle of step 3's update; returns whether this rank
+    stopped with KeyboardInterrupt."""
+    import signal
+
+    from dsmoe.model import MoETransformer
+    from dsmoe.train import build_configs, train
+
+    real, calls = MoETransformer.update_biases, []
+
+    def update_biases(self, *args, **kwargs):
+        calls.append(1)
+        if rank == 0 and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    MoETransformer.update_biases = update_biases
+    try:
+        train(*build_configs("debug", TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={world}"]),
+              progress=False)
+    except KeyboardInterrupt:
+        return {"interrupted": True, "handler_restored": signal.getsignal(signal.SIGINT) is signal.default_int_handler}
+    return {"interrupted": False}
+
+
 def _train_rows(run_dir):
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     return [r["loss"] for r in rows if r["kind"] == "train"], [r["val_loss"] for r in rows if r["kind"] == "eval"]
@@ -511,3 +536,20 @@ def test_resume_at_another_rank_count(tmp_path, monkeypatch):
         for i, state in final["full"].items():
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(final[d][i][key], state[key], atol=1e-6, rtol=1e-4)
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch):
+    """A Ctrl-C that reaches one expert-parallel rank stops both after the same step (alone, that rank would
+    enter the checkpoint's collectives while the other trained on); the checkpoint resumes in one process to
+    the uninterrupted run's losses."""
+    from dsmoe.train import build_configs, train
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'full'}"]), progress=False)
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "ep"))
+    assert launch(ctrl_c_worker, 2, tmp_path / "results") == [{"interrupted": True, "handler_restored": True}] * 2
+    assert json.load(open(tmp_path / "ep" / "checkpoint" / "config.json"))["step"] == 3
+    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'ep'}", f"resume={tmp_path / 'ep'}"]),
+          progress=False)
+    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "ep")[0]),
+                               torch.tensor(_train_rows(tmp_path / "full")[0]), atol=1e-4, rtol=0)

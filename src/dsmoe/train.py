@@ -306,15 +306,17 @@ class MetricsLog:
 
 # ---- the loop ---------------------------------------------------------------------------------------
 
+def _owns_ctrl_c() -> bool:
+    """Whether Ctrl-C would raise KeyboardInterrupt here: in the main thread (the only one that can set
+    handlers) with Python's default handler in place. An ignored or custom SIGINT is left alone."""
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+
 @contextmanager
 def _ctrl_c_held():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends.
-
-    Only where Ctrl-C would raise KeyboardInterrupt anyway: in the main thread (the only one that can set
-    handlers) and with Python's default handler in place (an ignored or custom SIGINT is left alone).
-    """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends."""
+    if not _owns_ctrl_c():
         yield
         return
     caught = []
@@ -325,6 +327,28 @@ def _ctrl_c_held():
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+class _CtrlCAcrossRanks:
+    """Expert parallelism: a Ctrl-C on any rank stops every rank after the same step, so that all of them
+    enter the checkpoint's collectives together (a rank that stopped on its own would wait on the others
+    until the process group's timeout). The handler only records the signal (torchrun sends each worker a
+    second SIGINT of its own); `pending()`, a collective, is called once per step by every rank."""
+
+    def __init__(self, device):
+        self.device, self.caught = device, False
+        self.previous = signal.signal(signal.SIGINT, self._catch) if _owns_ctrl_c() else None
+
+    def _catch(self, *_):
+        self.caught = True
+
+    def pending(self) -> bool:
+        flag = torch.tensor(float(self.caught), device=self.device)
+        return parallel.all_reduce_(flag, mean=False).item() > 0
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> dict:
@@ -438,6 +462,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
     rng_at_step = (torch.get_rng_state(), data_rng.get_state())
     ev = None
     model.train()
+    across_ranks = _CtrlCAcrossRanks(device) if cfg.expert_parallel else None
     step = completed = start
     try:
         for step in range(start, cfg.steps):
@@ -468,7 +493,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             # the update, its step count and its log row happen together (a Ctrl-C waits), so that a
             # checkpoint written on Ctrl-C names the step its weights are at and the metrics have every step
-            with _ctrl_c_held():
+            with _ctrl_c_held() if across_ranks is None else nullcontext():
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -508,6 +533,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
                 _check_finite(loss_sum, n_since, done, last_good, run_dir)
                 save(done, (torch.get_rng_state(), data_rng.get_state()))
                 last_good = done
+            if across_ranks is not None and across_ranks.pending():  # every rank stops after this step
+                raise KeyboardInterrupt
         step = cfg.steps
     except KeyboardInterrupt:
         # checkpoint the last completed step, with the RNG states from before the interrupted step
@@ -517,10 +544,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True)
         if completed == step + 1:  # interrupted after the update (while logging, evaluating or saving)
             step, rng_at_step = completed, (torch.get_rng_state(), data_rng.get_state())
         save(step, rng_at_step)
-        print(f"\ninterrupted: checkpoint of step {step} saved in {run_dir / 'checkpoint'}; "
-              f"continue with --resume {run_dir}")
+        if parallel.is_main():  # the other ranks' run_dir is a scratch folder
+            print(f"\ninterrupted: checkpoint of step {step} saved in {run_dir / 'checkpoint'}; "
+                  f"continue with --resume {run_dir}")
         log.close()
         raise
+    finally:
+        if across_ranks is not None:
+            across_ranks.close()
     if bar is not None:
         bar.close()
 
