@@ -16,10 +16,16 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/dsmoe demo
 
-test: setup
-	$(PY) -m pytest -q
+# lint, then the fast tier (unit tests, ~1.5 min), then the slow tier (multi-process, end to end, training)
+test: lint
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/dsmoe bench layer
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench

@@ -4,12 +4,9 @@
     python benchmarks/bench_layer.py --device cuda --dtype bf16 --tokens 16384 --dim 2048 --expert-dim 1408
 """
 
-import argparse
 import sys
 
-from dsmoe.bench import layer
+from dsmoe.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=layer.__doc__.splitlines()[0])
-    layer.add_arguments(parser)
-    sys.exit(layer.run(parser.parse_args()))
+    sys.exit(main(["bench", "layer", *sys.argv[1:]]))

@@ -1,14 +1,8 @@
-"""Training throughput of an MoE preset against its dense twin: `python benchmarks/bench_train.py [options]`.
+"""Training throughput of an MoE preset against its dense twin (same as `dsmoe bench train`; same options)."""
 
-The same benchmark as `dsmoe bench train` (same options); see dsmoe/bench/train.py for what is measured.
-"""
-
-import argparse
 import sys
 
-from dsmoe.bench import train
+from dsmoe.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=train.__doc__.strip().splitlines()[0])
-    train.add_arguments(parser)
-    sys.exit(train.run(parser.parse_args()))
+    sys.exit(main(["bench", "train", *sys.argv[1:]]))

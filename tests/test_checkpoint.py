@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from dsmoe import checkpoint
-from dsmoe.checkpoint import CheckpointError
-from dsmoe.config import preset
+from dsmoe.checkpoint import CheckpointError, load_checkpoint
+from dsmoe.config import TrainConfig, preset
 from dsmoe.data import ByteTokenizer
 from dsmoe.model import MoETransformer
-from dsmoe.train import TrainConfig, load_checkpoint
 
 
 def make_model(tie=True, seed=0):
@@ -103,8 +102,10 @@ def test_mismatched_config_names_the_tensors(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_config_is_refused(tmp_path):
-    from dsmoe.train import build_configs, train
+    from dsmoe.config import build_configs
+    from dsmoe.train import train
     path = tmp_path / "run"
     save(make_model(), path / "checkpoint")
     model_cfg, train_cfg = build_configs("debug", ["n_layers=3", f"resume={path}", f"out={path}"])

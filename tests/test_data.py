@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsmoe.data import ByteTokenizer, BPETokenizer, load_corpus, load_tokenizer, read_split, stdlib_files
+from dsmoe.data import BPETokenizer, ByteTokenizer, load_corpus, load_tokenizer, read_split, stdlib_files
 
 
 @pytest.fixture

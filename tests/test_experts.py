@@ -1,13 +1,25 @@
 """Experts (dsmoe.experts): the grouped, sorted computation equals the per-expert reference loop (outputs and
 gradients of x, of the routing weights and of the stacked expert weights) on both the grouped_mm path and the
 fallback, with empty batches, idle experts, dropped assignments and zero-stride or non-contiguous upstream
-gradients; SwiGLU by hand; the grouped_mm eligibility rule. CUDA cases skip without a GPU."""
+gradients; each kernel plan forced (GroupedMMPlan, ChunkedPlan at several chunk sizes) against the reference, and
+how ChunkedPlan cuts the assignments; SwiGLU by hand; the grouped_mm eligibility rule and the plan choice. CUDA
+cases skip without a GPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmoe.experts import GroupedExperts, SwiGLU, _grouped_mm_ok, reference_experts
+import dsmoe.experts
+from dsmoe.experts import (
+    ChunkedPlan,
+    ContiguousGrad,
+    GroupedExperts,
+    GroupedMMPlan,
+    SwiGLU,
+    _grouped_mm_ok,
+    make_plan,
+    reference_experts,
+)
 
 # fp32 grouped_mm needs dims that are multiples of 4: aligned dims run either kernel (forced, since the default
 # chooses by device), unaligned dims always fall back to the per-expert loop
@@ -52,7 +64,7 @@ def assert_grouped_equals_reference(E, D, Fh, T, K, keep, seed=0, device="cpu", 
         got = run(grouped, fast_experts, x.to(dtype), ids, w, keep_A, upstream)
         want = run(reference_experts, ref_experts, x.float(), ids, w, keep_A, upstream)
         for name, a, b in zip(["y", "x", "weights", "w_gate", "w_up", "w_down"], got, want):
-            torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dims", list(DIMS))
@@ -146,6 +158,84 @@ def test_bf16_grouped_cuda():
 def test_chunked_cpu_path_equals_reference(monkeypatch, chunk_bytes, keep):
     """The CPU path splits the sorted assignments into chunks of a few experts: any chunking gives the same
     outputs and gradients, with idle experts between chunks."""
-    import dsmoe.experts
     monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
     assert_grouped_equals_reference(E=9, D=8, Fh=12, T=17, K=2, keep=keep, path="loop")
+
+
+# A forced plan: (use_grouped_mm, _CHUNK_BYTES); with D=8 fp32 a row is 32 bytes
+PLANS = {"grouped": (True, 2**18), "chunked-one-expert": (False, 1), "chunked-few-experts": (False, 100),
+         "chunked-one-chunk": (False, 2**18)}
+GROUPED_MM = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+
+
+@GROUPED_MM
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("active", [range(9), [1, 2, 5, 7], [4]], ids=["all-experts", "some-idle", "one-expert"])
+def test_each_plan_equals_reference(monkeypatch, plan, active):
+    """Each plan, forced, equals the reference loop in outputs and every gradient; an expert without tokens
+    gets a weight gradient of exactly zero (at the ends of the expert range and between chunks)."""
+    use_grouped_mm, chunk_bytes = PLANS[plan]
+    monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
+    E, D, Fh, T, K = 9, 8, 12, 13, min(2, len(active))
+    torch.manual_seed(len(active))
+    experts = GroupedExperts(E, D, Fh)
+    experts.use_grouped_mm = use_grouped_mm
+    x = torch.randn(T, D)
+    ids = torch.tensor(list(active))[torch.rand(T, len(active)).topk(K, dim=-1).indices]
+    w = torch.rand(T, K)
+    counts_E = torch.bincount(ids.reshape(-1), minlength=E)
+    want_plan = GroupedMMPlan if use_grouped_mm else ChunkedPlan
+    assert type(make_plan(x, experts.w_gate, experts.w_down, counts_E, use_grouped_mm)) is want_plan
+    upstream = torch.randn(T, D)  # contiguous: grouped_mm's backward rejects y.sum()'s zero-stride gradient
+    got = run(grouped, experts, x, ids, w, None, upstream)
+    want = run(reference_experts, experts, x, ids, w, None, upstream)
+    for name, a, b in zip(["y", "x", "weights", "w_gate", "w_up", "w_down"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    idle = [e for e in range(E) if e not in active]
+    for grad_EOI in got[3:]:
+        assert torch.equal(grad_EOI[idle], torch.zeros_like(grad_EOI[idle]))
+        assert all(grad_EOI[e].abs().sum() > 0 for e in active)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 2, 5, 0, 1], [0, 0, 4, 0], [0, 0, 0], [7], []],
+                         ids=["idle-between", "idle-at-ends", "all-idle", "one-expert", "no-experts"])
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 2**18], ids=["one-expert-chunks", "few-expert-chunks", "one-chunk"])
+def test_chunked_plan_covers_assignments_in_order(monkeypatch, counts, chunk_bytes):
+    """ChunkedPlan's chunks tile the A sorted assignments once, in order, each row with its expert, and close
+    as soon as they reach _CHUNK_BYTES of input."""
+    monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
+    row_bytes = 32
+    plan = ChunkedPlan(counts, row_bytes)
+    expert_A = [e for e, n in enumerate(counts) for _ in range(n)]
+    seen, chunks = [], list(plan.chunks())
+    for i, (rows, chunk) in enumerate(chunks):
+        assert rows.start == len(seen) and rows.stop > rows.start
+        n = 0
+        for sub, e in chunk.parts:
+            assert sub.start == n and sub.stop == n + counts[e]  # an expert's rows, whole, in one chunk
+            n = sub.stop
+            seen += [e] * counts[e]
+        assert n == rows.stop - rows.start
+        last = i == len(chunks) - 1
+        assert last or n * row_bytes >= chunk_bytes
+        assert (n - counts[chunk.parts[-1][1]]) * row_bytes < chunk_bytes
+    assert seen == expert_A
+    assert plan.used == [e for e, n in enumerate(counts) if n]
+
+
+@pytest.mark.parametrize("D,force,want", [
+    (8, None, ChunkedPlan), (8, True, GroupedMMPlan), (8, False, ChunkedPlan), (6, True, ChunkedPlan),
+], ids=["cpu-default", "forced-grouped", "forced-chunked", "unaligned-falls-back"])
+def test_plan_choice(D, force, want):
+    """On CPU the default is the chunked plan; forcing grouped_mm needs aligned shapes."""
+    if want is GroupedMMPlan and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    experts = GroupedExperts(4, D, 8)
+    assert type(make_plan(torch.zeros(3, D), experts.w_gate, experts.w_down, torch.tensor([1, 0, 2, 0]), force)) is want
+
+
+def test_contiguous_grad():
+    """The identity, with a contiguous gradient even from sum() (whose gradient has zero strides)."""
+    x = torch.randn(3, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(ContiguousGrad.apply(x).sum(), x)
+    assert grad.is_contiguous() and torch.equal(grad, torch.ones(3, 4))

@@ -56,7 +56,7 @@ def test_matches_transformers(case):
     model_type, fields, semantics = case
     config, module = hf_module(model_type, fields)
     layer = MoE(hf.moe_config_from_hf(config.to_dict(), semantics)).eval()
-    layer.load_hf_state_dict(module.state_dict())  # transformers' fused experts, unfused on load
+    hf.load_hf_state_dict(layer, module.state_dict())  # transformers' fused experts, unfused on load
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), module(x), rtol=1e-5, atol=1e-5)  # outputs reach ~50
@@ -70,10 +70,10 @@ def test_dsmoe_weights_load_into_transformers(model_type):
     """The other direction: dsmoe's hf_state_dict, fused, is a valid transformers state dict."""
     fields = CASES["v3-groups" if model_type == "deepseek_v3" else "v2-group-limited"][1]
     config, module = hf_module(model_type, fields)
-    layer = MoE(MoEConfig.from_hf(config.to_dict())).eval()
+    layer = MoE(hf.moe_config_from_hf(config.to_dict())).eval()
     if model_type == "deepseek_v3":
         layer.gate.bias.normal_(0, 0.2)
-    module.load_state_dict(hf.fuse_experts(layer.hf_state_dict()), strict=True)
+    module.load_state_dict(hf.fuse_experts(hf.hf_state_dict(layer)), strict=True)
     x = torch.randn(2, 5, D)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), module(x), rtol=1e-5, atol=1e-5)
@@ -83,12 +83,12 @@ def test_v2_norm_follows_deepseek_code_by_default():
     """DeepSeek's V2 code normalizes OR scales; transformers' V2 ignores norm_topk_prob and scales."""
     d = dict(model_type="deepseek_v2", hidden_size=D, moe_intermediate_size=F, n_routed_experts=8,
              num_experts_per_tok=3, norm_topk_prob=True, routed_scaling_factor=16.0)
-    cfg = MoEConfig.from_hf(d)
+    cfg = hf.moe_config_from_hf(d)
     assert (cfg.norm_topk_prob, cfg.route_scale) == (True, 1.0)
     assert (lambda c: (c.norm_topk_prob, c.route_scale))(hf.moe_config_from_hf(d, "transformers")) == (False, 16.0)
     weights, _, _, _ = MoE(cfg).gate(torch.randn(5, D))
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))
-    single = MoEConfig.from_hf(d | dict(num_experts_per_tok=1))  # K=1: DeepSeek's code takes the scale branch
+    single = hf.moe_config_from_hf(d | dict(num_experts_per_tok=1))  # K=1: DeepSeek's code takes the scale branch
     assert (single.norm_topk_prob, single.route_scale) == (False, 16.0)
 
 
@@ -98,7 +98,7 @@ def test_release_configs():
               n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
               norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=0.001,
               seq_aux=True)
-    assert MoEConfig.from_hf(v3) == MoEConfig(
+    assert hf.moe_config_from_hf(v3) == MoEConfig(
         dim=7168, n_routed_experts=256, n_shared_experts=1, top_k=8, expert_dim=2048, score_func="sigmoid",
         norm_topk_prob=True, route_scale=2.5, n_groups=8, topk_groups=4, group_score="top2",
         seq_aux_loss_alpha=0.001)
@@ -106,11 +106,11 @@ def test_release_configs():
                 n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
                 norm_topk_prob=False, scoring_func="softmax", topk_method="greedy", aux_loss_alpha=0.001,
                 seq_aux=True)
-    assert MoEConfig.from_hf(lite) == MoEConfig(
+    assert hf.moe_config_from_hf(lite) == MoEConfig(
         dim=2048, n_routed_experts=64, n_shared_experts=2, top_k=6, expert_dim=1408, seq_aux_loss_alpha=0.001)
     minimal = {k: v3[k] for k in ("model_type", "hidden_size", "moe_intermediate_size", "n_routed_experts",
                                   "num_experts_per_tok")}
-    assert MoEConfig.from_hf(minimal) == MoEConfig.from_hf(v3).replace(seq_aux_loss_alpha=0.0)  # V3 defaults
+    assert hf.moe_config_from_hf(minimal) == hf.moe_config_from_hf(v3).replace(seq_aux_loss_alpha=0.0)  # V3 defaults
 
 
 ROUND_TRIP = {
@@ -127,7 +127,7 @@ ROUND_TRIP = {
 
 @pytest.mark.parametrize("cfg", ROUND_TRIP.values(), ids=ROUND_TRIP.keys())
 def test_config_round_trip(cfg):
-    assert MoEConfig.from_hf(cfg.to_hf()) == cfg
+    assert hf.moe_config_from_hf(hf.moe_config_to_hf(cfg)) == cfg
 
 
 BAD_TO_HF = {
@@ -143,7 +143,7 @@ BAD_TO_HF = {
 @pytest.mark.parametrize("changes,match", BAD_TO_HF.values(), ids=BAD_TO_HF.keys())
 def test_to_hf_rejects_unrepresentable(changes, match):
     with pytest.raises(ValueError, match=match):
-        MoEConfig(**(dict(dim=16, n_routed_experts=8, top_k=2, expert_dim=8) | changes)).to_hf()
+        hf.moe_config_to_hf(MoEConfig(**(dict(dim=16, n_routed_experts=8, top_k=2, expert_dim=8) | changes)))
 
 
 GOOD = dict(model_type="deepseek_v3", hidden_size=D, moe_intermediate_size=F, n_routed_experts=8,
@@ -165,7 +165,7 @@ BAD_FROM_HF = {
 @pytest.mark.parametrize("changes,match", BAD_FROM_HF.values(), ids=BAD_FROM_HF.keys())
 def test_from_hf_rejects_bad_config(changes, match):
     with pytest.raises(ValueError, match=match):
-        MoEConfig.from_hf(GOOD | changes)
+        hf.moe_config_from_hf(GOOD | changes)
 
 
 def test_from_hf_rejects_bad_semantics():
@@ -180,7 +180,7 @@ def random_layer(cfg: MoEConfig) -> MoE:
 
 
 SMALL = {
-    "v3": MoEConfig.from_hf(GOOD),
+    "v3": hf.moe_config_from_hf(GOOD),
     "v2": MoEConfig(dim=D, n_routed_experts=4, n_shared_experts=2, top_k=2, expert_dim=F),
 }
 
@@ -188,15 +188,15 @@ SMALL = {
 @pytest.mark.parametrize("cfg", SMALL.values(), ids=SMALL.keys())
 def test_state_dict_round_trip(cfg):
     a = random_layer(cfg) if cfg.score_func == "sigmoid" else MoE(cfg)
-    sd = a.hf_state_dict()
+    sd = hf.hf_state_dict(a)
     assert set(sd) == set(hf.expected_shapes(cfg))
     assert ("gate.e_score_correction_bias" in sd) == (cfg.score_func == "sigmoid")
     b = MoE(cfg)
-    assert b.load_hf_state_dict(sd) == ([], [])
+    assert hf.load_hf_state_dict(b, sd) == ([], [])
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert b.gate.bias.dtype == torch.float32
-    sd2 = b.hf_state_dict()
+    sd2 = hf.hf_state_dict(b)
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     sd["experts.0.gate_proj.weight"].add_(1)  # plain tensors, not views into the layer
     assert not torch.equal(sd["experts.0.gate_proj.weight"], b.experts.w_gate[0])
@@ -205,28 +205,28 @@ def test_state_dict_round_trip(cfg):
 
 def test_load_reports_missing_and_unexpected_keys():
     layer = MoE(SMALL["v3"])
-    sd = layer.hf_state_dict()
+    sd = hf.hf_state_dict(layer)
     del sd["experts.3.up_proj.weight"]
     sd["experts.8.up_proj.weight"] = torch.zeros(F, D)
     with pytest.raises(KeyError, match=r"missing keys \[experts.3.up_proj.weight\].*unexpected keys "
                                        r"\[experts.8.up_proj.weight\]"):
-        layer.load_hf_state_dict(sd)
-    assert layer.load_hf_state_dict(sd, strict=False) == (["experts.3.up_proj.weight"],
+        hf.load_hf_state_dict(layer, sd)
+    assert hf.load_hf_state_dict(layer, sd, strict=False) == (["experts.3.up_proj.weight"],
                                                            ["experts.8.up_proj.weight"])
 
 
 def test_load_rejects_wrong_shapes():
     layer = MoE(SMALL["v2"])
-    sd = layer.hf_state_dict()
+    sd = hf.hf_state_dict(layer)
     sd["shared_experts.down_proj.weight"] = torch.zeros(D, F)  # width F, the layer has 2 shared experts
     with pytest.raises(ValueError, match=r"shared_experts.down_proj.weight: got \(16, 8\), expected \(16, 16\)"):
-        layer.load_hf_state_dict(sd, strict=False)
+        hf.load_hf_state_dict(layer, sd, strict=False)
 
 
 def test_v2_layer_with_bias_cannot_be_written():
     layer = random_layer(SMALL["v2"])
     with pytest.raises(ValueError, match="no gate.e_score_correction_bias"):
-        layer.hf_state_dict()
+        hf.hf_state_dict(layer)
 
 
 def test_unfuse_rejects_mismatched_fused_experts():

@@ -105,7 +105,8 @@ def test_kv_cache_logits_equal_full_recompute(kw):
         torch.testing.assert_close(prefill, full[:, :5], atol=1e-5, rtol=1e-5)
         for t in range(5, 20):
             step, _ = model(seq[:, t:t + 1], cache=cache)
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5, msg=lambda m: f"step {t}: {m}")
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, t=t: f"step {t}: {m}")
     assert cache.pos == 20
 
 
@@ -128,8 +129,8 @@ def test_generation_stops_at_max_seq_len_and_sampling_is_seeded():
     model = make_model()
     prompt = torch.randint(0, 50, (1, 30))
     assert model.generate(prompt, max_new_tokens=10, temperature=0).shape == (1, 32)
-    a = model.generate(prompt[:, :3], 8, temperature=1.0, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    b = model.generate(prompt[:, :3], 8, temperature=1.0, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    a, b = (model.generate(prompt[:, :3], 8, temperature=1.0, top_k=10, top_p=0.9,
+                           generator=torch.Generator().manual_seed(1)) for _ in range(2))
     assert torch.equal(a, b)
 
 

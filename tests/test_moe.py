@@ -64,7 +64,7 @@ def assert_fast_equals_reference(cfg: MoEConfig, T: int, seed: int = 0, path: st
         torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
         names = ["x"] + [n for n, _ in sorted(fast.named_parameters())]
         for name, a, b in zip(names, grads_fast, grads_ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
     assert torch.equal(fast.tokens_per_expert, ref.tokens_per_expert)
     return fast
 
@@ -81,8 +81,10 @@ VARIANTS = [  # every router variant x both grouped_mm paths x 0..2 shared; K, T
 ]
 
 
-@pytest.mark.parametrize("score,groups,norm,dims,shared", VARIANTS,
-                         ids=["-".join(map(str, v)).replace("False", "plain").replace("True", "norm") for v in VARIANTS])
+VARIANT_IDS = ["-".join(map(str, v)).replace("False", "plain").replace("True", "norm") for v in VARIANTS]
+
+
+@pytest.mark.parametrize("score,groups,norm,dims,shared", VARIANTS, ids=VARIANT_IDS)
 def test_fast_equals_reference_variants(score, groups, norm, dims, shared):
     i = VARIANTS.index((score, groups, norm, dims, shared))
     K = (1, 3, 8, 2, 5)[i % 5]
@@ -348,7 +350,8 @@ def test_set_top_k_validates():
 
 
 def test_aux_loss_is_alpha_under_uniform_routing():
-    """Expert-level loss under uniform routing: f_i = 1 and P_i = 1/E (a zero gate gives equal softmax scores, round-robin choice)."""
+    """Expert-level loss under uniform routing: f_i = 1 and P_i = 1/E (a zero gate gives equal softmax scores,
+    round-robin choice)."""
     cfg = make_cfg(top_k=2, aux_loss_alpha=0.01, uniform_routing=True, score_func="softmax")
     moe = MoE(cfg)
     with torch.no_grad():

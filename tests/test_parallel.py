@@ -26,8 +26,16 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dsmoe import MoE, MoEConfig, balancing
-from dsmoe.parallel import (apply_expert_parallel, comm_stats, expert_parallel_modules, full_state_dict,
-                            load_full_state_dict, sync_grads)
+from dsmoe.parallel import (
+    ExpertParallelContext,
+    apply_expert_parallel,
+    comm_stats,
+    expert_parallel_modules,
+    full_state_dict,
+    load_full_state_dict,
+)
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: the slow tier
 
 # --------------------------------------------------------------------------------------------- launcher
 
@@ -118,14 +126,14 @@ def check_equal_to_single_process(rank, world, cfg, batch="even", bias_to_rank0=
     block = ep.experts.expert_range
     for w in ("w_gate", "w_up", "w_down"):  # expert gradients stay local and are complete there
         torch.testing.assert_close(getattr(ep.experts, w).grad, getattr(ref.experts, w).grad[block.start:block.stop],
-                                   **close, msg=lambda m: f"{w}: {m}")
+                                   **close, msg=lambda m, w=w: f"{w}: {m}")
     ref_params = dict(ref.named_parameters())
     for name, p in ep.named_parameters():  # replicated: each rank holds its tokens' share of the gradient
         if "experts.w_" in name and "shared" not in name:
             continue
         grad = p.grad.clone()
         dist.all_reduce(grad)
-        torch.testing.assert_close(grad, ref_params[name].grad, **close, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, ref_params[name].grad, **close, msg=lambda m, name=name: f"{name}: {m}")
 
     # the dispatch is the real placement the comm balance loss counts (groups == devices)
     stats = ep.experts
@@ -250,8 +258,8 @@ def check_checkpoint_reshard(rank, world):
         load_full_state_dict(back2, bad)
 
 
-def check_sync_grads(rank, world):
-    """Mean-loss data parallel + sync_grads == one process on the whole batch, every parameter."""
+def check_reduce_grads(rank, world):
+    """Mean-loss data parallel + the context's reduce_grads == one process on the whole batch, every parameter."""
     torch.manual_seed(0)
     cfg = make_cfg(world, n_groups=world, topk_groups=1, top_k=2)
     ref = nn.Sequential(nn.Linear(D, D), MoE(cfg))
@@ -259,21 +267,20 @@ def check_sync_grads(rank, world):
     x = torch.randn(8 * world, D, generator=torch.Generator().manual_seed(3))
     ref(x).square().mean().backward()
     ep(x[8 * rank: 8 * rank + 8]).square().mean().backward()
-    sync_grads(ep)
+    ExpertParallelContext().reduce_grads(ep)
     ref_params = dict(ref.named_parameters())
     for name, p in ep.named_parameters():
         expected = ref_params[name].grad
         if name.endswith(("experts.w_gate", "experts.w_up", "experts.w_down")):
             block = ep[1].experts.expert_range
             expected = expected[block.start:block.stop]
-        torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert set(expert_parallel_modules(ep)) == {"1.experts"}
 
 
 def check_local_batch(rank, world):
     """Each rank takes its contiguous slice of the global batch; a batch the ranks cannot share is refused."""
-    from dsmoe.parallel import local_batch
-
+    local_batch = ExpertParallelContext().local_batch
     (x,) = local_batch(torch.arange(2 * world))
     assert x.tolist() == [2 * rank, 2 * rank + 1]
     try:
@@ -285,7 +292,7 @@ def check_local_batch(rank, world):
 
 
 def misc_worker(rank, world):
-    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "sync-grads": check_sync_grads,
+    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "reduce-grads": check_reduce_grads,
              "local-batch": check_local_batch}
     return run_cases(cases, rank, world)
 
@@ -336,7 +343,7 @@ def test_expert_parallel_layer(world, case, tmp_path_factory):
     assert not error, error
 
 
-@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "sync-grads", "local-batch"])
+@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "reduce-grads", "local-batch"])
 def test_checkpoints_and_grads(case, tmp_path_factory):
     error = _results("misc", 4, tmp_path_factory)[case]
     assert not error, error
@@ -376,12 +383,13 @@ TRAIN_SETS = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "s
 
 def train_worker(rank, world):
     """`dsmoe train --expert-parallel 2` in this process group; returns the losses and every layer's bias."""
-    from dsmoe import parallel
-    from dsmoe.train import build_configs, train
+    from dsmoe.config import build_configs
+    from dsmoe.parallel import context
+    from dsmoe.train import train
 
     models = []
-    apply = parallel.apply_expert_parallel
-    parallel.apply_expert_parallel = lambda model, *a, **k: models.append(model) or apply(model, *a, **k)
+    apply = context.apply_expert_parallel
+    context.apply_expert_parallel = lambda model, *a, **k: models.append(model) or apply(model, *a, **k)
     model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}",
                                                                 f"expert_parallel={world}"])
     train(model_cfg, train_cfg, progress=False)
@@ -390,20 +398,26 @@ def train_worker(rank, world):
 
 def eval_worker(rank, world):
     """The 2-rank checkpoint, loaded whole, sharded over this world, evaluated like the training run."""
+    from dsmoe.checkpoint import load_checkpoint
     from dsmoe.data import load_corpus
-    from dsmoe.train import evaluate, load_checkpoint
+    from dsmoe.evaluate import evaluate
+    from dsmoe.parallel import ExpertParallelContext
 
     model, _, train_cfg, tokenizer = load_checkpoint(os.environ["DSMOE_RUN"])
     apply_expert_parallel(model)
     corpus = load_corpus(None, tokenizer)
     windows = []
     model.register_forward_pre_hook(lambda module, args: windows.append(len(args[0])))
-    ev = evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
+    ev = evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches,
+                  ctx=ExpertParallelContext())
     return {**ev, "windows": sum(windows), "all_windows": train_cfg.batch_size * train_cfg.eval_batches}
 
 
-def _cut_at_step_2():
-    """Make the third Corpus.batch call (step 3's batch) raise KeyboardInterrupt: a Ctrl-C checkpoint at step 2."""
+def _cut_at_step_3():
+    """A Ctrl-C (a real SIGINT) at the third Corpus.batch call: step 3 finishes and the run stops at its log
+    point with a checkpoint of step 3."""
+    import signal
+
     from dsmoe.data import Corpus
 
     real, calls = Corpus.batch, []
@@ -411,7 +425,7 @@ def _cut_at_step_2():
     def batch(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real(self, *args, **kwargs)
 
     Corpus.batch = batch
@@ -420,14 +434,15 @@ def _cut_at_step_2():
 
 def resume_worker(rank, world):
     """Resume the run in DSMOE_RUN with `world` expert-parallel ranks; with DSMOE_CUT set, train it from scratch
-    and stop at step 2 instead."""
-    from dsmoe.train import build_configs, train
+    and stop at step 3 instead."""
+    from dsmoe.config import build_configs
+    from dsmoe.train import train
 
     sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={world}"]
     if not os.environ.get("DSMOE_CUT"):
         train(*build_configs("debug", sets + [f"resume={os.environ['DSMOE_RUN']}"]), progress=False)
         return {}
-    _cut_at_step_2()
+    _cut_at_step_3()
     try:
         train(*build_configs("debug", sets), progress=False)
     except KeyboardInterrupt:
@@ -440,8 +455,9 @@ def ctrl_c_worker(rank, world):
     stopped with KeyboardInterrupt."""
     import signal
 
+    from dsmoe.config import build_configs
     from dsmoe.model import MoETransformer
-    from dsmoe.train import build_configs, train
+    from dsmoe.train import train
 
     real, calls = MoETransformer.update_biases, []
 
@@ -470,8 +486,11 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
     every rank; the checkpoint written at 2 ranks gives the same validation loss at 1 and at 4."""
     from safetensors.torch import load_file
 
-    from dsmoe.train import build_configs, evaluate, load_checkpoint, train
+    from dsmoe.checkpoint import load_checkpoint
+    from dsmoe.config import build_configs
     from dsmoe.data import load_corpus
+    from dsmoe.evaluate import evaluate
+    from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
     model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'single'}"])
@@ -504,16 +523,17 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
 
 
 def test_resume_at_another_rank_count(tmp_path, monkeypatch):
-    """A run stopped at step 2 resumes at another rank count (1 -> 2 and 2 -> 1), optimizer state included:
-    the losses of steps 3-4 are the uninterrupted single-process run's."""
+    """A run stopped at step 3 resumes at another rank count (1 -> 2 and 2 -> 1), optimizer state included:
+    the loss of step 4 is the uninterrupted single-process run's."""
+    from dsmoe.config import build_configs
     from dsmoe.data import Corpus
-    from dsmoe.train import build_configs, train
+    from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
     train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'full'}"]), progress=False)
     full = torch.tensor(_train_rows(tmp_path / "full")[0])
 
-    real = _cut_at_step_2()  # 1 process to step 2, then 2 ranks
+    real = _cut_at_step_3()  # 1 process to step 3, then 2 ranks
     try:
         with pytest.raises(KeyboardInterrupt):
             train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'one'}"]), progress=False)
@@ -523,7 +543,7 @@ def test_resume_at_another_rank_count(tmp_path, monkeypatch):
     assert launch(resume_worker, 2, tmp_path / "results-one") == [{}, {}]
     torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "one")[0]), full, atol=1e-4, rtol=0)
 
-    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "two"))  # 2 ranks to step 2, then 1 process
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "two"))  # 2 ranks to step 3, then 1 process
     monkeypatch.setenv("DSMOE_CUT", "1")
     assert launch(resume_worker, 2, tmp_path / "results-two") == [{"interrupted": True}] * 2
     train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'two'}", f"resume={tmp_path / 'two'}"]),
@@ -542,7 +562,8 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monke
     """A Ctrl-C that reaches one expert-parallel rank stops both after the same step (alone, that rank would
     enter the checkpoint's collectives while the other trained on); the checkpoint resumes in one process to
     the uninterrupted run's losses."""
-    from dsmoe.train import build_configs, train
+    from dsmoe.config import build_configs
+    from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
     train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'full'}"]), progress=False)

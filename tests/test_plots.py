@@ -1,9 +1,11 @@
-"""`dsmoe report` (dsmoe.plots): every PNG is written from a synthetic metrics.jsonl shaped like a real
-run's (MoE and dense), through the function and the CLI, and bad run directories get clear errors."""
+"""dsmoe.plots: `dsmoe report` writes every PNG from a synthetic metrics.jsonl shaped like a real run's (MoE
+and dense), through the function and the CLI, and bad run directories get clear errors; the studies'
+figures are drawn from synthetic aggregated rows."""
 
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -92,13 +94,13 @@ BAD = {
 
 
 @pytest.mark.parametrize("text,exc,match", BAD.values(), ids=BAD.keys())
-def test_bad_run_dir_errors(tmp_path, text, exc, match):
+def test_bad_run_dir_errors(tmp_path, capsys, text, exc, match):
     if text is not None:
         (tmp_path / "metrics.jsonl").write_text(text)
     with pytest.raises(exc, match=match):
         plots.report(tmp_path)
-    with pytest.raises(SystemExit, match="dsmoe report: .*" + match):
-        cli.main(["report", "--run", str(tmp_path)])
+    assert cli.main(["report", "--run", str(tmp_path)]) == 1
+    assert re.search("dsmoe report: error: .*" + match, capsys.readouterr().out)
 
 
 def test_layers_named_by_block_when_config_is_present(tmp_path):
@@ -107,3 +109,29 @@ def test_layers_named_by_block_when_config_is_present(tmp_path):
     (run / "config.json").write_text(json.dumps({"model": {"first_k_dense": 1}, "train": {}}))
     assert plots.layer_names(run, 2) == ["block 1", "block 2"]
     assert_pngs(plots.report(run), MOE_PLOTS)
+
+
+def stat(mean: float) -> dict:
+    """A metric aggregated over two seeds, as dsmoe.studies.runner.aggregate writes it."""
+    return {"mean": mean, "std": 0.05 * mean, "min": 0.95 * mean, "max": 1.05 * mean, "values": [mean, mean]}
+
+
+def test_study_figures(tmp_path):
+    curve = {"step": [10, 20, 30, 40], "maxvio_batch": [2.0, 1.0, 0.5, 0.3], "loss": [4.0, 3.0, 2.5, 2.2]}
+    balance = [{"group": gate, "label": label, "curve": curve, "maxvio_global_mean": stat(0.2 + i),
+                "val_ppl": stat(6.0 + 0.1 * i)}
+               for gate in ("sigmoid", "softmax") for i, label in enumerate(["no balancing", "loss-free u=1e-3"])]
+    shape = [{"group": "no shared expert", "label": f"m={m}", "m": m, "val_ppl": stat(6.5 - 0.1 * m)}
+             for m in (1, 2, 4, 8)]
+    shape += [{"group": "dense", "label": label, "m": 0, "val_ppl": stat(ppl)}
+              for label, ppl in (("same active", 6.9), ("same total", 6.0))]
+    redundancy = [{"label": name, "redundancy": [{"ratio": r, "rise": stat(r * rise)} for r in (0, 1 / 8, 1 / 4)]}
+                  for name, rise in (("GShard-like", 1.0), ("DeepSeekMoE-like", 2.0))]
+    lift_LKE = [[[0.0, 0.5, 1.0, 4.0], [2.0, 1.0, 1.0, 0.25], [1.0] * 4] for _ in range(2)]
+    plots.plot_maxvio_curves(balance, tmp_path / "maxvio_batch.png")
+    plots.plot_balance_tradeoff(balance, tmp_path / "balance_vs_ppl.png")
+    plots.plot_shape(shape, tmp_path / "segmentation.png", "m", "m", "segmentation", log2_ticks=(1, 2, 4, 8))
+    plots.plot_kind_heatmap(lift_LKE, ("keyword", "digit", "space"), "preset", tmp_path / "kinds.png")
+    plots.plot_redundancy(redundancy, tmp_path / "redundancy.png")
+    assert_pngs(list(tmp_path.glob("*.png")),
+                ["maxvio_batch.png", "balance_vs_ppl.png", "segmentation.png", "kinds.png", "redundancy.png"])

@@ -1,6 +1,7 @@
 """The router (dsmoe.router): invariants of group-limited top-k routing, property-tested with hypothesis
 (distinct ids, chosen experts inside kept groups, non-negative and normalized weights, a bias that picks
-experts but never changes their weights), -inf masking under negative biased scores, and hand examples."""
+experts but never changes their weights), -inf masking under negative biased scores, excluded experts
+against a slow reference, and hand examples."""
 
 import pytest
 import torch
@@ -139,6 +140,56 @@ def test_route_by_hand_v3_style():
     assert ids.tolist() == [[2, 0]]
     s0, s2 = torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(0.0))
     torch.testing.assert_close(w, torch.stack([s2, s0]).unsqueeze(0) / (s0 + s2) * 2.5)
+
+
+def route_reference(logits_TE, bias_E, cfg, exclude_TE):
+    """route() one token at a time in plain Python: drop the excluded experts, keep the top-M groups by the
+    experts left, take the K best of what remains, weight them by their unbiased scores."""
+    scores_TE = scores_of(logits_TE, cfg)
+    per_group = cfg.n_routed_experts // cfg.n_groups
+    weights, ids = [], []
+    for t in range(logits_TE.shape[0]):
+        choice = {e: float(scores_TE[t, e] + bias_E[e]) for e in range(cfg.n_routed_experts) if not exclude_TE[t, e]}
+        if cfg.n_groups > 1:  # (the cases leave every group two experts or more)
+            best = [sorted((c for e, c in choice.items() if e // per_group == g), reverse=True)
+                    for g in range(cfg.n_groups)]
+            group = [sum(b[:2]) if cfg.group_score == "top2" else b[0] for b in best]
+            kept = sorted(range(cfg.n_groups), key=group.__getitem__, reverse=True)[:cfg.topk_groups]
+            choice = {e: c for e, c in choice.items() if e // per_group in kept}
+        picked = sorted(choice, key=choice.get, reverse=True)[:cfg.top_k]
+        w = [float(scores_TE[t, e]) for e in picked]
+        if cfg.norm_topk_prob:
+            w = [v / sum(w) for v in w]
+        ids.append(picked)
+        weights.append([v * cfg.route_scale for v in w])
+    return torch.tensor(weights), torch.tensor(ids)
+
+
+EXCLUDE_CASES = {  # (G, M, group score, K, experts excluded per token); every kept group keeps >= 2 experts
+    "flat": (1, 1, "max", 2, 3),
+    "groups-max": (4, 2, "max", 3, 2),
+    "groups-top2": (4, 2, "top2", 3, 2),
+}
+
+
+@pytest.mark.parametrize("G,M,group_score,K,n", EXCLUDE_CASES.values(), ids=EXCLUDE_CASES.keys())
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_route_exclude_matches_reference(G, M, group_score, K, n, score_func):
+    """Excluded experts are never picked; the rest is routed as if they did not exist, weights unbiased."""
+    cfg = MoEConfig(dim=4, n_routed_experts=16, top_k=K, expert_dim=4, n_shared_experts=0, n_groups=G,
+                    topk_groups=M, group_score=group_score, score_func=score_func, norm_topk_prob=True,
+                    route_scale=2.5)
+    gen = torch.Generator().manual_seed(0)
+    logits_TE = torch.randn(64, 16, generator=gen) * 3
+    bias_E = torch.randn(16, generator=gen) * 0.1
+    exclude_TE = torch.rand(64, 16, generator=gen).argsort(-1)[:, :n]  # n random experts per token ...
+    exclude_TE = torch.zeros(64, 16, dtype=torch.bool).scatter_(1, exclude_TE, True)  # ... as a mask
+    weights_TK, ids_TK, _ = route(logits_TE, bias_E, cfg, exclude_TE)
+    assert not exclude_TE.gather(1, ids_TK).any()
+    ref_weights_TK, ref_ids_TK = route_reference(logits_TE, bias_E, cfg, exclude_TE)
+    order, ref_order = ids_TK.argsort(-1), ref_ids_TK.argsort(-1)
+    assert torch.equal(ids_TK.gather(1, order), ref_ids_TK.gather(1, ref_order))
+    torch.testing.assert_close(weights_TK.gather(1, order), ref_weights_TK.gather(1, ref_order))
 
 
 def test_uniform_routing_round_robin():

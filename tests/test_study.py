@@ -1,20 +1,29 @@
-"""dsmoe.study: the studies' configurations keep what they claim constant, token kinds, the redundancy
+"""dsmoe.studies: the studies' configurations keep what they claim constant, token kinds, the redundancy
 test's expert masking against a slow reference, mutual information, and the whole machinery on a micro
 model (results.json complete and finite; an interrupted study resumes without retraining finished runs)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
+import inspect
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
-from dsmoe import study
-from dsmoe.config import MoEConfig, ModelConfig, preset
+from dsmoe import studies
+from dsmoe.cli import main
+from dsmoe.cli import study as study_cli
+from dsmoe.config import ModelConfig, MoEConfig, build_configs, preset
+from dsmoe.data import ByteTokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.router import route
+from dsmoe.studies import runner
 
 
 def micro_model() -> ModelConfig:
@@ -31,7 +40,7 @@ def test_segmentation_keeps_expert_params(name):
     """Every m, with or without a shared expert, has the same total and active expert width."""
     base = preset(name)
     widths = set()
-    for v in study.segmentation_variants(base):
+    for v in studies.segmentation_variants(base):
         moe = v.model.moe
         if moe is None:
             continue
@@ -43,8 +52,8 @@ def test_segmentation_keeps_expert_params(name):
 
 @pytest.mark.parametrize("name", ["debug", "tiny"], ids=["debug", "tiny"])
 def test_shared_study_constant_fine_experts(name):
-    variants = study.shared_variants(preset(name))
-    assert [v.info["shared"] for v in variants] == list(study.SHARED_COUNTS)
+    variants = studies.shared_variants(preset(name))
+    assert [v.info["shared"] for v in variants] == list(studies.SHARED_COUNTS)
     assert len({(v.model.moe.n_routed_experts + v.model.moe.n_shared_experts,
                  v.model.moe.top_k + v.model.moe.n_shared_experts) for v in variants}) == 1
 
@@ -52,15 +61,15 @@ def test_shared_study_constant_fine_experts(name):
 def test_dense_references_match_moe_sizes():
     """Dense same-active equals the MoE's active params up to the router; same-total within 2%."""
     base = preset("debug")
-    moe_model = study.segmented_model(base, 1, 0).model
-    same_active, same_total = (v.model for v in study.dense_models(base))
+    moe_model = studies.segmented_model(base, 1, 0).model
+    same_active, same_total = (v.model for v in studies.dense_models(base))
     router = base.n_moe_layers * base.dim * moe_model.moe.n_routed_experts
     assert same_active.num_params() == moe_model.num_active_params() - router
     assert abs(same_total.num_params() - moe_model.num_params()) / moe_model.num_params() < 0.02
 
 
 def test_balance_methods_cover_the_spec():
-    variants = study.balance_variants(preset("debug"))
+    variants = studies.balance_variants(preset("debug"))
     by_gate = {g: [v for v in variants if v.group == g] for g in ("sigmoid", "softmax")}
     assert len(by_gate["sigmoid"]) == 7 and len(by_gate["softmax"]) == 8
     speeds = sorted({v.model.moe.bias_update_speed for v in variants})
@@ -74,24 +83,22 @@ def test_balance_methods_cover_the_spec():
 
 def test_char_kinds_hand_example():
     text = "if x1:  # no\n    print(3)"
-    kinds = study.char_kinds(text)
+    kinds = studies.char_kinds(text)
     expect = {0: "keyword", 3: "identifier", 4: "identifier", 5: "punctuation", 6: "space", 8: "comment",
               12: "newline", 17: "builtin", 22: "bracket", 23: "digit"}
     assert {i: kinds[i] for i in expect} == expect
 
 
 def test_token_kinds_bytes_and_specials():
-    from dsmoe.data import ByteTokenizer
-
     tok = ByteTokenizer()
     ids = tok.encode("é'") + [tok.eos_id]
-    assert [study.KINDS[k] for k in study.token_kinds(ids, tok)] == ["other", "other", "quote", "special"]
+    assert [studies.KINDS[k] for k in studies.token_kinds(ids, tok)] == ["other", "other", "quote", "special"]
 
 
 @pytest.mark.parametrize("counts,expect", [([[5, 5], [5, 5]], 0.0), ([[10, 0], [0, 10]], 1.0)],
                          ids=["independent", "determined"])
 def test_mutual_information(counts, expect):
-    mi, frac = study.mutual_information(counts)
+    mi, frac = studies.mutual_information(counts)
     assert mi == pytest.approx(expect) and frac == pytest.approx(expect)
 
 
@@ -108,7 +115,7 @@ def test_disable_top_experts_matches_reference(score_func, n):
     gate = model.moe_layers()[0].gate
     gate.bias.uniform_(-0.1, 0.1)
     x_TD = torch.randn(32, cfg.dim)
-    with study.disable_top_experts(model, n):
+    with studies.disable_top_experts(model, n):
         weights_TK, ids_TK, scores_TE, _ = gate(x_TD)
     logits_TE = x_TD @ gate.weight.T
     ranked_TE = (route(logits_TE, gate.bias, gate.cfg)[2] + gate.bias).argsort(dim=-1, descending=True)
@@ -118,14 +125,15 @@ def test_disable_top_experts_matches_reference(score_func, n):
     if gate.cfg.norm_topk_prob:
         w_TK = w_TK / w_TK.sum(-1, keepdim=True)
     torch.testing.assert_close(weights_TK, w_TK * gate.cfg.route_scale)
-    assert "forward" not in vars(gate)  # the router is restored
+    assert gate.exclude_top == 0  # the router is restored
 
 
 def test_disable_top_experts_rejects_too_many():
     model = MoETransformer(micro_model())
     with pytest.raises(ValueError, match="cannot disable 15 of 16 experts"):
-        with study.disable_top_experts(model, 15):
+        with studies.disable_top_experts(model, 15):
             pass
+    assert all(m.gate.exclude_top == 0 for m in model.moe_layers())  # nothing was left excluded
 
 
 # ---- the machinery end to end ---------------------------------------------------------------------------
@@ -147,11 +155,6 @@ def _finite(x, path="results") -> None:
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """A micro base config: 2-layer 16-wide model, 2 steps, a small corpus of real Python source."""
-    import importlib
-    import inspect
-
-    from dsmoe.train import build_configs
-
     data = tmp_path_factory.mktemp("corpus")
     for name in ("dataclasses", "json.decoder", "string", "keyword"):
         (data / f"{name}.py").write_text(inspect.getsource(importlib.import_module(name)))
@@ -164,16 +167,19 @@ def micro(tmp_path_factory):
 
 def _run(micro, out, names, seeds=1):
     model, train_cfg = micro
-    return study.study(names, model, train_cfg, steps=2, seeds=seeds, out=out, log=lambda msg: None)
+    return studies.study(names, model, train_cfg, steps=2, seeds=seeds, out=out, log=lambda msg: None)
 
 
+@pytest.mark.slow
 def test_all_studies_write_complete_results(micro, tmp_path, monkeypatch):
     # a few variants of each study keep this fast; every code path of the studies still runs
-    few = {"balance": lambda b: [study.balance_variants(b)[i] for i in (0, 1, 4, 13)], "shared": lambda b: study.shared_variants(b)[:2],
-           "segmentation": lambda b: study.segmentation_variants(b)[::4]}
-    monkeypatch.setattr(study, "VARIANTS", {**study.VARIANTS, **few})
-    _run(micro, tmp_path, list(study.STUDIES))
-    for name in study.STUDIES:
+    few = {"balance": lambda b: [studies.balance_variants(b)[i] for i in (0, 1, 4, 13)],
+           "shared": lambda b: studies.shared_variants(b)[:2],
+           "segmentation": lambda b: studies.segmentation_variants(b)[::4]}
+    for name, variants in few.items():
+        monkeypatch.setitem(studies.VARIANTS, name, variants)
+    _run(micro, tmp_path, list(studies.STUDIES))
+    for name in studies.STUDIES:
         res = json.loads((tmp_path / name / "results.json").read_text())
         assert res["rows"] and res["steps"] == 2 and res["seeds"] == 1, name
         _finite(res["rows"], name)  # (the configs echoed beside the rows may hold None, e.g. data)
@@ -186,11 +192,10 @@ def test_all_studies_write_complete_results(micro, tmp_path, monkeypatch):
         assert r["curve"]["step"]
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
     """An interrupted study trains only the runs that had not finished, and a finished one trains none."""
-    from dsmoe import train as train_mod
-
-    real, calls = train_mod.train, []
+    real, calls = runner.train, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -198,12 +203,12 @@ def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the third run dies half-way
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train", interrupted)
+    monkeypatch.setattr(runner, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(micro, tmp_path, ["shared"], seeds=2)
-    n_runs = len(study.shared_variants(micro[0])) * 2  # 4 variants x 2 seeds
+    n_runs = len(studies.shared_variants(micro[0])) * 2  # 4 variants x 2 seeds
     calls.clear()
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(runner, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     _run(micro, tmp_path, ["shared"], seeds=2)
     assert len(calls) == n_runs - 2
     calls.clear()
@@ -211,21 +216,16 @@ def test_resume_skips_finished_runs(micro, tmp_path, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_changed_corpus_trains_again(micro, tmp_path, monkeypatch):
     """A cached run belongs to its corpus: editing a corpus file makes the same study train again; touching
     one does not."""
-    import dataclasses
-    import os
-    import shutil
-
-    from dsmoe import train as train_mod
-
     model, train_cfg = micro
     data = shutil.copytree(train_cfg.data, tmp_path / "corpus")
     mine = (model, dataclasses.replace(train_cfg, data=str(data)))
-    monkeypatch.setattr(study, "VARIANTS", {**study.VARIANTS, "shared": lambda b: study.shared_variants(b)[:1]})
-    real, calls = train_mod.train, []
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setitem(studies.VARIANTS, "shared", lambda b: studies.shared_variants(b)[:1])
+    real, calls = runner.train, []
+    monkeypatch.setattr(runner, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     for change, trained in ((None, 1), (None, 0), ("touch", 0), ("edit", 1)):
         if change == "touch":
             os.utime(data / "string.py", (1e9, 1e9))
@@ -241,8 +241,12 @@ def test_changed_corpus_trains_again(micro, tmp_path, monkeypatch):
                                           (["--threads", "0"], "--threads 0")],
                          ids=["zero-steps", "unknown-key", "zero-threads"])
 def test_cli_rejects_bad_input(argv, message, tmp_path, capsys):
-    from dsmoe.cli import main
-
     assert main(["study", "balance", "--out", str(tmp_path), *argv]) == 1
     assert message in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
+def test_cli_help_names_default_steps():
+    parser = argparse.ArgumentParser()
+    study_cli.add_arguments(parser)
+    assert "default per preset: debug 1200, tiny 1500" in " ".join(parser.format_help().split())

@@ -1,4 +1,5 @@
-"""Load balancing (DeepSeekMoE, DeepSeek-V2/V3, Loss-Free Balancing, Switch, ST-MoE): auxiliary losses as pure functions, and the loss-free bias update.
+"""Load balancing (DeepSeekMoE, DeepSeek-V2/V3, Loss-Free Balancing, Switch, ST-MoE): auxiliary losses as pure
+functions, and the loss-free bias update.
 
 Shapes: T tokens, B sequences of S tokens, E routed experts, K experts per token, G expert groups
 (devices), M groups a token may reach.
@@ -7,7 +8,6 @@ Shapes: T tokens, B sequences of S tokens, E routed experts, K experts per token
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from dsmoe.config import BiasRule
 
@@ -31,7 +31,8 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int) -> torch.Tensor:
     """
     B, S, E = scores_BSE.shape
     ids_BA = scores_BSE.detach().topk(top_k, dim=-1).indices.reshape(B, -1)
-    f_BE = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(1, ids_BA, torch.ones_like(ids_BA, dtype=torch.float))
+    ones_BA = torch.ones_like(ids_BA, dtype=torch.float)
+    f_BE = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(1, ids_BA, ones_BA)
     f_BE = f_BE * (E / (top_k * S))
     P_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
     return (f_BE * P_BE).sum(-1).mean()
@@ -61,15 +62,13 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, speed: float, rule: str, group=None) -> None:
+def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, speed: float, rule: str) -> None:
     """One loss-free balancing step (Wang et al. 2024, alg. 1), in place on the fp32 bias.
 
-    counts are this optimizer step's token counts; under torch.distributed they are summed over every
-    rank first, so every replica applies the same update.
+    counts are this optimizer step's token counts, summed over every rank by the caller
+    (dsmoe.moe.update_biases), so that every replica applies the same update.
     """
     counts_E = counts_E.float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts_E, group=group)
     mean = counts_E.mean()
     error_E = mean - counts_E
     if rule == BiasRule.SIGN:

@@ -16,6 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.data import Tokenizer, load_tokenizer
+from dsmoe.model import MoETransformer
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 TIED = "head.weight"  # dropped from the file when tied: safetensors refuses tensors that share memory
@@ -40,8 +46,6 @@ def save(directory, model, config: dict, state: dict, tokenizer=None, tensors: d
 
     `tensors`: the weights to write instead of model.state_dict() (expert parallel: the gathered experts).
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,9 +85,6 @@ def read_config(directory) -> dict:
 
 def load_weights(directory, model) -> None:
     """Load model.safetensors into `model`, every tensor checked for presence and shape."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = resolve(directory)
     path = directory / "model.safetensors"
     if not path.exists():
@@ -91,7 +92,8 @@ def load_weights(directory, model) -> None:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {str(directory)!r}: model.safetensors is corrupt or truncated ({e})") from None
+        raise CheckpointError(f"checkpoint {str(directory)!r}: model.safetensors is corrupt or truncated "
+                              f"({e})") from None
     if model.cfg.tie_embeddings and "embed.weight" in tensors:
         tensors[TIED] = tensors["embed.weight"]
     expected = model.state_dict()
@@ -100,7 +102,8 @@ def load_weights(directory, model) -> None:
     wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
     if missing or unexpected or wrong:
-        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {unexpected[:5]}"] if unexpected else [])
+        parts = (([f"missing {missing[:5]}"] if missing else [])
+                 + ([f"unexpected {unexpected[:5]}"] if unexpected else []))
         raise CheckpointError(f"checkpoint {str(directory)!r} does not match the model config: "
                               + "; ".join(parts + wrong[:5]))
     model.load_state_dict(tensors)
@@ -115,3 +118,28 @@ def load_state(directory, device="cpu") -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(directory)!r}: state.pt is corrupt or truncated ({e})") from None
+
+
+def configs_from_checkpoint(directory) -> tuple[ModelConfig, TrainConfig]:
+    """The configs saved with a checkpoint, or a CheckpointError saying why they are not valid."""
+    config = read_config(directory)
+    try:
+        return ModelConfig(**config["model"]), TrainConfig(**config.get("train", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: config.json is not a valid config ({e})") from None
+
+
+def resolve_device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return name
+
+
+def load_checkpoint(directory, device: str = "cpu") -> tuple[MoETransformer, ModelConfig, TrainConfig, Tokenizer]:
+    """(model, model_cfg, train_cfg, tokenizer) from a checkpoint or run directory, in eval mode."""
+    ckpt = resolve(directory)
+    model_cfg, train_cfg = configs_from_checkpoint(ckpt)
+    model = MoETransformer(model_cfg)
+    load_weights(ckpt, model)
+    model.to(resolve_device(device)).eval()
+    return model, model_cfg, train_cfg, load_tokenizer(ckpt)

@@ -74,7 +74,7 @@ class BPETokenizer:
         self.eos_id = tok.token_to_id("<|eos|>")
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
         try:
             from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         except ImportError:
@@ -88,7 +88,7 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, directory) -> "BPETokenizer":
+    def load(cls, directory) -> BPETokenizer:
         from tokenizers import Tokenizer
         return cls(Tokenizer.from_file(str(Path(directory, "bpe.json"))))
 
@@ -109,7 +109,10 @@ class BPETokenizer:
         Path(directory, "tokenizer.json").write_text(json.dumps({"kind": "bpe"}))
 
 
-def load_tokenizer(directory) -> ByteTokenizer | BPETokenizer:
+Tokenizer = ByteTokenizer | BPETokenizer
+
+
+def load_tokenizer(directory) -> Tokenizer:
     """The tokenizer saved in a checkpoint directory (byte when none was saved)."""
     path = Path(directory, "tokenizer.json")
     kind = json.loads(path.read_text())["kind"] if path.exists() else "byte"
@@ -140,7 +143,8 @@ def _path_hash(rel: str) -> float:
 def _text_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
 
 
 def _read_text(path: Path) -> str | None:
@@ -164,7 +168,8 @@ def list_documents(path: str | None, max_bytes: int = MAX_CORPUS_BYTES) -> tuple
     else:
         root = Path(path).expanduser()
         if not root.exists():
-            raise FileNotFoundError(f"corpus path {str(root)!r} does not exist (give a text file or a folder of text files)")
+            raise FileNotFoundError(f"corpus path {str(root)!r} does not exist "
+                                    "(give a text file or a folder of text files)")
         files = _text_files(root)
         if not files:
             raise ValueError(f"corpus {str(root)!r} holds no files (give a text file or a folder of text files)")
@@ -225,13 +230,13 @@ def read_split(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction
     """{"train": [(name, text)], "val": [...]}: documents split by path hash; with too few documents, one
     text whose last val_fraction (at least 10%) is held out."""
     base, files = list_documents(path, max_bytes)
-    docs = [(str(p.relative_to(base)), _read_text(p)) for p in files]
     limit = MAX_DOC_CHARS if path is None else None  # a user's own files are taken whole
-    docs = [(name, text[:limit]) for name, text in docs if text]
+    read = [(str(p.relative_to(base)), _read_text(p)) for p in files]
+    docs = [(name, text[:limit]) for name, text in read if text]
     where = path or "the standard library"
     if not docs:
         raise ValueError(f"corpus {where!r} is empty or unreadable: no non-empty UTF-8 text file found")
-    split = {"train": [], "val": []}
+    split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
     for name, text in docs:
         split["val" if _path_hash(name) < val_fraction else "train"].append((name, text))
     if not split["train"] or not split["val"]:  # too few documents to split by file: cut the text instead

@@ -1,15 +1,57 @@
-"""`dsmoe eval --checkpoint DIR`: validation loss, perplexity, per-layer MaxVio_global and the expert load table."""
+"""Evaluation: validation loss, perplexity and MaxVio_global (Loss-Free Balancing §4.1) of a model on a corpus."""
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+from typing import Any
 
-def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run directory")
-    p.add_argument("--data", help="text file or folder to evaluate on (default: the run's corpus)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
-    p.add_argument("--split", choices=["val", "train"], default="val",
-                   help="evaluate on the held-out files (default) or on windows of the training split")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+import torch
+
+from dsmoe.data import Corpus
+from dsmoe.metrics import max_violation
+from dsmoe.model import MoETransformer
+from dsmoe.parallel.context import SingleProcess
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: int, batches: int,
+             device: str = "cpu", split: str = "val", ctx: SingleProcess | None = None) -> dict:
+    """Loss, perplexity, per-layer MaxVio_global and load [L, E] from the load summed over the whole pass.
+
+    Windows are spread evenly over the split (no RNG, so evaluating never shifts training). The model runs
+    in eval mode under no_grad, so the balancing counts are untouched. Under a distributed context each
+    rank evaluates its share of every batch and the sums are all-reduced.
+    """
+    ctx = ctx or SingleProcess()
+    was_training = model.training
+    model.eval()
+    n = batches * batch_size
+    starts = torch.linspace(0, len(getattr(corpus, split)) - seq_len - 1, n).long()
+    total_loss = torch.zeros((), device=device)
+    load_LE = None
+    for i in range(0, n, batch_size):
+        x, y = ctx.local_batch(*corpus.windows(split, starts[i:i + batch_size], seq_len))
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        total_loss += loss.float() * len(x)
+        stats = model.routing_stats()
+        if stats:
+            load_LE = stats["tokens_per_expert"] if load_LE is None else load_LE + stats["tokens_per_expert"]
+    model.train(was_training)
+    ctx.all_reduce_(total_loss)
+    loss = (total_loss / n).item()
+    out: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "maxvio_global": [], "load": []}
+    if load_LE is not None:
+        ctx.all_reduce_(load_LE)
+        out["maxvio_global"] = max_violation(load_LE).tolist()
+        out["load"] = load_LE.tolist()
+    return out
 
 
 def load_table(load_LE: list[list[int]], first_layer: int = 0) -> str:
@@ -23,27 +65,3 @@ def load_table(load_LE: list[list[int]], first_layer: int = 0) -> str:
         mean = max(sum(row) / E, 1e-12)
         lines.append(f"{first_layer + i:>5d} " + " ".join(f"{v / mean:5.2f}" for v in row))
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    from dsmoe.checkpoint import CheckpointError
-    from dsmoe.data import load_corpus
-    from dsmoe.train import evaluate, load_checkpoint
-
-    try:
-        model, model_cfg, train_cfg, tokenizer = load_checkpoint(args.checkpoint, args.device)
-        corpus = load_corpus(args.data if args.data else train_cfg.data, tokenizer)
-        seq_len = train_cfg.seq_len or model_cfg.max_seq_len
-        corpus.check(seq_len)
-        ev = evaluate(model, corpus, train_cfg.batch_size, seq_len, args.batches or train_cfg.eval_batches,
-                      args.device, args.split)
-    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"dsmoe eval: error: {e}")
-        return 1
-    mv = ev["maxvio_global"]
-    print(f"{'validation' if args.split == 'val' else 'training-split'} loss {ev['loss']:.4f}, "
-          f"perplexity {ev['ppl']:.2f}")
-    if mv:
-        print(f"MaxVio_global per MoE layer: {', '.join(f'{v:.3f}' for v in mv)} (mean {sum(mv) / len(mv):.3f})")
-    print(load_table(ev["load"], model_cfg.first_k_dense if model_cfg.moe else 0))
-    return 0

@@ -1,18 +1,26 @@
 """Expert computation.
 
-Shapes: T tokens, D model dim, E experts, F expert hidden dim, K experts per token, A = T*K assignments.
+Shapes (the suffixes on names):
+    T tokens   D model dim   E experts   F expert hidden dim   K experts per token
+    A assignments (token, expert), sorted by expert: T*K, fewer once dropped ones are removed
+      (keep_A marks the kept ones among all T*K)
+    n rows of one chunk of the A sorted assignments (all A for the grouped plan)
+    I, O a projection's input and output width, its weights stacked [E, O, I]:
+      gate and up [E, F, D] (I=D, O=F), down [E, D, F] (I=F, O=D)
+Routing weights are `weights_A`; expert weight matrices are `w_gate_EFD`, `w_up_EFD`, `w_down_EDF`.
 
 `GroupedExperts` stores the experts stacked ([E, F, D] like HuggingFace's per-expert [F, D]) and sorts the A
-token-expert assignments by expert. A hand-written autograd function then gathers each expert's tokens, runs
-its SwiGLU (the routing weight scales the hidden activation, before the down projection) and adds the results
-back into the T outputs: on CUDA one torch grouped_mm per projection over all A rows; on CPU one matmul per
-expert over chunks of a few experts, so that temporaries stay small. It saves only the gate and up
-pre-activations for backward. `reference_experts` is the plain per-expert loop it must equal.
+assignments by expert. A hand-written autograd function then gathers each expert's tokens, runs its SwiGLU (the
+routing weight scales the hidden activation, before the down projection) and adds the results back into the T
+outputs, following a plan: `GroupedMMPlan` (CUDA) runs one torch grouped_mm per projection over all A rows;
+`ChunkedPlan` (CPU) one matmul per expert over chunks of a few experts, so that temporaries stay small. It saves
+only the gate and up pre-activations for backward. `reference_experts` is the plain per-expert loop it must equal.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +36,12 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # nn.Module.__call__ returns Any
+        return y
 
 
-def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+def _grouped_mm_ok(x: torch.Tensor, *stacked_EOI: torch.Tensor) -> bool:
     """torch's grouped_mm needs 16-byte aligned rows, and on CUDA a Hopper-class GPU."""
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -41,142 +50,183 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if x.device.type not in ("cpu", "cuda") or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     align = 16 // x.element_size()
-    return all(w.dtype == x.dtype and w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+    return all(w_EOI.dtype == x.dtype and w_EOI.shape[-1] % align == 0 and w_EOI.shape[-2] % align == 0
+               for w_EOI in stacked_EOI)
 
 
-class _ContiguousGrad(torch.autograd.Function):
+class ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects zero strides)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
-# Chunks of assignments, sorted by expert. A chunk is (rows, parts): `rows` a slice of the A sorted
-# assignments, and `parts` either a list of (sub-slice of the chunk, expert index), one matmul each, or the
-# int32 offsets of every expert's rows for one torch grouped_mm (then the chunk is all of A).
-_CHUNK_BYTES = 2**18  # a chunk's [rows, D] input: about one expert at 4096 tokens, more at fewer (measured)
+# ----------------------------------------------------------------------------------------------------------------
+# Plans: how the A sorted assignments are cut into chunks and how each chunk's rows meet their experts' weights.
+# chunks() yields (rows of A, sub-plan); a sub-plan projects a chunk: project (forward), project_back (input
+# gradient), weight_grad. saves_in_place says whether chunks write the saved pre-activations into [A, F]
+# buffers (else the one chunk's outputs are kept); grad_buffers gives what weight_grad writes into.
+
+_CHUNK_BYTES = 2**18  # a chunk's [n, D] input: about one expert at 4096 tokens, more at fewer (measured)
 
 
-def _project(x_nI, w_EOI, parts, out=None):
-    """Rows of each expert times that expert's w^T: x [n, I], w [E, O, I] -> [n, O]."""
-    if isinstance(parts, torch.Tensor):
-        return torch._grouped_mm(x_nI, w_EOI.transpose(1, 2), offs=parts)
-    out = x_nI.new_empty(x_nI.shape[0], w_EOI.shape[1]) if out is None else out
-    for sub, e in parts:
-        torch.mm(x_nI[sub], w_EOI[e].T, out=out[sub])
-    return out
+class GroupedMMPlan:
+    """All A rows in one chunk, one torch._grouped_mm per projection over int32 offsets: no host sync."""
+
+    saves_in_place = False  # grouped_mm allocates its outputs; the one chunk's are the [A, F] pre-activations
+
+    def __init__(self, counts_E: torch.Tensor):
+        self.offsets_E = counts_E.cumsum(0).to(torch.int32)
+
+    def chunks(self) -> tuple[tuple[slice, GroupedMMPlan]]:
+        return ((slice(None), self),)
+
+    def grad_buffers(self, *w_EOI: torch.Tensor) -> tuple[None, ...]:
+        return (None,) * len(w_EOI)  # grouped_mm allocates each weight gradient whole (zero for idle experts)
+
+    def project(self, x_nI: torch.Tensor, w_EOI: torch.Tensor, out_nO: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of each expert times that expert's w^T: [n, I] -> [n, O] (grouped_mm allocates; no out)."""
+        return torch._grouped_mm(x_nI, w_EOI.transpose(1, 2), offs=self.offsets_E)
+
+    def project_back(self, grad_nO: torch.Tensor, w_EOI: torch.Tensor,
+                     acc_nI: torch.Tensor | None = None) -> torch.Tensor:
+        """The input gradient of project, [n, O] -> [n, I]; added into acc when given."""
+        out_nI = torch._grouped_mm(grad_nO, w_EOI, offs=self.offsets_E)
+        return out_nI if acc_nI is None else acc_nI.add_(out_nI)
+
+    def weight_grad(self, grad_nO: torch.Tensor, x_nI: torch.Tensor, grad_EOI: torch.Tensor | None) -> torch.Tensor:
+        """The weight gradient of project, grad^T @ x per expert, returned whole (grad_EOI is not written)."""
+        return torch._grouped_mm(grad_nO.T, x_nI, offs=self.offsets_E)
 
 
-def _project_back(g_nO, w_EOI, parts, acc_nI=None):
-    """The input gradient of _project: rows of each expert times that expert's w, [n, O] -> [n, I];
-    added into acc when given."""
-    if isinstance(parts, torch.Tensor):
-        out = torch._grouped_mm(g_nO, w_EOI, offs=parts)
-        return out if acc_nI is None else acc_nI.add_(out)
-    out = g_nO.new_empty(g_nO.shape[0], w_EOI.shape[2]) if acc_nI is None else acc_nI
-    for sub, e in parts:
-        if acc_nI is None:
-            torch.mm(g_nO[sub], w_EOI[e], out=out[sub])
-        else:
-            out[sub].addmm_(g_nO[sub], w_EOI[e])
-    return out
+class ChunkedPlan:
+    """Consecutive experts grouped into chunks of about _CHUNK_BYTES of input rows (experts without rows
+    skipped), so that every temporary stays in cache and in the allocator's free lists (the large [A, D]
+    gathers of a one-shot version cost fresh pages each step). Needs the counts on the host."""
+
+    saves_in_place = True
+
+    def __init__(self, counts: list[int], row_bytes: int):
+        self.n_experts, self.used = len(counts), [e for e, n in enumerate(counts) if n]
+        self._chunks: list[tuple[slice, _PerExpertMM]] = []
+        parts: list[tuple[slice, int]] = []
+        start = end = 0
+        for e, n in enumerate(counts):
+            if n:
+                parts.append((slice(end - start, end - start + n), e))
+                end += n
+            if parts and ((end - start) * row_bytes >= _CHUNK_BYTES or e == len(counts) - 1):
+                self._chunks.append((slice(start, end), _PerExpertMM(parts)))
+                parts, start = [], end
+
+    def chunks(self) -> list[tuple[slice, _PerExpertMM]]:
+        return self._chunks
+
+    def grad_buffers(self, *w_EOI: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Weight gradients that the chunks fill expert by expert; an idle expert's, which no chunk writes, is
+        exactly zero."""
+        grads_EOI = tuple(map(torch.empty_like, w_EOI))
+        if len(self.used) < self.n_experts:
+            idle_E = torch.ones(self.n_experts, dtype=torch.bool, device=w_EOI[0].device)
+            idle_E[self.used] = False
+            for grad_EOI in grads_EOI:
+                grad_EOI[idle_E] = 0
+        return grads_EOI
 
 
-def _weight_grad(g_nO, x_nI, parts, grad_EOI):
-    """The weight gradient of _project, g^T @ x per expert, written into grad (or returned whole)."""
-    if isinstance(parts, torch.Tensor):
-        return torch._grouped_mm(g_nO.T, x_nI, offs=parts)
-    for sub, e in parts:
-        torch.mm(g_nO[sub].T, x_nI[sub], out=grad_EOI[e])
-    return grad_EOI
+class _PerExpertMM:
+    """One chunk of a ChunkedPlan: one torch.mm per expert over its rows of the chunk."""
+
+    def __init__(self, parts: list[tuple[slice, int]]):
+        self.parts = parts  # (that expert's rows of the chunk, expert index), in row order
+
+    def project(self, x_nI: torch.Tensor, w_EOI: torch.Tensor, out_nO: torch.Tensor | None = None) -> torch.Tensor:
+        out_nO = x_nI.new_empty(x_nI.shape[0], w_EOI.shape[1]) if out_nO is None else out_nO
+        for rows, e in self.parts:
+            torch.mm(x_nI[rows], w_EOI[e].T, out=out_nO[rows])
+        return out_nO
+
+    def project_back(self, grad_nO: torch.Tensor, w_EOI: torch.Tensor,
+                     acc_nI: torch.Tensor | None = None) -> torch.Tensor:
+        out_nI = grad_nO.new_empty(grad_nO.shape[0], w_EOI.shape[2]) if acc_nI is None else acc_nI
+        for rows, e in self.parts:
+            if acc_nI is None:
+                torch.mm(grad_nO[rows], w_EOI[e], out=out_nI[rows])
+            else:
+                out_nI[rows].addmm_(grad_nO[rows], w_EOI[e])
+        return out_nI
+
+    def weight_grad(self, grad_nO: torch.Tensor, x_nI: torch.Tensor, grad_EOI: torch.Tensor) -> torch.Tensor:
+        for rows, e in self.parts:
+            torch.mm(grad_nO[rows].T, x_nI[rows], out=grad_EOI[e])
+        return grad_EOI
 
 
-def _silu_and_grad(g):
-    """silu(g) and its derivative sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
-    s = torch.sigmoid(g)
-    sg = g * s
-    return sg, (g - sg).add_(1).mul_(s)  # = s * (1 + g * (1 - s)), in fewer passes
-
-
-def _chunks(counts: list[int], row_bytes: int) -> list:
-    """Group consecutive experts into chunks of about _CHUNK_BYTES of input rows (empty experts skipped)."""
-    chunks, parts, start, end = [], [], 0, 0
-    for e, n in enumerate(counts):
-        if n:
-            parts.append((slice(end - start, end - start + n), e))
-            end += n
-        if parts and ((end - start) * row_bytes >= _CHUNK_BYTES or e == len(counts) - 1):
-            chunks.append((slice(start, end), parts))
-            parts, start = [], end
-    return chunks
+def _silu_and_grad(gate_nF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) and its derivative sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))."""
+    sig_nF = torch.sigmoid(gate_nF)
+    silu_nF = gate_nF * sig_nF
+    return silu_nF, (gate_nF - silu_nF).add_(1).mul_(sig_nF)  # = sig * (1 + gate * (1 - sig)), in fewer passes
 
 
 class _RoutedSwiGLU(torch.autograd.Function):
-    """Gather -> SwiGLU of each assignment's expert, scaled by its routing weight -> scatter-add, by hand.
-
-    Assignments come sorted by expert and split into chunks (see _chunks): on CPU a chunk is a few experts'
-    rows, small enough that every temporary stays in cache and in the allocator's free lists (the large
-    [A, D] gathers of the one-shot version cost fresh pages each step); on CUDA one chunk takes every row
-    with one grouped_mm per projection and no host sync.
-    Only the two pre-activations g and u are saved: the gathered input, silu(g) and the hidden are
-    recomputed in backward, so the routed experts keep 2*A*F numbers for backward instead of A*D + 5*A*F.
+    """Gather -> SwiGLU of each assignment's expert, scaled by its routing weight -> scatter-add, by hand,
+    chunk by chunk of the plan. Only the two pre-activations gate and up are saved: the gathered input, silu
+    and the hidden are recomputed in backward, so the routed experts keep 2*A*F numbers for backward instead
+    of A*D + 5*A*F.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w_gate, w_up, w_down, w_A, token_A, chunks):
-        A, F_ = token_A.numel(), w_gate.shape[1]
-        one_shot = len(chunks) == 1 and isinstance(chunks[0][1], torch.Tensor)
-        g_AF = None if one_shot else x_TD.new_empty(A, F_)  # chunks write their rows in place
-        u_AF = None if one_shot else x_TD.new_empty(A, F_)
+    def forward(ctx: Any, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
+                w_down_EDF: torch.Tensor, weights_A: torch.Tensor, token_A: torch.Tensor,
+                plan: GroupedMMPlan | ChunkedPlan) -> torch.Tensor:
+        A, F_ = token_A.numel(), w_gate_EFD.shape[1]
+        gate_AF = x_TD.new_empty(A, F_) if plan.saves_in_place else None
+        up_AF = x_TD.new_empty(A, F_) if plan.saves_in_place else None
         y_TD = torch.zeros_like(x_TD)
-        for rows, parts in chunks:
-            tok = token_A[rows]
-            x_nD = x_TD.index_select(0, tok)
-            g = _project(x_nD, w_gate, parts, None if one_shot else g_AF[rows])
-            u = _project(x_nD, w_up, parts, None if one_shot else u_AF[rows])
+        for rows, chunk in plan.chunks():
+            token_n = token_A[rows]
+            x_nD = x_TD.index_select(0, token_n)
+            gate_nF = chunk.project(x_nD, w_gate_EFD, None if gate_AF is None else gate_AF[rows])
+            up_nF = chunk.project(x_nD, w_up_EFD, None if up_AF is None else up_AF[rows])
             del x_nD
-            h = F.silu(g).mul_(u).mul_(w_A[rows, None])
-            y_TD.index_add_(0, tok, _project(h, w_down, parts))
-        if one_shot:
-            g_AF, u_AF = g, u
-        ctx.save_for_backward(x_TD, w_gate, w_up, w_down, w_A, token_A, g_AF, u_AF)
-        ctx.chunks = chunks
+            hidden_nF = F.silu(gate_nF).mul_(up_nF).mul_(weights_A[rows, None])
+            y_TD.index_add_(0, token_n, chunk.project(hidden_nF, w_down_EDF))
+        if gate_AF is None:  # one chunk of all A rows
+            gate_AF, up_AF = gate_nF, up_nF
+        ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_A, token_A, gate_AF, up_AF)
+        ctx.plan = plan
         return y_TD
 
     @staticmethod
-    def backward(ctx, grad_TD):
-        x_TD, w_gate, w_up, w_down, w_A, token_A, g_AF, u_AF = ctx.saved_tensors
-        grad_x = torch.zeros_like(x_TD)
-        grad_wg, grad_wu, grad_wd = (torch.empty_like(w) for w in (w_gate, w_up, w_down))
-        used = [e for _, parts in ctx.chunks if isinstance(parts, list) for _, e in parts]
-        if len(used) < w_gate.shape[0] and not (ctx.chunks and isinstance(ctx.chunks[0][1], torch.Tensor)):
-            idle_E = torch.ones(w_gate.shape[0], dtype=torch.bool, device=w_gate.device)
-            idle_E[used] = False
-            for grad in (grad_wg, grad_wu, grad_wd):
-                grad[idle_E] = 0  # an idle expert's gradient is exactly zero
-        grad_wA = torch.empty_like(w_A)
-        for rows, parts in ctx.chunks:
-            tok = token_A[rows]
-            x_nD, gy_nD = x_TD.index_select(0, tok), grad_TD.index_select(0, tok)  # contiguous, always
-            g, u, w = g_AF[rows], u_AF[rows], w_A[rows, None]
-            sg, dsilu = _silu_and_grad(g)
-            h = sg * u
-            grad_wd = _weight_grad(gy_nD, h * w, parts, grad_wd)
-            grad_hw = _project_back(gy_nD, w_down, parts)
-            del gy_nD
-            grad_wA[rows] = (grad_hw * h).sum(-1)
-            grad_h = grad_hw.mul_(w)
-            grad_u = grad_h * sg
-            grad_g = grad_h.mul_(u).mul_(dsilu)
-            grad_wg = _weight_grad(grad_g, x_nD, parts, grad_wg)
-            grad_wu = _weight_grad(grad_u, x_nD, parts, grad_wu)
-            grad_x.index_add_(0, tok, _project_back(grad_u, w_up, parts, _project_back(grad_g, w_gate, parts)))
-        return grad_x, grad_wg, grad_wu, grad_wd, grad_wA, None, None
+    def backward(ctx: Any, grad_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_A, token_A, gate_AF, up_AF = ctx.saved_tensors
+        grad_x_TD = torch.zeros_like(x_TD)
+        grad_gate_EFD, grad_up_EFD, grad_down_EDF = ctx.plan.grad_buffers(w_gate_EFD, w_up_EFD, w_down_EDF)
+        grad_weights_A = torch.empty_like(weights_A)
+        for rows, chunk in ctx.plan.chunks():
+            token_n = token_A[rows]
+            x_nD, grad_y_nD = x_TD.index_select(0, token_n), grad_TD.index_select(0, token_n)  # contiguous, always
+            gate_nF, up_nF, weights_n1 = gate_AF[rows], up_AF[rows], weights_A[rows, None]
+            silu_nF, dsilu_nF = _silu_and_grad(gate_nF)
+            hidden_nF = silu_nF * up_nF
+            grad_down_EDF = chunk.weight_grad(grad_y_nD, hidden_nF * weights_n1, grad_down_EDF)
+            grad_hw_nF = chunk.project_back(grad_y_nD, w_down_EDF)  # gradient of the weighted hidden
+            del grad_y_nD
+            grad_weights_A[rows] = (grad_hw_nF * hidden_nF).sum(-1)
+            grad_hidden_nF = grad_hw_nF.mul_(weights_n1)
+            grad_up_nF = grad_hidden_nF * silu_nF
+            grad_gate_nF = grad_hidden_nF.mul_(up_nF).mul_(dsilu_nF)
+            grad_gate_EFD = chunk.weight_grad(grad_gate_nF, x_nD, grad_gate_EFD)
+            grad_up_EFD = chunk.weight_grad(grad_up_nF, x_nD, grad_up_EFD)
+            grad_x_TD.index_add_(0, token_n, chunk.project_back(grad_up_nF, w_up_EFD,
+                                                                chunk.project_back(grad_gate_nF, w_gate_EFD)))
+        return grad_x_TD, grad_gate_EFD, grad_up_EFD, grad_down_EDF, grad_weights_A, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -188,57 +238,69 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
-        self.w_gate = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.w_up = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w_gate = nn.Parameter(torch.empty(n_experts, hidden, dim))  # [E, F, D]
+        self.w_up = nn.Parameter(torch.empty(n_experts, hidden, dim))  # [E, F, D]
+        self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, D, F]
         self.use_grouped_mm: bool | None = None
         self.reset_parameters()
 
-    def reset_parameters(self):
-        for w in (self.w_gate, self.w_up, self.w_down):  # nn.Linear's default, per expert
-            bound = 1 / math.sqrt(w.shape[-1])
-            nn.init.uniform_(w, -bound, bound)
+    def reset_parameters(self) -> None:
+        for w_EOI in (self.w_gate, self.w_up, self.w_down):  # nn.Linear's default, per expert
+            bound = 1 / math.sqrt(w_EOI.shape[-1])
+            nn.init.uniform_(w_EOI, -bound, bound)
 
-    def forward(self, x_TD, ids_TK, weights_TK, keep_A: torch.Tensor | None = None):
-        """x [T, D]; ids, weights [T, K]; keep [T*K] bool marks the assignments that are not dropped."""
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_A: torch.Tensor | None = None) -> torch.Tensor:
+        """keep_A [T*K] bool marks the assignments that are not dropped."""
         T, K = ids_TK.shape
         E = self.w_gate.shape[0]
-        ids_A, w_A = ids_TK.reshape(-1), weights_TK.reshape(-1)
+        ids_A, weights_A = ids_TK.reshape(-1), weights_TK.reshape(-1)
         if keep_A is not None:
             assign_A = keep_A.nonzero().squeeze(1)
-            ids_A, w_A = ids_A[assign_A], w_A[assign_A]
+            ids_A, weights_A = ids_A[assign_A], weights_A[assign_A]
         order_A = ids_A.argsort(stable=True)
         token_A = (order_A if keep_A is None else assign_A[order_A]) // K
-        w_A = w_A[order_A].to(x_TD.dtype)
+        weights_A = weights_A[order_A].to(x_TD.dtype)
         counts_E = torch.bincount(ids_A, minlength=E)
-        return routed_swiglu(x_TD, self.w_gate, self.w_up, self.w_down, w_A, token_A, counts_E, self.use_grouped_mm)
+        return routed_swiglu(x_TD, self.w_gate, self.w_up, self.w_down, weights_A, token_A, counts_E,
+                             self.use_grouped_mm)
 
 
-def routed_swiglu(x_TD, w_gate, w_up, w_down, w_A, token_A, counts_E, use_grouped_mm: bool | None = None):
-    """sum over assignments a of w_A[a] * expert_e(x[token_A[a]]) into row token_A[a], assignments sorted by
-    expert e with counts_E[e] of them. Shared by GroupedExperts and the expert-parallel receive side.
+def make_plan(x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_down_EDF: torch.Tensor, counts_E: torch.Tensor,
+              use_grouped_mm: bool | None = None) -> GroupedMMPlan | ChunkedPlan:
+    """GroupedMMPlan where torch's grouped_mm applies and is wanted, else ChunkedPlan (one host sync).
 
     use_grouped_mm None picks by device: on CPU torch's grouped_mm is itself a loop over experts, but over the
-    whole gathered [A, D] input, and the chunked per-expert loop here measures faster (benchmarks/bench_layer.py);
+    whole gathered [A, D] input, and the chunked per-expert loop measures faster (benchmarks/bench_layer.py);
     on CUDA one kernel per projection avoids a host sync.
     """
-    grouped = _grouped_mm_ok(x_TD, w_gate, w_down) and (
+    grouped = _grouped_mm_ok(x_TD, w_gate_EFD, w_down_EDF) and (
         x_TD.device.type == "cuda" if use_grouped_mm is None else use_grouped_mm)
     if grouped:
-        chunks = [(slice(None), counts_E.cumsum(0).to(torch.int32))]
-    else:
-        chunks = _chunks(counts_E.tolist(), x_TD.shape[1] * x_TD.element_size())
-    return _RoutedSwiGLU.apply(x_TD, w_gate, w_up, w_down, w_A, token_A, chunks)
+        return GroupedMMPlan(counts_E)
+    return ChunkedPlan(counts_E.tolist(), x_TD.shape[1] * x_TD.element_size())
 
 
-def reference_experts(experts: GroupedExperts, x_TD, ids_TK, weights_TK, keep_A=None):
+def routed_swiglu(x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  weights_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
+                  use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """sum over assignments a of weights_A[a] * expert_e(x[token_A[a]]) into row token_A[a], assignments sorted
+    by expert e with counts_E[e] of them. Shared by GroupedExperts and the expert-parallel receive side."""
+    plan = make_plan(x_TD, w_gate, w_down, counts_E, use_grouped_mm)
+    y_TD: torch.Tensor = _RoutedSwiGLU.apply(  # type: ignore[no-untyped-call]  # torch leaves Function.apply untyped
+        x_TD, w_gate, w_up, w_down, weights_A, token_A, plan)
+    return y_TD
+
+
+def reference_experts(experts: GroupedExperts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      keep_A: torch.Tensor | None = None) -> torch.Tensor:
     """The obviously-correct loop over experts that GroupedExperts must equal (slow; for tests)."""
     T, K = ids_TK.shape
     keep_TK = torch.ones_like(ids_TK, dtype=torch.bool) if keep_A is None else keep_A.view(T, K)
     y_TD = torch.zeros_like(x_TD)
     for e in range(experts.w_gate.shape[0]):
-        tok, slot = torch.where((ids_TK == e) & keep_TK)
-        h = F.silu(x_TD[tok] @ experts.w_gate[e].T) * (x_TD[tok] @ experts.w_up[e].T)
-        out = (h * weights_TK[tok, slot].to(h.dtype).unsqueeze(-1)) @ experts.w_down[e].T
-        y_TD = y_TD.index_add(0, tok, out)
+        token_n, slot_n = torch.where((ids_TK == e) & keep_TK)
+        hidden_nF = F.silu(x_TD[token_n] @ experts.w_gate[e].T) * (x_TD[token_n] @ experts.w_up[e].T)
+        out_nD = (hidden_nF * weights_TK[token_n, slot_n].to(hidden_nF.dtype).unsqueeze(-1)) @ experts.w_down[e].T
+        y_TD = y_TD.index_add(0, token_n, out_nD)
     return y_TD

@@ -1,4 +1,5 @@
-"""HuggingFace DeepSeek-V2 / V3 format (the DeepSeek-V2/V3 checkpoints' config.json and weight names): config fields and the weights of one MoE block.
+"""HuggingFace DeepSeek-V2 / V3 format (the DeepSeek-V2/V3 checkpoints' config.json and weight names): config
+fields and the weights of one MoE block.
 
 Shapes: E routed experts, D model dim, F expert hidden dim.
 
@@ -138,7 +139,7 @@ def moe_config_to_hf(cfg: MoEConfig) -> dict:
     model_type = hf_model_type(cfg)
     want_group_score = GroupScore.TOP2 if model_type == "deepseek_v3" else GroupScore.MAX
     if cfg.n_groups > 1 and cfg.group_score != want_group_score:
-        raise ValueError(f"group_score={cfg.group_score.value!r} with score_func={cfg.score_func.value!r} cannot "
+        raise ValueError(f"group_score={str(cfg.group_score)!r} with score_func={str(cfg.score_func)!r} cannot "
                          f"be written: {model_type} scores groups by {want_group_score.value!r}")
     if cfg.uniform_routing:
         raise ValueError("uniform_routing=True is a debug mode that HF configs cannot express")
@@ -162,7 +163,7 @@ def moe_config_to_hf(cfg: MoEConfig) -> dict:
         "n_shared_experts": cfg.n_shared_experts,
         "num_experts_per_tok": cfg.top_k,
         "moe_intermediate_size": cfg.expert_dim,
-        "scoring_func": cfg.score_func.value,
+        "scoring_func": str(cfg.score_func),
         "topk_method": "noaux_tc" if model_type == "deepseek_v3" else
                        ("group_limited_greedy" if cfg.n_groups > 1 else "greedy"),
         "n_group": cfg.n_groups,
@@ -180,7 +181,7 @@ def moe_config_to_hf(cfg: MoEConfig) -> dict:
 def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
     """Every key of one MoE block in the HF checkpoint layout, with its shape."""
     E, D, F = cfg.n_routed_experts, cfg.dim, cfg.expert_dim
-    shapes = {"gate.weight": (E, D)}
+    shapes: dict[str, tuple[int, ...]] = {"gate.weight": (E, D)}
     if hf_model_type(cfg) == "deepseek_v3":
         shapes["gate.e_score_correction_bias"] = (E,)
     for e in range(E):

@@ -71,7 +71,9 @@ class Attention(nn.Module):
         if start == 0:
             mask = None  # plain causal attention
         else:  # query i sits at position start+i and sees keys 0..start+i
-            mask = torch.arange(k.shape[2], device=x_BSD.device) <= torch.arange(start, start + S, device=x_BSD.device)[:, None]
+            key_pos = torch.arange(k.shape[2], device=x_BSD.device)
+            query_pos = torch.arange(start, start + S, device=x_BSD.device)
+            mask = key_pos <= query_pos[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
@@ -83,8 +85,7 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg, layer)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        dense = cfg.moe is None or layer < cfg.first_k_dense
-        self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden) if dense else MoE(cfg.moe)
+        self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden) if cfg.moe is None or layer < cfg.first_k_dense else MoE(cfg.moe)
 
     def forward(self, x_BSD, rot_Sd, cache=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rot_Sd, cache)
@@ -92,6 +93,8 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
+    rot: torch.Tensor  # [max_seq_len, head_dim] rotary table, a non-persistent buffer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -153,9 +156,9 @@ class MoETransformer(nn.Module):
         return {"tokens_per_expert": torch.stack([m.tokens_per_expert for m in layers]),
                 "maxvio": torch.stack([m.maxvio for m in layers])}
 
-    def update_biases(self, group=None) -> None:
-        """Loss-free balancing step on every MoE layer: once per optimizer step."""
-        update_biases(self, group)
+    def update_biases(self, all_reduce_=None) -> None:
+        """Loss-free balancing step on every MoE layer: once per optimizer step (see dsmoe.moe.update_biases)."""
+        update_biases(self, all_reduce_)
 
     def set_top_k(self, k: int) -> None:
         for m in self.moe_layers():

@@ -6,6 +6,7 @@ Shapes: T tokens, D model dim, E routed experts, K experts per token, A = T*K as
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,12 +41,15 @@ class MoE(nn.Module):
     optimizer step.
     """
 
+    counts: torch.Tensor  # [E] long, non-persistent buffer: assignments per expert since the last update_bias()
+
     def __init__(self, cfg: MoEConfig, reference: bool = False):
         super().__init__()
         self.cfg = cfg
         self.reference = reference  # run the slow per-expert loop (for tests and benchmarks)
         self.gate = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_dim)
+        # GroupedExperts, or a module with the same call (apply_expert_parallel swaps in ExpertParallel)
+        self.experts: nn.Module = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_dim)
         self.shared_experts = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts else None
         self.register_buffer("counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.aux_loss = torch.zeros(())
@@ -75,6 +79,7 @@ class MoE(nn.Module):
         if cfg.capacity_factor is not None and x_TD.shape[0] > 0:
             keep_A = capacity_keep(ids_TK, weights_TK, cfg.n_routed_experts, cfg.capacity_factor)
         if self.reference:
+            assert isinstance(self.experts, GroupedExperts)
             y_TD = reference_experts(self.experts, x_TD, ids_TK, weights_TK, keep_A)
         else:
             y_TD = self.experts(x_TD, ids_TK, weights_TK, keep_A)
@@ -87,7 +92,7 @@ class MoE(nn.Module):
         return y_TD.view(x.shape)
 
     @torch.no_grad()
-    def _record(self, ids_TK, keep_A, count: bool):
+    def _record(self, ids_TK: torch.Tensor, keep_A: torch.Tensor | None, count: bool) -> None:
         """Routing statistics of this forward; counts for the bias only from training forwards (`count`)."""
         load_E = torch.bincount(ids_TK.reshape(-1), minlength=self.cfg.n_routed_experts)
         self.tokens_per_expert = load_E
@@ -96,9 +101,10 @@ class MoE(nn.Module):
         if count:  # not in eval, nor under no_grad
             self.counts += load_E
 
-    def _compute_losses(self, shape, scores_TE, ids_TK, logits_TE):
+    def _compute_losses(self, shape: torch.Size, scores_TE: torch.Tensor, ids_TK: torch.Tensor,
+                        logits_TE: torch.Tensor) -> None:
         cfg = self.cfg
-        terms = {}
+        terms: dict[str, tuple[float, torch.Tensor]] = {}  # name: (coefficient, unweighted loss)
         if scores_TE.shape[0] > 0:
             if cfg.aux_loss_alpha:
                 terms["aux"] = (cfg.aux_loss_alpha, balancing.expert_balance_loss(scores_TE, ids_TK))
@@ -107,7 +113,8 @@ class MoE(nn.Module):
                 scores_BSE = scores_TE.view(-1, S, cfg.n_routed_experts)
                 terms["seq_aux"] = (cfg.seq_aux_loss_alpha, balancing.sequence_balance_loss(scores_BSE, cfg.top_k))
             if cfg.device_loss_alpha:
-                terms["device"] = (cfg.device_loss_alpha, balancing.device_balance_loss(scores_TE, ids_TK, cfg.n_groups))
+                terms["device"] = (cfg.device_loss_alpha,
+                                   balancing.device_balance_loss(scores_TE, ids_TK, cfg.n_groups))
             if cfg.comm_loss_alpha:
                 terms["comm"] = (cfg.comm_loss_alpha,
                                  balancing.comm_balance_loss(scores_TE, ids_TK, cfg.n_groups, cfg.topk_groups))
@@ -116,25 +123,15 @@ class MoE(nn.Module):
         self.losses = {name: loss for name, (_, loss) in terms.items()}
         self.aux_loss = sum((coef * loss for coef, loss in terms.values()), scores_TE.new_zeros(()))
 
-    def update_bias(self, group=None) -> None:
+    def update_bias(self) -> None:
         """Apply one loss-free balancing step from the counts gathered since the last call, then reset them.
 
-        Call once per optimizer step, after all gradient-accumulation micro-batches.
+        Call once per optimizer step, after all gradient-accumulation micro-batches (for a whole model,
+        possibly over several ranks: `update_biases`).
         """
         if self.cfg.bias_update_speed > 0:
-            balancing.update_bias(self.gate.bias, self.counts, self.cfg.bias_update_speed,
-                                  self.cfg.bias_update_rule, group)
+            balancing.update_bias(self.gate.bias, self.counts, self.cfg.bias_update_speed, self.cfg.bias_update_rule)
         self.counts.zero_()
-
-    def load_hf_state_dict(self, sd: dict, strict: bool = True):
-        """Load one HuggingFace DeepSeek-V2/V3 MoE block (keys relative to `mlp.`; see dsmoe.hf)."""
-        from dsmoe.hf import load_hf_state_dict
-        return load_hf_state_dict(self, sd, strict)
-
-    def hf_state_dict(self) -> dict:
-        """This layer's weights in the HuggingFace checkpoint layout (see dsmoe.hf)."""
-        from dsmoe.hf import hf_state_dict
-        return hf_state_dict(self)
 
     def set_top_k(self, k: int) -> None:
         """Change K in place (a dynamic top-k schedule); validated like a new config."""
@@ -145,7 +142,16 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def update_biases(model: nn.Module, group=None) -> None:
-    """update_bias() on every MoE layer of a model: once per optimizer step."""
-    for layer in moe_layers(model):
-        layer.update_bias(group)
+def update_biases(model: nn.Module, all_reduce_: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """update_bias() on every MoE layer of a model: once per optimizer step.
+
+    `all_reduce_` sums a tensor over the ranks in place (a distributed context's): every layer's counts
+    travel in one all-reduce, so that every rank applies the same update.
+    """
+    layers = moe_layers(model)
+    if all_reduce_ is not None and layers:
+        counts = all_reduce_(torch.cat([m.counts for m in layers]))
+        for m, c in zip(layers, torch.split(counts, [m.counts.numel() for m in layers])):
+            m.counts.copy_(c)
+    for m in layers:
+        m.update_bias()

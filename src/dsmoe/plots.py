@@ -1,6 +1,7 @@
-"""Plot a training run's balance and loss curves from DIR/metrics.jsonl into DIR/plots/*.png.
+"""Every figure: a training run's balance and loss curves, and the studies'.
 
-The only module that imports matplotlib (Agg backend: files only, no display needed). Plots:
+The only module that imports matplotlib (Agg backend: files only, no display needed). `dsmoe report`
+plots a run's DIR/metrics.jsonl into DIR/plots/:
 
     loss.png            train loss (and its running mean) and validation loss over steps
     maxvio.png          MaxVio_batch per MoE layer over steps, MaxVio_global of each evaluation as points
@@ -9,14 +10,18 @@ The only module that imports matplotlib (Agg backend: files only, no display nee
     load_over_time.png  per layer, expert x step heatmap of each logged training batch's load / mean
 
 A perfectly balanced layer has load / mean = 1 (white) for every expert and MaxVio = 0.
+
+`dsmoe study` plots its rows (dsmoe.studies): MaxVio curves, balance vs perplexity, perplexity vs model
+shape, the expert x token-kind heatmap and the redundancy test.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 SNAPSHOTS = 6  # panels in load_evolution.png
 
@@ -63,9 +68,8 @@ def save(fig, path, dpi: int = 120) -> None:
     pyplot().close(fig)
 
 
-def _relative_load(load_LE) -> "np.ndarray":
+def _relative_load(load_LE) -> np.ndarray:
     """load / mean load of each layer (1 = balanced); a layer that routed nothing stays 0."""
-    import numpy as np
     load = np.asarray(load_LE, dtype=float)
     mean = load.mean(axis=1, keepdims=True)
     return np.divide(load, mean, out=np.zeros_like(load), where=mean > 0)
@@ -81,7 +85,7 @@ def _running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-# ----------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------- a run's figures
 
 
 def plot_loss(plt, train, evals, path: Path) -> None:
@@ -167,7 +171,6 @@ def _windows(train: list[dict], n: int) -> list[list[dict]]:
 
 
 def plot_load_evolution(plt, train, names, path: Path) -> None:
-    import numpy as np
     windows = _windows(train, SNAPSHOTS)
     cols = min(3, len(windows))
     rows = math.ceil(len(windows) / cols)
@@ -188,7 +191,6 @@ def plot_load_evolution(plt, train, names, path: Path) -> None:
 
 def plot_load_over_time(plt, train, names, path: Path) -> None:
     """One panel per layer: experts (rows) x logged steps (columns), coloured by load / mean."""
-    import numpy as np
     from matplotlib.ticker import MaxNLocator
     steps = [r["step"] for r in train]
     load_NLE = np.asarray([r["load"] for r in train], dtype=float)
@@ -208,7 +210,7 @@ def plot_load_over_time(plt, train, names, path: Path) -> None:
     save(fig, path)
 
 
-# ----------------------------------------------------------------------------- entry points
+# ----------------------------------------------------------------------------- every figure of a run (`dsmoe report`)
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -233,16 +235,97 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     return written
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, metavar="DIR", help="run directory (holds metrics.jsonl)")
-    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: DIR/plots)")
+# ----------------------------------------------------------------------------- the studies' figures
+# Each row is one variant aggregated over seeds (dsmoe.studies.runner.aggregate): a metric is
+# {"mean", "std", ...}; "group" is the table section (the gate, shared / no shared, dense, ...).
 
 
-def run(args) -> int:
-    try:
-        paths = report(args.run, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"dsmoe report: {e}")
-    for path in paths:
-        print(path)
-    return 0
+def plot_maxvio_curves(rows: list[dict], path: Path) -> None:
+    """MaxVio_batch over training steps for each method, one panel per gate (the Loss-Free paper's headline plot)."""
+    plt = pyplot()
+    gates = list(dict.fromkeys(r["group"] for r in rows))
+    fig, axes = plt.subplots(1, len(gates), figsize=(7 * len(gates), 4.5), squeeze=False)
+    for ax, gate in zip(axes[0], gates):
+        for r in (r for r in rows if r["group"] == gate):
+            ax.plot(r["curve"]["step"], r["curve"]["maxvio_batch"], label=r["label"],
+                    ls="-" if "loss-free" in r["label"] else "--")
+        ax.set(title=f"{gate} gate", xlabel="step", ylabel="MaxVio_batch (mean over MoE layers, seeds)", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+def plot_balance_tradeoff(rows: list[dict], path: Path) -> None:
+    """Validation perplexity against MaxVio_global, error bars over seeds."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5))
+    methods = list(dict.fromkeys(r["label"] for r in rows))  # one colour per method, one marker per gate
+    markers = dict(zip(dict.fromkeys(r["group"] for r in rows), "os^v"))
+    for r in rows:
+        x, y = r["maxvio_global_mean"], r["val_ppl"]
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers[r["group"]], capsize=3,
+                    color=plt.get_cmap("tab10")(methods.index(r["label"]) % 10), label=f"{r['group']}: {r['label']}")
+    ax.set(xlabel="MaxVio_global (validation)", ylabel="validation perplexity", xscale="log",
+           title="balance vs perplexity, mean ± std over seeds (lower-left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str,
+               log2_ticks: tuple[int, ...] = ()) -> None:
+    """Validation perplexity against x_key per group; dense references as horizontal lines. With log2_ticks
+    the x axis is log2 with a tick at each (the segmentation factors m, which double from point to point)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in dict.fromkeys(r["group"] for r in rows):
+        pts = [r for r in rows if r["group"] == group]
+        if group == "dense":
+            for r, c in zip(pts, ("tab:gray", "black")):
+                ax.axhline(r["val_ppl"]["mean"], color=c, ls=":", label=r["label"])
+            continue
+        ax.errorbar([r[x_key] for r in pts], [r["val_ppl"]["mean"] for r in pts],
+                    yerr=[r["val_ppl"]["std"] for r in pts], marker="o", capsize=3, label=group)
+    ax.set(xlabel=xlabel, ylabel="validation perplexity", title=title)
+    if log2_ticks:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(log2_ticks, [str(m) for m in log2_ticks])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+def plot_kind_heatmap(lift_LKE: list[list[list[float]]], kinds: tuple[str, ...], label: str, path: Path) -> None:
+    """log2 of P(expert | kind) / P(expert) for each MoE layer: red = the kind prefers that expert."""
+    plt = pyplot()
+    L = len(lift_LKE)
+    fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.35 * len(lift_LKE[0][0]) + 3), 3.6 * L), squeeze=False)
+    for layer, ax in enumerate(axes[:, 0]):
+        img = [[math.log2(v) if v > 0 else -3 for v in row] for row in lift_LKE[layer]]
+        im = ax.imshow(img, cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
+        ax.set(yticks=range(len(kinds)), yticklabels=kinds, xlabel="routed expert",
+               title=f"{label}: MoE layer {layer + 1}, log2 P(expert|kind)/P(expert)")
+        ax.set_xticks(range(len(img[0])))
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+def plot_redundancy(rows: list[dict], path: Path) -> None:
+    """Rise of validation loss as each token's top routed experts are disabled (DeepSeekMoE's redundancy test)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        red = r["redundancy"]
+        ax.errorbar([x["ratio"] for x in red], [x["rise"]["mean"] for x in red],
+                    yerr=[x["rise"]["std"] for x in red], marker="o", capsize=3, label=r["label"])
+    ax.set(xlabel="share of the routed experts disabled per token (its top-scoring ones)",
+           ylabel="rise in validation loss (nats)", title="redundancy test: a larger rise = less redundant experts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path, dpi=110)

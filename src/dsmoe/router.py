@@ -4,6 +4,7 @@ Shapes: T tokens, D model dim, E routed experts, G expert groups, K experts per 
 
     s = score(x @ W^T)                 fp32
     choice = s + b                     b only picks experts; it never enters the weights
+    choice[exclude] = -inf             optional: experts a token may not choose (the redundancy test)
     group limit (G > 1): keep the top-M groups, mask the rest with -inf
     ids = topk(choice, K);  w = s[ids];  optionally w /= sum(w);  w *= route_scale
 """
@@ -33,13 +34,20 @@ def group_limit(choice_TE: torch.Tensor, n_groups: int, topk_groups: int, group_
     return choice_TGe.masked_fill(drop_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
 
-def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig):
-    """Routing from fp32 logits. Returns (weights_TK, ids_TK, scores_TE)."""
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig,
+          exclude_TE: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing from fp32 logits. Returns (weights_TK, ids_TK, scores_TE).
+
+    exclude_TE: an optional bool mask of the experts each token may not choose (DeepSeekMoE's redundancy
+    test); like the bias it changes the choice only, never the scores the weights are taken from.
+    """
     logits_TE = logits_TE.float()
     scores_TE = logits_TE.softmax(-1) if cfg.score_func == ScoreFunc.SOFTMAX else logits_TE.sigmoid()
     choice_TE = scores_TE.detach()
     if bias_E is not None:
         choice_TE = choice_TE + bias_E
+    if exclude_TE is not None:  # before the group limit: a group is scored by the experts a token may choose
+        choice_TE = choice_TE.masked_fill(exclude_TE, float("-inf"))
     if cfg.n_groups > 1:
         choice_TE = group_limit(choice_TE, cfg.n_groups, cfg.topk_groups, cfg.group_score)
     if cfg.uniform_routing:  # debug switch: token t takes experts t*K .. t*K+K-1 (mod E)
@@ -54,7 +62,13 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig):
 
 
 class Router(nn.Module):
-    """Gate weight [E, D] and the auxiliary-loss-free balancing bias (an fp32 buffer, saved, no gradient)."""
+    """Gate weight [E, D] and the auxiliary-loss-free balancing bias (an fp32 buffer, saved, no gradient).
+
+    `exclude_top = n > 0` excludes each token's n top choices (bias included), so it takes its next K: the
+    redundancy test of dsmoe.studies sets it on a trained model; 0, the default, excludes nothing.
+    """
+
+    bias: torch.Tensor  # [E] fp32 buffer
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -62,9 +76,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
+        self.exclude_top = 0
 
-    def forward(self, x_TD: torch.Tensor):
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK, ids_TK, scores_TE, logits_TE); scores and logits are fp32."""
         with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under bf16 autocast (DeepSeek-V3 §3.3)
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-        return (*route(logits_TE, self.bias, self.cfg), logits_TE)
+        exclude_TE = None
+        if self.exclude_top > 0:
+            top_TN = route(logits_TE, self.bias, self.cfg.replace(top_k=self.exclude_top))[1]
+            exclude_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(1, top_TN, True)
+        return (*route(logits_TE, self.bias, self.cfg, exclude_TE), logits_TE)

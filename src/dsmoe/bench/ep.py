@@ -18,7 +18,6 @@ TCP: the volume is the number to carry to a real cluster; the times say little a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -26,19 +25,15 @@ import statistics
 import tempfile
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts (default 2 4)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank per step (default 256)")
-    p.add_argument("--dim", type=int, default=128, help="model dim D (default 128)")
-    p.add_argument("--expert-dim", type=int, default=64, help="expert hidden dim F (default 64)")
-    p.add_argument("--experts", type=int, default=16, help="routed experts E (default 16)")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token K (default 4)")
-    p.add_argument("--score-func", default="sigmoid", choices=["softmax", "sigmoid"])
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+from dsmoe.config import MoEConfig
+from dsmoe.moe import MoE
+from dsmoe.parallel import apply_expert_parallel, comm_stats
 
 
 def _limits(world: int) -> list[int | None]:
@@ -47,19 +42,13 @@ def _limits(world: int) -> list[int | None]:
 
 
 def _layer_cfg(args, world: int, limit: int | None):
-    from dsmoe.config import MoEConfig
-    groups = dict(n_groups=1, topk_groups=1) if limit is None else dict(n_groups=world, topk_groups=limit)
+    n_groups, topk_groups = (1, 1) if limit is None else (world, limit)
     return MoEConfig(dim=args.dim, expert_dim=args.expert_dim, n_routed_experts=args.experts, n_shared_experts=1,
-                     top_k=args.top_k, score_func=args.score_func, check_inputs=False, **groups)
+                     top_k=args.top_k, score_func=args.score_func, check_inputs=False, n_groups=n_groups,
+                     topk_groups=topk_groups)
 
 
 def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from dsmoe.moe import MoE
-    from dsmoe.parallel import apply_expert_parallel, comm_stats
-
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
@@ -69,7 +58,7 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
         layers[limit] = apply_expert_parallel(MoE(_layer_cfg(args, world, limit)))
     x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(1 + rank))
     g = torch.randn_like(x)
-    times = {limit: [] for limit in layers}
+    times: dict[int | None, list[float]] = {limit: [] for limit in layers}
     for step in range(args.warmup + args.repeats):
         order = list(layers)[step % len(layers):] + list(layers)[:step % len(layers)]
         for limit in order:
@@ -105,9 +94,8 @@ def _free_port() -> int:
 
 
 def measure(args, world: int) -> list[dict]:
-    import torch.multiprocessing as mp
-    # only the plain options travel to the workers (the parsed namespace also holds modules)
-    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    # only the plain options travel to the workers (a parsed namespace also holds functions)
+    args = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(world, _free_port(), args, out), nprocs=world, join=True)
@@ -116,11 +104,12 @@ def measure(args, world: int) -> list[dict]:
     base = next(r for r in rows if r["limit"] == "unlimited")
     for r in rows:
         r["step_vs_unlimited"] = r["step_ms"] / base["step_ms"]
-        r["volume_vs_unlimited"] = r["a2a_kb_per_rank"] / base["a2a_kb_per_rank"] if base["a2a_kb_per_rank"] else float("nan")
+        r["volume_vs_unlimited"] = (r["a2a_kb_per_rank"] / base["a2a_kb_per_rank"] if base["a2a_kb_per_rank"]
+                                    else float("nan"))
     return rows
 
 
-def _check(args) -> None:
+def check(args) -> None:
     for w in args.worlds:
         if w < 2:
             raise ValueError(f"--worlds {w} is invalid: expert parallelism needs at least 2 processes")
@@ -129,28 +118,3 @@ def _check(args) -> None:
         if args.top_k > args.experts // w:
             raise ValueError(f"--top-k {args.top_k} must be <= experts per rank {args.experts // w} at world {w}, "
                              "so that a device limit of 1 can hold it")
-
-
-def run(args) -> int:
-    try:
-        _check(args)
-    except ValueError as e:
-        print(f"dsmoe bench ep: error: {e}")
-        return 1
-    print(f"MoE layer: T={args.tokens} tokens/rank, D={args.dim}, E={args.experts}, K={args.top_k}, F={args.expert_dim}, "
-          f"1 shared, {args.score_func}; fp32, gloo on CPU, fwd+bwd, median of {args.repeats}")
-    header = (f"{'world':>5} {'limit':>9} {'step ms':>8} {'vs unl.':>7} {'tokens sent':>11} {'a2a KB':>8} "
-              f"{'vs unl.':>7} {'max ranks/token':>15}")
-    print(header)
-    rows = []
-    for world in args.worlds:
-        for r in measure(args, world):
-            rows.append(r)
-            print(f"{r['world']:>5} {r['limit']:>9} {r['step_ms']:>8.2f} {r['step_vs_unlimited']:>7.2f} "
-                  f"{r['tokens_sent_per_rank']:>11.0f} {r['a2a_kb_per_rank']:>8.1f} {r['volume_vs_unlimited']:>7.2f} "
-                  f"{r['max_ranks_per_token']:>15}")
-    print("tokens sent and a2a KB are per rank per forward (a2a: to other ranks; backward sends as much again)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0

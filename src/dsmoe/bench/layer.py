@@ -21,15 +21,13 @@ machine. (On CUDA the layer runs one grouped matmul per projection instead, so n
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import platform
 import statistics
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -141,10 +139,16 @@ def bench_layer(cfg: MoEConfig, tokens: int, device="cpu", dtype=torch.float32, 
     if skip_reference:
         del models["reference"]
     x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, requires_grad=True)
-    grad_y = torch.ones(tokens, cfg.dim, device=device, dtype=dtype)  # contiguous, unlike sum().backward()
+    return compare(models, x, repeats, warmup)
+
+
+def compare(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[Row]:
+    """Each module's median forward and forward+backward times and forward memory on input x, interleaved
+    (the order rotates every repeat), with ratios to the last module (the baseline)."""
+    grad_y = torch.ones_like(x)  # contiguous, unlike sum().backward()
     names = list(models)
-    fwd = {n: [] for n in names}
-    fwd_bwd = {n: [] for n in names}
+    fwd: dict[str, list[float]] = {n: [] for n in names}
+    fwd_bwd: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every repeat
             tf, tb = _time_fwd(models[n], x), _time_fwd_bwd(models[n], x, grad_y)
@@ -153,11 +157,11 @@ def bench_layer(cfg: MoEConfig, tokens: int, device="cpu", dtype=torch.float32, 
                 fwd_bwd[n].append(tb)
     rows = [Row(n, 1e3 * statistics.median(fwd[n]), 1e3 * statistics.median(fwd_bwd[n]),
                 forward_memory(models[n], x) / 2**20) for n in names]
-    dense = rows[-1]
+    base = rows[-1]
     for row in rows:
-        row.fwd_vs_dense = row.fwd_ms / dense.fwd_ms
-        row.fwd_bwd_vs_dense = row.fwd_bwd_ms / dense.fwd_bwd_ms
-        row.memory_vs_dense = row.memory_mb / dense.memory_mb
+        row.fwd_vs_dense = row.fwd_ms / base.fwd_ms
+        row.fwd_bwd_vs_dense = row.fwd_bwd_ms / base.fwd_bwd_ms
+        row.memory_vs_dense = row.memory_mb / base.memory_mb
     return rows
 
 
@@ -207,7 +211,7 @@ def matmul_floor(layer: MoE, x: torch.Tensor, repeats: int = 5, warmup: int = 1)
            if cfg.n_shared_experts else []),
         "dense": [_swiglu_matmuls([T], D, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim, device, dtype)],
     }
-    times = {(n, p): [] for n in candidates for p in ("fwd", "bwd")}
+    times: dict[tuple[str, str], list[float]] = {(n, p): [] for n in candidates for p in ("fwd", "bwd")}
     for r in range(warmup + repeats):
         for name, parts in candidates.items():
             for phase, i in (("fwd", 0), ("bwd", 1)):
@@ -257,58 +261,3 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"{r.name:<10} {r.fwd_ms:>9.2f} {r.fwd_bwd_ms:>11.2f} {mem[0]:>10} "
                      f"{r.fwd_vs_dense:>10.3f} {r.fwd_bwd_vs_dense:>10.3f} {mem[1]:>10}")
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dim", type=int, default=512, help="D, model dim")
-    p.add_argument("--experts", type=int, default=64, help="E, routed experts")
-    p.add_argument("--expert-dim", type=int, default=256, help="F, hidden width of each expert")
-    p.add_argument("--shared", type=int, default=2, help="N_s, shared experts")
-    p.add_argument("--top-k", type=int, default=6, help="K, routed experts per token")
-    p.add_argument("--tokens", type=int, default=4096, help="T, tokens in the batch")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16 needs --device cuda")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
-    p.add_argument("--uniform", action="store_true", help="round-robin routing: kernel speed without skew")
-    p.add_argument("--no-reference", action="store_true", help="skip the slow per-expert loop")
-    p.add_argument("--no-floor", action="store_true", help="skip the matmuls-alone measurement (CPU only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-
-
-def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was given but torch sees no CUDA device")
-    if args.dtype == "bf16" and device.type != "cuda":
-        raise SystemExit("--dtype bf16 is only benchmarked on --device cuda (CPU bf16 matmul timing is not "
-                         "representative); use --dtype fp32 on cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = MoEConfig(dim=args.dim, n_routed_experts=args.experts, n_shared_experts=args.shared,
-                    top_k=args.top_k, expert_dim=args.expert_dim, uniform_routing=args.uniform)
-    rows = bench_layer(cfg, args.tokens, device, DTYPES[args.dtype], args.repeats, args.warmup,
-                       skip_reference=args.no_reference)
-    where = machine(device)
-    shape = (f"T={args.tokens} D={args.dim} E={args.experts} F={args.expert_dim} N_s={args.shared} "
-             f"K={args.top_k} {args.dtype} {device}{' uniform routing' if args.uniform else ''}")
-    print(f"machine: {where}\nshape:   {shape}; dense hidden = {(args.top_k + args.shared) * args.expert_dim}")
-    print(f"median of {args.repeats} repeats after {args.warmup} warmup, candidates interleaved")
-    print("memory = peak bytes allocated by the training forward (kept for backward + temporaries), "
-          "parameters and gradients excluded\n")
-    print(format_table(rows))
-    result = {"machine": where, "shape": shape, "rows": [asdict(r) for r in rows]}
-    if not args.no_floor and device.type == "cpu":  # on CUDA the layer runs one grouped_mm, not a loop of matmuls
-        fast = build(cfg, device, DTYPES[args.dtype])["dsmoe"]  # the benchmarked weights, hence its routing
-        x = torch.randn(args.tokens, args.dim, device=device, dtype=DTYPES[args.dtype])
-        floor = result["matmul_floor"] = matmul_floor(fast, x, args.repeats, args.warmup)
-        print("\nmatmuls alone (the same matmuls into preallocated buffers, nothing else; router excluded), "
-              "the floor of one matmul per expert on this machine:")
-        print(format_table([Row(n, floor[f"{n}_fwd_ms"], floor[f"{n}_fwd_bwd_ms"], float("nan"),
-                                floor[f"{n}_fwd_ms"] / floor["dense_fwd_ms"],
-                                floor[f"{n}_fwd_bwd_ms"] / floor["dense_fwd_bwd_ms"]) for n in ("dsmoe", "dense")]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0

@@ -11,18 +11,15 @@ tokens/s is the price of routing, dispatch and combine, and the params ratio wha
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from dsmoe.bench.layer import machine
-from dsmoe.config import PRESETS, ModelConfig, preset
+from dsmoe.config import PRESETS, ModelConfig, build_configs, preset
 from dsmoe.model import MoETransformer
 
 
@@ -87,7 +84,6 @@ def random_batches(n, batch_size, seq_len, vocab, device, generator):
 
 def default_shape(name: str) -> tuple[int, int]:
     """(batch_size, seq_len) that `dsmoe train --preset name` trains with."""
-    from dsmoe.train import build_configs
     model_cfg, train_cfg = build_configs(name)
     return train_cfg.batch_size, train_cfg.seq_len or model_cfg.max_seq_len
 
@@ -104,7 +100,7 @@ def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, bat
     batch_size = batch_size or default_batch
     if cfg.moe is None:
         raise ValueError(f"preset {name!r} is already dense; give an MoE preset "
-                         f"({', '.join(n for n, c in PRESETS.items() if c.moe is not None)})")
+                         f"({', '.join(n for n, c in PRESETS.items() if c.model.moe is not None)})")
     seq_len = seq_len or default_seq
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len={cfg.max_seq_len}")
@@ -115,7 +111,7 @@ def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, bat
     batches = random_batches(chunk, batch_size, seq_len, cfg.vocab_size, device, gen)
     for m in models:  # warmup: allocator, autotuning, first-call overheads
         m.timed(batches[:1] * warmup)
-    times = {m.name: [] for m in models}
+    times: dict[str, list[float]] = {m.name: [] for m in models}
     for r in range(steps // chunk):
         for m in (models if r % 2 == 0 else models[::-1]):
             times[m.name].append(m.timed(batches))
@@ -127,7 +123,7 @@ def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, bat
             for m in models]
 
 
-def _loadavg() -> str:
+def loadavg() -> str:
     try:
         return f"{os.getloadavg()[0]:.2f}"
     except OSError:  # not on every platform
@@ -145,45 +141,3 @@ def format_table(results: list[Result]) -> str:
                  f"params {moe.params / dense.params:.2f}x, active params "
                  f"{moe.active_params / dense.active_params:.3f}x")
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    moe_presets = [n for n, c in PRESETS.items() if c.moe is not None]
-    p.add_argument("--preset", default="tiny", choices=moe_presets, help="MoE preset (its dense twin is '<name>-dense')")
-    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per model")
-    p.add_argument("--chunk", type=int, default=4, help="steps per timed chunk (models alternate between chunks)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's training batch)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's training length)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda trains under bf16 autocast)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-
-
-def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was given but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = _loadavg()
-    try:
-        results = bench_train(args.preset, args.steps, args.chunk, args.warmup, args.batch_size, args.seq_len,
-                              device, args.seed)
-    except ValueError as e:
-        raise SystemExit(f"dsmoe bench train: {e}")
-    default_batch, default_seq = default_shape(args.preset)
-    batch_size, seq_len = args.batch_size or default_batch, args.seq_len or default_seq
-    where = machine(device)
-    print(f"machine: {where}; 1-min load average {load_before} before, {_loadavg()} after "
-          f"({os.cpu_count()} CPUs; other processes slow both models alike but add noise)")
-    print(f"preset {args.preset} vs {args.preset}-dense; batch {batch_size} x {seq_len} tokens; "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; fwd+bwd+AdamW step; median of "
-          f"{args.steps // args.chunk} chunks of {args.chunk} steps per model, interleaved\n")
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": where, "preset": args.preset, "batch_size": batch_size, "seq_len": seq_len,
-                       "results": [asdict(r) for r in results]}, f, indent=2)
-    return 0

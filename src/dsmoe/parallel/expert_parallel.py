@@ -1,4 +1,5 @@
-"""Expert parallelism over torch.distributed (DeepSeek-V2 §2.1.3, DeepSeek-V3 §2.1.2 and §3.2), applied to a built model from outside.
+"""Expert parallelism over torch.distributed (DeepSeek-V2 §2.1.3, DeepSeek-V3 §2.1.2 and §3.2), applied to a built
+model from outside.
 
 Shapes: T local tokens, D model dim, E routed experts, L = E/R experts per rank, R ranks of the
 expert-parallel group, K experts per token, A = T*K assignments sent, P (token, rank) pairs sent,
@@ -26,101 +27,26 @@ on its own thread, NCCL on its own stream); the backward all-to-alls are synchro
 orders the backward and gives no place to slot the shared experts' backward between start and wait.
 
 Replicated parameters (attention, embeddings, router, shared experts) are data parallel:
-`sync_grads` averages them over the group; expert gradients stay local.
+`ExpertParallelContext.reduce_grads` (dsmoe.parallel.context) averages them over the group; expert
+gradients stay local.
 """
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.experts import GroupedExperts, SwiGLU, _ContiguousGrad, routed_swiglu
+from dsmoe.experts import ContiguousGrad, GroupedExperts, SwiGLU, routed_swiglu
 from dsmoe.moe import MoE, moe_layers
+from dsmoe.parallel.comm import _all_to_all, all_to_all, all_to_all_async
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
+_M = TypeVar("_M", bound=nn.Module)
 
-# --------------------------------------------------------------------------------------------- process group
-
-def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> dist.ProcessGroup:
-    """init_process_group from torchrun's environment, with a timeout.
-
-    A rank that dies makes the others' next collective fail (gloo: connection closed; NCCL: the
-    watchdog aborts the communicator); a rank that hangs makes them fail once `timeout_s` has passed
-    with no progress, instead of waiting forever. Backend: NCCL when CUDA is available, else gloo.
-    """
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return dist.group.WORLD
-
-
-# --------------------------------------------------------------------------------------------- all-to-all
-
-class _Pending:
-    """The work handle of an asynchronous all-to-all, passed from its start to its wait."""
-
-    work = None
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op=False):
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
-    return out, work
-
-
-class _AllToAllStart(torch.autograd.Function):
-    """Starts an all-to-all with uneven splits; the output is valid only after _AllToAllWait.
-
-    Backward: the reverse all-to-all of the gradient (splits swapped), synchronous.
-    """
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, pending):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out, pending.work = _all_to_all(x, out_splits, in_splits, group, async_op=True)
-        pending.send = x  # keep the send buffer alive until the wait
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        g_in, _ = _all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group)
-        return g_in, None, None, None, None
-
-
-class _AllToAllWait(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out, pending):
-        pending.work.wait()
-        pending.work = pending.send = None
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
-    """Autograd-aware all_to_all_single with uneven splits along dim 0 (backward: the reverse all-to-all)."""
-    pending = _Pending()
-    return _AllToAllWait.apply(_AllToAllStart.apply(x, out_splits, in_splits, group, pending), pending)
-
-
-def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None):
-    """Start an autograd-aware all-to-all; returns a function that waits and gives the result."""
-    pending = _Pending()
-    out = _AllToAllStart.apply(x, out_splits, in_splits, group, pending)
-    return lambda: _AllToAllWait.apply(out, pending)
-
-
-# --------------------------------------------------------------------------------------------- the EP module
 
 class OverlappedSwiGLU(SwiGLU):
     """The shared experts of an expert-parallel layer (same parameters and state-dict keys as SwiGLU).
@@ -155,6 +81,10 @@ class ExpertParallel(nn.Module):
     same dispatch and combine volume again, in the other direction).
     """
 
+    w_gate: nn.Parameter  # [L, F, D] this rank's slice of the experts (set by name from EXPERT_WEIGHTS)
+    w_up: nn.Parameter    # [L, F, D]
+    w_down: nn.Parameter  # [L, D, F]
+
     def __init__(self, experts: GroupedExperts, group=None, shared: OverlappedSwiGLU | None = None):
         super().__init__()
         self.group = group
@@ -177,7 +107,8 @@ class ExpertParallel(nn.Module):
         R = self.world
         self.sent_tokens_R = self.recv_tokens_R = torch.zeros(R, dtype=torch.long)
         self.sent_assignments_R = self.recv_assignments_R = torch.zeros(R, dtype=torch.long)
-        self.max_ranks_per_token, self.a2a_bytes = 0, 0
+        self.max_ranks_per_token: int | torch.Tensor = 0  # a tensor once a forward has run
+        self.a2a_bytes = 0
 
     def forward(self, x_TD, ids_TK, weights_TK, keep_A: torch.Tensor | None = None):
         T, K = ids_TK.shape
@@ -229,7 +160,7 @@ class ExpertParallel(nn.Module):
         # 4. combine: each pair's outputs are summed here (above); send back, add into the tokens
         y_PD = all_to_all(out_QD, send_pairs, recv_pairs, group)
         self._record(x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign)
-        return torch.zeros_like(x_TD).index_add_(0, token_P, _ContiguousGrad.apply(y_PD))
+        return torch.zeros_like(x_TD).index_add_(0, token_P, ContiguousGrad.apply(y_PD))
 
     @torch.no_grad()
     def _record(self, x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign):
@@ -270,7 +201,7 @@ def _check_layer(layer: MoE, world: int) -> None:
                          "the single-process layer; use the dropless default (capacity_factor=None)")
 
 
-def apply_expert_parallel(model: nn.Module, group=None, overlap_shared: bool = True) -> nn.Module:
+def apply_expert_parallel(model: _M, group=None, overlap_shared: bool = True) -> _M:
     """Shard the routed experts of every MoE layer of a built model over the ranks of `group`, in place.
 
     Every rank must hold the same full model (same seed or the same checkpoint) before the call.
@@ -284,6 +215,7 @@ def apply_expert_parallel(model: nn.Module, group=None, overlap_shared: bool = T
     for layer in layers:
         _check_layer(layer, world)
     for layer in layers:
+        assert isinstance(layer.experts, GroupedExperts)  # checked above
         shared = None
         if overlap_shared and layer.shared_experts is not None:
             shared = layer.shared_experts = OverlappedSwiGLU(layer.shared_experts)
@@ -306,182 +238,5 @@ def comm_stats(model: nn.Module) -> dict[str, float]:
     }
 
 
-# --------------------------------------------------------------------------------------------- gradients
-
 def expert_parameter_names(model: nn.Module) -> set[str]:
     return {f"{prefix}.{w}" if prefix else w for prefix in expert_parallel_modules(model) for w in EXPERT_WEIGHTS}
-
-
-@torch.no_grad()
-def sync_grads(model: nn.Module, group=None) -> None:
-    """Data-parallel gradients after backward, for a loss that is each rank's mean over its own batch.
-
-    Replicated parameters: gradients averaged over the group (one flat all-reduce per dtype). Expert
-    parameters: their gradient already sums every rank's loss (the combine's backward brings it home),
-    so it is divided by the world size to match the mean of the ranks' losses; no communication.
-    """
-    world = dist.get_world_size(group)
-    experts = expert_parameter_names(model)
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in experts:
-            if p.grad is not None:
-                p.grad.div_(world)
-            continue
-        if p.grad is None:  # every rank must contribute the same buffers
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for params in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p.grad))
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-
-@torch.no_grad()
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every sharded expert weight gathered whole ([E, ...], each expert once).
-
-    A collective: every rank of each expert-parallel group must call it; every rank gets the result.
-    Without expert parallelism this is model.state_dict().
-    """
-    sd = model.state_dict()
-    for prefix, m in expert_parallel_modules(model).items():
-        for w in EXPERT_WEIGHTS:
-            local = getattr(m, w).detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(m.world)]
-            dist.all_gather(parts, local, group=m.group)
-            sd[f"{prefix}.{w}" if prefix else w] = torch.cat(parts)
-    return sd
-
-
-@torch.no_grad()
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
-    """Load a full state dict (from any number of ranks, or a single process) into a sharded model.
-
-    Each rank takes its own block of experts; no communication.
-    """
-    sd = dict(state_dict)
-    for prefix, m in expert_parallel_modules(model).items():
-        for w in EXPERT_WEIGHTS:
-            key = f"{prefix}.{w}" if prefix else w
-            if key not in sd:
-                continue
-            full = sd[key]
-            if full.shape[0] != m.n_experts:
-                raise ValueError(f"{key} has {full.shape[0]} experts, the model has {m.n_experts}")
-            sd[key] = full[m.expert_range.start:m.expert_range.stop]
-    return model.load_state_dict(sd, strict=strict)
-
-
-def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict):
-    """(module, state, key, tensor) for every per-expert tensor (AdamW's moments) of an optimizer state dict.
-
-    Parameters are numbered in model.parameters() order, which sharding keeps.
-    """
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for m in expert_parallel_modules(model).values():
-        for w in EXPERT_WEIGHTS:
-            state = sd["state"].get(index[id(getattr(m, w))], {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    yield m, state, key, value
-
-
-@torch.no_grad()
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with the per-expert state gathered whole. A collective.
-
-    The result loads into a full model's optimizer or, through shard_optimizer_state, into one sharded at
-    another world size.
-    """
-    sd = optimizer.state_dict()
-    sd["state"] = {i: dict(s) for i, s in sd["state"].items()}  # state_dict() shares these with the optimizer
-    for m, state, key, value in _expert_state(model, optimizer, sd):
-        parts = [torch.empty_like(value) for _ in range(m.world)]
-        dist.all_gather(parts, value.contiguous(), group=m.group)
-        state[key] = torch.cat(parts)
-    return sd
-
-
-def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> dict:
-    """A full optimizer state dict cut down to this rank's experts (for optimizer.load_state_dict)."""
-    sd = {"state": {i: dict(s) for i, s in full["state"].items()}, "param_groups": full["param_groups"]}
-    for m, state, key, value in _expert_state(model, optimizer, sd):
-        state[key] = value[m.expert_range.start:m.expert_range.stop]
-    return sd
-
-
-# --------------------------------------------------------------------------------------------- training
-
-def init_training(n_ranks: int, global_batch: int, timeout_s: float = 300.0) -> None:
-    """The process group of an expert-parallel run (`torchrun --nproc_per_node N ... --expert-parallel N`)."""
-    if "RANK" not in os.environ and not dist.is_initialized():
-        raise ValueError(f"--expert-parallel {n_ranks} needs one process per rank: launch with "
-                         f"`torchrun --nproc_per_node {n_ranks} -m dsmoe train ...`")
-    init_distributed(timeout_s=timeout_s)
-    world = dist.get_world_size()
-    if world != n_ranks:
-        raise ValueError(f"--expert-parallel {n_ranks} does not match the {world} processes launched; "
-                         "expert parallelism spans every process")
-    if global_batch % world:
-        raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by --expert-parallel {world}")
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def local_batch(*tensors_B: torch.Tensor):
-    """This rank's contiguous slice of a global batch that every rank drew alike (same seed)."""
-    if not dist.is_initialized():
-        return tensors_B
-    rank, world = dist.get_rank(), dist.get_world_size()
-    B = len(tensors_B[0])
-    if B % world:
-        raise ValueError(f"batch_size={B} (the global batch) must be divisible by the {world} ranks")
-    return tuple(t.chunk(world)[rank] for t in tensors_B)
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
-    """Clip by the norm of the whole model's gradient: replicated parameters once, every rank's experts.
-
-    Call after sync_grads (the replicated gradients are then equal on every rank).
-    """
-    experts = expert_parameter_names(model)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    sq = lambda names: sum((grads[n].float().square().sum() for n in names), torch.zeros((), device=next(
-        iter(grads.values())).device))
-    expert_sq = sq([n for n in grads if n in experts])
-    dist.all_reduce(expert_sq, group=group)
-    total = (sq([n for n in grads if n not in experts]) + expert_sq).sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads.values():
-        g.mul_(scale.to(g.dtype))
-    return total
-
-
-def all_reduce_(tensor: torch.Tensor, mean: bool = True, group=None) -> torch.Tensor:
-    """In place: the sum (or mean) over the ranks; a no-op in a single process."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, group=group)
-        if mean:
-            tensor.div_(dist.get_world_size(group))
-    return tensor
-
-
-def scratch_dir():
-    """A temporary directory, removed at exit: where a rank other than 0 writes what rank 0 keeps."""
-    import atexit
-    import shutil
-    import tempfile
-    from pathlib import Path
-    path = tempfile.mkdtemp(prefix="dsmoe-rank")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return Path(path)

@@ -11,12 +11,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from dsmoe import plots
+from dsmoe.checkpoint import load_checkpoint
+from dsmoe.config import build_configs
+from dsmoe.generate import generate_text
+from dsmoe.train import train
+
 PROMPT = "def fibonacci(n):\n    "
 BALANCED = 0.3  # MaxVio_global below this: the busiest expert takes < 1.3x its fair share
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny; see `dsmoe train --help`)")
+    p.add_argument("--preset", default="tiny", help="model and run preset (see `dsmoe train --help`)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/demo-<preset>)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains under bf16 autocast")
@@ -50,38 +58,21 @@ def format_results(summary: dict, first_moe_block: int, plots: list[Path]) -> st
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    from dsmoe import plots
-    from dsmoe.generate import generate_text
-    from dsmoe.train import build_configs, load_checkpoint, train
-
+def run(args: argparse.Namespace) -> int:
     extra = [f"device={args.device}", f"out={args.out or f'runs/demo-{args.preset}'}"]
     if args.steps is not None:
         extra.append(f"steps={args.steps}")
-    try:
-        model_cfg, train_cfg = build_configs(args.preset, args.sets + extra)
-    except ValueError as e:
-        print(f"dsmoe demo: error: {e}")
-        return 1
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            print("dsmoe demo: error: --device cuda was given but torch sees no CUDA device")
-            return 1
+    model_cfg, train_cfg = build_configs(args.preset, args.sets + extra)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but torch sees no CUDA device")
     print(f"dsmoe demo: training the {args.preset!r} preset for {train_cfg.steps} steps on "
           f"{train_cfg.data or 'the Python standard library'} ({args.device})")
-    try:
-        summary = train(model_cfg, train_cfg, progress=not args.quiet)
-        run_dir = Path(summary["run_dir"])
-        written = plots.report(run_dir)
-        model, _, _, tokenizer = load_checkpoint(run_dir / "checkpoint", args.device)
-        sample = generate_text(model, tokenizer, args.prompt, args.max_tokens, temperature=0.8, top_p=0.95,
-                               device=args.device)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"dsmoe demo: error: {e}")
-        return 1
+    summary = train(model_cfg, train_cfg, progress=not args.quiet)
+    run_dir = Path(summary["run_dir"])
+    written = plots.report(run_dir)
+    model, _, _, tokenizer = load_checkpoint(run_dir / "checkpoint", args.device)
+    sample = generate_text(model, tokenizer, args.prompt, args.max_tokens, temperature=0.8, top_p=0.95,
+                           device=args.device)
 
     first_moe_block = model_cfg.first_k_dense if model_cfg.moe is not None else 0
     print("\n" + "=" * 100)

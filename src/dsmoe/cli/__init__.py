@@ -1,0 +1,49 @@
+"""The `dsmoe` command: the only place that parses arguments. Each subcommand is a module here with
+`add_arguments(parser)` and `run(args) -> exit code`; the library functions they call take config
+objects and return results. A ValueError, FileNotFoundError or RuntimeError from the library (bad input,
+a missing file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsmoe.cli import bench, demo, evaluate, generate, report, study, train
+from dsmoe.cli.format import HelpFormatter
+
+# name -> (module, help)
+COMMANDS = {
+    "bench": (bench, "benchmarks: layer | train | ep"),
+    "train": (train, "train a DeepSeekMoE language model (default: the stdlib corpus)"),
+    "eval": (evaluate, "validation loss, perplexity, MaxVio_global and expert load of a checkpoint"),
+    "generate": (generate, "sample text from a checkpoint"),
+    "report": (report, "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
+    "demo": (demo, "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
+    "study": (study, "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsmoe", description="DeepSeek-style Mixture-of-Experts")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=HelpFormatter)
+        p.set_defaults(_run=module.run)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"dsmoe {args.command}: error: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`dsmoe bench {layer,train,ep}`: the benchmarks' command lines (the measurements are in dsmoe.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from dsmoe.bench import ep, layer, train
+from dsmoe.cli.format import HelpFormatter
+from dsmoe.config import PRESETS, MoEConfig
+from dsmoe.moe import MoE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (module, add, run_) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
+                           description=(module.__doc__ or "").strip(),
+                           formatter_class=HelpFormatter)
+        p.set_defaults(_bench=run_)
+        add(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._bench(args)
+
+
+def _layer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", type=int, default=512, help="D, model dim")
+    p.add_argument("--experts", type=int, default=64, help="E, routed experts")
+    p.add_argument("--expert-dim", type=int, default=256, help="F, hidden width of each expert")
+    p.add_argument("--shared", type=int, default=2, help="N_s, shared experts")
+    p.add_argument("--top-k", type=int, default=6, help="K, routed experts per token")
+    p.add_argument("--tokens", type=int, default=4096, help="T, tokens in the batch")
+    p.add_argument("--dtype", choices=list(layer.DTYPES), default="fp32", help="bf16 needs --device cuda")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    p.add_argument("--uniform", action="store_true", help="round-robin routing: kernel speed without skew")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow per-expert loop")
+    p.add_argument("--no-floor", action="store_true", help="skip the matmuls-alone measurement (CPU only)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _layer(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA device")
+    if args.dtype == "bf16" and device.type != "cuda":
+        raise ValueError("--dtype bf16 is only benchmarked on --device cuda (CPU bf16 matmul timing is not "
+                         "representative); use --dtype fp32 on cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = MoEConfig(dim=args.dim, n_routed_experts=args.experts, n_shared_experts=args.shared,
+                    top_k=args.top_k, expert_dim=args.expert_dim, uniform_routing=args.uniform)
+    rows = layer.bench_layer(cfg, args.tokens, device, layer.DTYPES[args.dtype], args.repeats, args.warmup,
+                       skip_reference=args.no_reference)
+    where = layer.machine(device)
+    shape = (f"T={args.tokens} D={args.dim} E={args.experts} F={args.expert_dim} N_s={args.shared} "
+             f"K={args.top_k} {args.dtype} {device}{' uniform routing' if args.uniform else ''}")
+    print(f"machine: {where}\nshape:   {shape}; dense hidden = {(args.top_k + args.shared) * args.expert_dim}")
+    print(f"median of {args.repeats} repeats after {args.warmup} warmup, candidates interleaved")
+    print("memory = peak bytes allocated by the training forward (kept for backward + temporaries), "
+          "parameters and gradients excluded\n")
+    print(layer.format_table(rows))
+    result: dict[str, Any] = {"machine": where, "shape": shape, "rows": [asdict(r) for r in rows]}
+    if not args.no_floor and device.type == "cpu":  # on CUDA the layer runs one grouped_mm, not a loop of matmuls
+        fast = layer.build(cfg, device, layer.DTYPES[args.dtype])["dsmoe"]  # the benchmarked weights, hence its routing
+        assert isinstance(fast, MoE)
+        x = torch.randn(args.tokens, args.dim, device=device, dtype=layer.DTYPES[args.dtype])
+        floor = result["matmul_floor"] = layer.matmul_floor(fast, x, args.repeats, args.warmup)
+        print("\nmatmuls alone (the same matmuls into preallocated buffers, nothing else; router excluded), "
+              "the floor of one matmul per expert on this machine:")
+        print(layer.format_table([layer.Row(n, floor[f"{n}_fwd_ms"], floor[f"{n}_fwd_bwd_ms"], float("nan"),
+                                floor[f"{n}_fwd_ms"] / floor["dense_fwd_ms"],
+                                floor[f"{n}_fwd_bwd_ms"] / floor["dense_fwd_bwd_ms"]) for n in ("dsmoe", "dense")]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    moe_presets = [n for n, c in PRESETS.items() if c.model.moe is not None]
+    p.add_argument("--preset", default="tiny", choices=moe_presets,
+                   help="MoE preset (its dense twin is '<name>-dense')")
+    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per model")
+    p.add_argument("--chunk", type=int, default=4, help="steps per timed chunk (models alternate between chunks)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step (default: the preset's training batch)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the preset's training length)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda trains under bf16 autocast)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _train(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = train.loadavg()
+    try:
+        results = train.bench_train(args.preset, args.steps, args.chunk, args.warmup, args.batch_size, args.seq_len,
+                                    device, args.seed)
+    except ValueError as e:
+        raise ValueError(f"dsmoe bench train: {e}") from None
+    default_batch, default_seq = train.default_shape(args.preset)
+    batch_size, seq_len = args.batch_size or default_batch, args.seq_len or default_seq
+    where = layer.machine(device)
+    print(f"machine: {where}; 1-min load average {load_before} before, {train.loadavg()} after "
+          f"({os.cpu_count()} CPUs; other processes slow both models alike but add noise)")
+    print(f"preset {args.preset} vs {args.preset}-dense; batch {batch_size} x {seq_len} tokens; "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; fwd+bwd+AdamW step; median of "
+          f"{args.steps // args.chunk} chunks of {args.chunk} steps per model, interleaved\n")
+    print(train.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": where, "preset": args.preset, "batch_size": batch_size, "seq_len": seq_len,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+    return 0
+
+
+def _ep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts (default 2 4)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per rank per step (default 256)")
+    p.add_argument("--dim", type=int, default=128, help="model dim D (default 128)")
+    p.add_argument("--expert-dim", type=int, default=64, help="expert hidden dim F (default 64)")
+    p.add_argument("--experts", type=int, default=16, help="routed experts E (default 16)")
+    p.add_argument("--top-k", type=int, default=4, help="experts per token K (default 4)")
+    p.add_argument("--score-func", default="sigmoid", choices=["softmax", "sigmoid"])
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+
+
+def _ep(args: argparse.Namespace) -> int:
+    ep.check(args)
+    print(f"MoE layer: T={args.tokens} tokens/rank, D={args.dim}, E={args.experts}, K={args.top_k}, "
+          f"F={args.expert_dim}, 1 shared, {args.score_func}; fp32, gloo on CPU, fwd+bwd, median of {args.repeats}")
+    header = (f"{'world':>5} {'limit':>9} {'step ms':>8} {'vs unl.':>7} {'tokens sent':>11} {'a2a KB':>8} "
+              f"{'vs unl.':>7} {'max ranks/token':>15}")
+    print(header)
+    rows = []
+    for world in args.worlds:
+        for r in ep.measure(args, world):
+            rows.append(r)
+            print(f"{r['world']:>5} {r['limit']:>9} {r['step_ms']:>8.2f} {r['step_vs_unlimited']:>7.2f} "
+                  f"{r['tokens_sent_per_rank']:>11.0f} {r['a2a_kb_per_rank']:>8.1f} {r['volume_vs_unlimited']:>7.2f} "
+                  f"{r['max_ranks_per_token']:>15}")
+    print("tokens sent and a2a KB are per rank per forward (a2a: to other ranks; backward sends as much again)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+BENCHMARKS = {"layer": (layer, _layer_arguments, _layer), "train": (train, _train_arguments, _train),
+              "ep": (ep, _ep_arguments, _ep)}

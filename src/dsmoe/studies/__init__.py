@@ -1,0 +1,50 @@
+"""Small-scale checks of the DeepSeekMoE and Loss-Free Balancing claims: `dsmoe study NAME`.
+
+    balance         no balancing / expert-level aux loss / loss-free bias (sign, proportional) / bias +
+                    sequence-wise loss, under sigmoid and softmax gates (Wang et al. 2024)
+    shared          0, 1, 2, 4 shared experts at constant total and active parameters (DeepSeekMoE ablations)
+    segmentation    m = 1, 2, 4, 8 at constant total and active parameters, with and without a shared
+                    expert, next to dense models of the same active and the same total size (DeepSeekMoE)
+    specialization  which kinds of token each routed expert takes, and the redundancy test: disable each
+                    token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE)
+    all             every study above
+
+Each training run is cached under OUT/runs/<key>/ (key = hash of the model and training configs, the
+seed and the corpus' fingerprint), so identical runs are shared between studies and an interrupted
+study continues where it stopped.
+Each study writes OUT/<study>/results.json, results.md and PNGs.
+
+    definitions.py     what each study trains (its variants of the preset) and the constants shaping them
+    runner.py          training and the run cache, aggregation over seeds, study() and run_study()
+    specialization.py  token kinds, routing by kind, mutual information, the redundancy test
+    report.py          the markdown tables
+"""
+
+from dsmoe.studies.definitions import (
+    BASE_TOP_K,
+    DEFAULT_STEPS,
+    DISABLE_SHARES,
+    DISABLE_TOP,
+    SEGMENTS,
+    SHARED_COUNTS,
+    SHARED_STUDY_M,
+    STUDIES,
+    VARIANTS,
+    Variant,
+    balance_variants,
+    dense_models,
+    segmentation_variants,
+    segmented_model,
+    shared_variants,
+    specialization_variants,
+)
+from dsmoe.studies.runner import Runner, aggregate, mean_std, run_key, run_study, run_variants, study
+from dsmoe.studies.specialization import KINDS, char_kinds, disable_top_experts, mutual_information, token_kinds
+
+__all__ = [
+    "BASE_TOP_K", "DEFAULT_STEPS", "DISABLE_SHARES", "DISABLE_TOP", "KINDS", "Runner", "SEGMENTS", "SHARED_COUNTS",
+    "SHARED_STUDY_M", "STUDIES", "VARIANTS", "Variant", "aggregate", "balance_variants", "char_kinds",
+    "dense_models", "disable_top_experts", "mean_std", "mutual_information", "run_key", "run_study",
+    "run_variants", "segmentation_variants", "segmented_model", "shared_variants", "specialization_variants",
+    "study", "token_kinds",
+]

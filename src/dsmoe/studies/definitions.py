@@ -1,0 +1,123 @@
+"""What each study trains: its variants of the preset's model, and the constants that shape them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsmoe.config import ModelConfig, MoEConfig
+
+STUDIES = ("balance", "shared", "segmentation", "specialization")
+
+# Training steps per run when --steps is not given. debug: the whole `study all` (54 runs at 2 seeds)
+# takes ~15-25 minutes on 2 shared CPU cores; tiny: a longer, more convincing run (hours on a CPU).
+DEFAULT_STEPS = {"debug": 1200, "tiny": 1500}
+
+# Segmentation baseline (DeepSeekMoE §3.1): N experts of width F_base, top-K, derived from the preset so
+# that the N*F_base total routed width equals the preset's E*F. K=2 as in GShard, the paper's baseline.
+BASE_TOP_K = 2
+SEGMENTS = (1, 2, 4, 8)
+SHARED_COUNTS = (0, 1, 2, 4)
+SHARED_STUDY_M = 4          # the shared-expert study sits at the m=4 point of the segmentation family
+DISABLE_TOP = (1, 2, 3)     # redundancy test: routed experts disabled per token ...
+# ... and the same as shares of the routed experts, which compares models of different granularity at an
+# equal share of their routed parameters (disabling 1 of 8 coarse experts ~ 4 of 32 fine ones)
+DISABLE_SHARES = (1 / 8, 1 / 4, 3 / 8)
+
+
+@dataclass
+class Variant:
+    """One configuration of a study; trained once per seed."""
+
+    label: str                  # row name in the table
+    group: str                  # section of the table (gate, shared / no shared, ...)
+    model: ModelConfig          # what is trained
+    info: dict = field(default_factory=dict)  # shape facts shown in the table (m, routed, top_k, ...)
+
+
+def _moe(model: ModelConfig, **changes: Any) -> ModelConfig:
+    assert model.moe is not None
+    return dataclasses.replace(model, moe=model.moe.replace(**changes))
+
+
+def balance_variants(base: ModelConfig) -> list[Variant]:
+    """Balancing methods x gates. Every other knob stays the preset's."""
+    off = dict(bias_update_speed=0.0, aux_loss_alpha=0.0, seq_aux_loss_alpha=0.0)
+    out = []
+    for gate in ("sigmoid", "softmax"):
+        # V3 normalizes the top-k sigmoid weights; DeepSeekMoE / V2 use the raw softmax weights.
+        gated = _moe(base, score_func=gate, norm_topk_prob=gate == "sigmoid", **off)
+        methods: list[tuple[str, dict[str, Any]]] = [
+            ("no balancing", {}),
+            ("aux loss 1e-3", dict(aux_loss_alpha=1e-3)),
+            ("aux loss 1e-2", dict(aux_loss_alpha=1e-2)),
+            ("loss-free u=1e-4", dict(bias_update_speed=1e-4)),
+            ("loss-free u=1e-3", dict(bias_update_speed=1e-3)),
+            ("loss-free u=1e-2", dict(bias_update_speed=1e-2)),
+        ]
+        if gate == "softmax":  # the rule the Loss-Free paper pairs with softmax gates
+            methods.append(("loss-free proportional u=1e-3",
+                            dict(bias_update_speed=1e-3, bias_update_rule="proportional")))
+        methods.append(("loss-free u=1e-3 + seq aux 1e-4", dict(bias_update_speed=1e-3, seq_aux_loss_alpha=1e-4)))
+        out += [Variant(label, gate, _moe(gated, **changes), {"gate": gate}) for label, changes in methods]
+    return out
+
+
+def _segment_base(base: ModelConfig) -> tuple[int, int, int]:
+    """(N, K, F_base): N = E/2 experts of width 2F, top-2, so N*F_base is the preset's routed width E*F."""
+    moe = base.moe
+    assert moe is not None
+    return max(2, moe.n_routed_experts // 2), BASE_TOP_K, 2 * moe.expert_dim
+
+
+def segmented_model(base: ModelConfig, m: int, n_shared: int) -> Variant:
+    """The preset's model with its MoE replaced by the m-times segmented baseline, n_shared fine experts shared."""
+    N, K, F_base = _segment_base(base)
+    seg = MoEConfig.segmented(base.dim, N, K, F_base, m, n_shared)
+    model = dataclasses.replace(  # the first dense layers keep the active width K*F_base in every variant
+        _moe(base, n_routed_experts=seg.n_routed_experts, n_shared_experts=seg.n_shared_experts,
+             top_k=seg.top_k, expert_dim=seg.expert_dim), dense_hidden=K * F_base)
+    info = {"m": m, "shared": n_shared, "routed": seg.n_routed_experts, "top_k": seg.top_k,
+            "expert_dim": seg.expert_dim}
+    return Variant(f"m={m}, {n_shared} shared + {seg.n_routed_experts} routed, top-{seg.top_k}",
+                   "with a shared expert" if n_shared else "no shared expert", model, info)
+
+
+def dense_models(base: ModelConfig) -> list[Variant]:
+    """Dense models with the MoE family's active width, and with its total width spread over every layer."""
+    N, K, F_base = _segment_base(base)
+    n_moe = base.n_moe_layers
+    n_dense = base.n_layers - n_moe
+    total = (n_dense * K * F_base + n_moe * N * F_base) / base.n_layers
+    widths = {"dense, same active params": K * F_base, "dense, same total params": 8 * round(total / 8)}
+    return [Variant(label, "dense", dataclasses.replace(base, moe=None, first_k_dense=base.n_layers, dense_hidden=w),
+                    {"m": 0, "shared": 0, "routed": 0, "top_k": 0, "expert_dim": w})
+            for label, w in widths.items()]
+
+
+def segmentation_variants(base: ModelConfig) -> list[Variant]:
+    return [segmented_model(base, m, s) for s in (0, 1) for m in SEGMENTS] + dense_models(base)
+
+
+def shared_variants(base: ModelConfig) -> list[Variant]:
+    variants = [segmented_model(base, SHARED_STUDY_M, s) for s in SHARED_COUNTS]
+    for v in variants:
+        fine, active = v.info["routed"] + v.info["shared"], v.info["top_k"] + v.info["shared"]
+        v.group = f"m={SHARED_STUDY_M}, {fine} fine experts, {active} active"
+    return variants
+
+
+def specialization_variants(base: ModelConfig) -> list[Variant]:
+    """The checkpoints examined: the preset itself, and GShard-like vs DeepSeekMoE-like models of equal size."""
+    main = Variant("preset (loss-free sigmoid)", "specialization", base)
+    gshard = segmented_model(base, 1, 0)
+    gshard.label = f"GShard-like: {gshard.label}"
+    deepseek = segmented_model(base, SHARED_STUDY_M, 1)
+    deepseek.label = f"DeepSeekMoE-like: {deepseek.label}"
+    return [main, gshard, deepseek]
+
+
+# study name -> its variants of a base model (the specialization study examines its checkpoints after training)
+VARIANTS = {"balance": balance_variants, "shared": shared_variants, "segmentation": segmentation_variants,
+            "specialization": specialization_variants}
