@@ -1,6 +1,8 @@
 """Load balancing (dsmoe.balancing): loss-free bias convergence for both update rules, the bias update by
-hand, the expert-level auxiliary loss (value under uniform routing and the direction of its gradient), the
-sequence-wise, device-level and communication losses, and the router z-loss by hand."""
+hand, the expert-level auxiliary loss (value under uniform routing and the direction of its gradient), P_i
+from normalized or raw scores (by hand in a layer, the gradient's sign, softmax unaffected), the
+sequence-wise loss counting the top-K or the routed experts, the device-level and communication losses,
+and the router z-loss by hand."""
 
 import math
 
@@ -103,6 +105,99 @@ def test_aux_loss_gradient_lowers_the_most_loaded_expert(score):
     assert top == 0 and after < before
 
 
+# --------------------------------------------------------------------------- which scores P_i averages
+
+def identity_gate_layer(E: int, **kw) -> MoE:
+    """A layer whose router logits are its input (gate weight = I): scores can be set by hand."""
+    cfg = MoEConfig(dim=E, n_routed_experts=E, expert_dim=2, n_shared_experts=0, **kw)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(E))
+    return moe
+
+
+# Two tokens, 4 sigmoid experts on 2 devices {0,1} {2,3}, K=2, M=2; each row of scores sums to 2.
+#   s = [[0.8, 0.6, 0.4, 0.2], [0.6, 0.2, 0.8, 0.4]]: token 0 takes {0, 1}, token 1 takes {2, 0}
+#   f = count * E / (K*T) = [2, 1, 1, 0]; devices reached: token 0 {d0}, token 1 {d0, d1}
+#   raw P = mean s = [0.7, 0.4, 0.6, 0.3]; normalized P = mean s / 2 = [0.35, 0.2, 0.3, 0.15]
+#   aux  = sum f_i P_i:                                  raw 2*0.7 + 0.4 + 0.6 = 2.4      normalized 1.2
+#   device: f' = [1.5, 0.5], P' = [1.1, 0.9] (raw):      1.5*1.1 + 0.5*0.9 = 2.1          normalized 1.05
+#   comm: f'' = [2, 1] * G / (M*T) = [1, 0.5]:           1*1.1 + 0.5*0.9 = 1.55           normalized 0.775
+BY_HAND = {"normalized": dict(aux=1.2, device=1.05, comm=0.775), "raw": dict(aux=2.4, device=2.1, comm=1.55)}
+
+
+@pytest.mark.parametrize("how,expected", BY_HAND.items(), ids=BY_HAND.keys())
+def test_aux_device_comm_losses_by_hand_in_a_layer(how, expected):
+    s = torch.tensor([[0.8, 0.6, 0.4, 0.2], [0.6, 0.2, 0.8, 0.4]])
+    moe = identity_gate_layer(4, top_k=2, score_func="sigmoid", n_groups=2, topk_groups=2, group_score="top2",
+                              aux_loss_alpha=1.0, device_loss_alpha=1.0, comm_loss_alpha=1.0, aux_loss_scores=how)
+    moe(torch.logit(s))
+    assert moe.tokens_per_expert.tolist() == [2, 1, 1, 0]
+    for name, value in expected.items():
+        torch.testing.assert_close(moe.losses[name], torch.tensor(value), msg=name)
+
+
+def test_softmax_losses_equal_for_both_score_choices():
+    """Softmax scores sum to 1 per token: normalizing them again changes nothing (losses and gradients)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    out = {}
+    for how in ("normalized", "raw"):
+        torch.manual_seed(1)
+        moe = MoE(MoEConfig(dim=8, n_routed_experts=8, top_k=2, expert_dim=4, n_groups=2, topk_groups=2,
+                            aux_loss_alpha=1.0, device_loss_alpha=1.0, comm_loss_alpha=1.0, aux_loss_scores=how))
+        moe(x)
+        moe.aux_loss.backward()
+        out[how] = (moe.losses, moe.gate.weight.grad)
+    (losses_n, grad_n), (losses_r, grad_r) = out["normalized"], out["raw"]
+    assert set(losses_n) == {"aux", "device", "comm"}
+    for name in losses_n:
+        torch.testing.assert_close(losses_n[name], losses_r[name], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_n, grad_r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", ["normalized", "raw"])
+def test_sigmoid_aux_loss_gradient_direction(how):
+    """Raw sigmoid P: every logit's gradient is >= 0, so a step lowers every expert's score, the least loaded
+    one's too. Normalized P: the least loaded expert's logits get negative gradients, and a step moves
+    probability from the most loaded expert to the least loaded one."""
+    torch.manual_seed(0)
+    T, E, K = 64, 8, 2
+    logits = torch.randn(T, E)
+    logits[:, 0] += 2.0  # expert 0 overloaded
+    logits.requires_grad_(True)
+    s = logits.sigmoid()
+    ids = s.detach().topk(K, dim=-1).indices
+    load = torch.bincount(ids.reshape(-1), minlength=E)
+    most, least = int(load.argmax()), int(load.argmin())
+    B.expert_balance_loss(B.loss_scores(s, how), ids).backward()
+    grad = logits.grad
+    with torch.no_grad():
+        stepped = (logits - T * grad).sigmoid()
+        if how == "raw":
+            assert (grad >= 0).all()
+            assert (stepped.mean(0) < s.mean(0)).all()  # every expert pushed down, the least loaded too
+        else:
+            assert (grad < 0).any() and (grad[:, least] < 0).all() and (grad[:, most] > 0).all()
+            before, after = (B.loss_scores(v, "normalized").mean(0) for v in (s, stepped))
+            assert after[most] < before[most] and after[least] > before[least]
+
+
+def test_loss_scores_by_hand():
+    s = torch.tensor([[0.8, 0.4, 0.8], [0.2, 0.6, 0.2]])
+    torch.testing.assert_close(B.loss_scores(s, "normalized"), torch.tensor([[0.4, 0.2, 0.4], [0.2, 0.6, 0.2]]))
+    assert B.loss_scores(s, "raw") is s
+    assert B.loss_scores(torch.zeros(1, 3), "normalized").eq(0).all()  # no NaN from an all-zero row
+
+
+@pytest.mark.parametrize("field,value", [("aux_loss_scores", "softmax"), ("seq_aux_experts", "all")],
+                         ids=["aux-loss-scores", "seq-aux-experts"])
+def test_bad_loss_choices_are_named(field, value):
+    allowed = {"aux_loss_scores": "'normalized', 'raw'", "seq_aux_experts": "'topk', 'routed'"}[field]
+    with pytest.raises(ValueError, match=f"{field}='{value}' is not allowed; choose one of {allowed}"):
+        MoEConfig(**{field: value})
+
+
 # --------------------------------------------------------------------------- sequence-wise loss
 
 def test_sequence_loss_equals_expert_loss_on_one_sequence():
@@ -122,6 +217,24 @@ def test_sequence_loss_normalizes_sigmoid_scores_and_averages_sequences():
         normed = scores[b] / scores[b].sum(-1, keepdim=True)
         per_seq.append(B.expert_balance_loss(normed, scores[b].topk(K, dim=-1).indices))
     torch.testing.assert_close(B.sequence_balance_loss(scores, K), torch.stack(per_seq).mean())
+
+
+# One sequence of 2 tokens, 4 softmax experts in 2 groups {0,1} {2,3}, K=2, one group per token (max score):
+#   token 0: s = [0.4, 0.05, 0.35, 0.2] -> group 0 (0.4 > 0.35) -> routed {0, 1}; plain top-2 {0, 2}
+#   token 1: s = [0.1, 0.2, 0.3, 0.4]   -> group 1                -> routed {3, 2}; plain top-2 {3, 2}
+#   P = [0.25, 0.125, 0.325, 0.3]; f = count * E / (K*S) = count
+#   routed (V2): f = [1, 1, 1, 1] -> sum P = 1.0;  top-K (V3): f = [1, 0, 2, 1] -> 0.25 + 0.65 + 0.3 = 1.2
+SEQ_COUNTS = {"routed": 1.0, "topk": 1.2}
+
+
+@pytest.mark.parametrize("experts,expected", SEQ_COUNTS.items(), ids=SEQ_COUNTS.keys())
+def test_sequence_loss_counts_routed_or_topk_experts_under_a_group_limit(experts, expected):
+    s = torch.tensor([[0.4, 0.05, 0.35, 0.2], [0.1, 0.2, 0.3, 0.4]])
+    moe = identity_gate_layer(4, top_k=2, score_func="softmax", n_groups=2, topk_groups=1, group_score="max",
+                              seq_aux_loss_alpha=1.0, seq_aux_experts=experts)
+    moe(s.log()[None])  # softmax(log s) = s: one sequence of 2 tokens
+    assert sorted(moe.tokens_per_expert.tolist()) == [1, 1, 1, 1]  # what was routed, in both cases
+    torch.testing.assert_close(moe.losses["seq_aux"], torch.tensor(expected))
 
 
 # --------------------------------------------------------------------------- device and communication losses

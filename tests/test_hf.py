@@ -26,6 +26,8 @@ CASES = {
                                          n_group=1, topk_group=1), "deepseek"),
     "v3-k1-transformers": ("deepseek_v3", dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=1,
                                                n_group=4, topk_group=2), "transformers"),
+    "v3-k1-deepseek": ("deepseek_v3", dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=1,
+                                           n_group=4, topk_group=2), "deepseek"),  # inference/model.py normalizes
     "v2-greedy": ("deepseek_v2", dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
                                       topk_method="greedy", routed_scaling_factor=2.0), "deepseek"),
     "v2-group-limited": ("deepseek_v2", dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
@@ -92,6 +94,33 @@ def test_v2_norm_follows_deepseek_code_by_default():
     assert (single.norm_topk_prob, single.route_scale) == (False, 16.0)
 
 
+K1_WEIGHT = {"deepseek": True, "transformers": True, "deepseek-hub": False}  # semantics: normalizes one weight?
+
+
+@pytest.mark.parametrize("semantics,normalized", K1_WEIGHT.items(), ids=K1_WEIGHT.keys())
+def test_v3_single_weight_per_semantics(semantics, normalized):
+    """V3, K=1, norm_topk_prob: DeepSeek-V3's inference/model.py and transformers normalize the one weight to 1
+    (then route_scale); DeepSeek's hub modeling code keeps the raw sigmoid score."""
+    cfg = hf.moe_config_from_hf(GOOD | dict(num_experts_per_tok=1, routed_scaling_factor=2.5), semantics)
+    assert cfg.norm_topk_prob == normalized and cfg.route_scale == 2.5
+    weights, ids, scores, _ = MoE(cfg).gate(torch.randn(5, D, generator=torch.Generator().manual_seed(0)))
+    expected = torch.full((5, 1), 2.5) if normalized else 2.5 * scores.gather(1, ids)
+    torch.testing.assert_close(weights, expected)
+    if not normalized:
+        assert (weights < 2.5).all()  # sigmoid scores < 1: the two readings really differ
+
+
+@pytest.mark.parametrize("seq_aux,alpha,expected", [(True, 1e-3, "routed"), (False, 1e-3, "topk"), (True, 0, "topk")],
+                         ids=["seq-aux", "expert-level", "no-loss"])
+def test_v2_sequence_loss_counts_routed_experts(seq_aux, alpha, expected):
+    """DeepSeek-V2's sequence-wise loss counts the routed experts (its eq. 24 and code); V3's the top-K."""
+    d = dict(model_type="deepseek_v2", hidden_size=D, moe_intermediate_size=F, n_routed_experts=8,
+             num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+             aux_loss_alpha=alpha, seq_aux=seq_aux)
+    assert hf.moe_config_from_hf(d).seq_aux_experts == expected
+    assert hf.moe_config_from_hf(GOOD | dict(aux_loss_alpha=1e-3, seq_aux=True)).seq_aux_experts == "topk"
+
+
 def test_release_configs():
     """Field values of the released V3 and V2-Lite config.json files (DeepSeek-V3 and V2-Lite releases)."""
     v3 = dict(model_type="deepseek_v3", hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=256,
@@ -106,8 +135,9 @@ def test_release_configs():
                 n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
                 norm_topk_prob=False, scoring_func="softmax", topk_method="greedy", aux_loss_alpha=0.001,
                 seq_aux=True)
-    assert hf.moe_config_from_hf(lite) == MoEConfig(
-        dim=2048, n_routed_experts=64, n_shared_experts=2, top_k=6, expert_dim=1408, seq_aux_loss_alpha=0.001)
+    assert hf.moe_config_from_hf(lite) == MoEConfig(  # V2's sequence-wise loss counts the routed experts
+        dim=2048, n_routed_experts=64, n_shared_experts=2, top_k=6, expert_dim=1408, seq_aux_loss_alpha=0.001,
+        seq_aux_experts="routed")
     minimal = {k: v3[k] for k in ("model_type", "hidden_size", "moe_intermediate_size", "n_routed_experts",
                                   "num_experts_per_tok")}
     assert hf.moe_config_from_hf(minimal) == hf.moe_config_from_hf(v3).replace(seq_aux_loss_alpha=0.0)  # V3 defaults
@@ -122,6 +152,11 @@ ROUND_TRIP = {
                             topk_groups=3, aux_loss_alpha=0.003),
     "v2-norm": MoEConfig(dim=32, n_routed_experts=8, n_shared_experts=0, top_k=2, expert_dim=8,
                          norm_topk_prob=True),
+    "v2-seq-aux": MoEConfig(dim=32, n_routed_experts=16, top_k=3, expert_dim=8, n_groups=4, topk_groups=3,
+                            seq_aux_loss_alpha=0.003, seq_aux_experts="routed"),
+    "v3-k1-norm": MoEConfig(dim=32, n_routed_experts=16, n_shared_experts=1, top_k=1, expert_dim=8,
+                            score_func="sigmoid", norm_topk_prob=True, route_scale=2.5, n_groups=4, topk_groups=2,
+                            group_score="top2"),
 }
 
 
@@ -136,7 +171,9 @@ BAD_TO_HF = {
     "sigmoid-max-groups": (dict(score_func="sigmoid", n_groups=2, topk_groups=1), "group_score='max'"),
     "uniform-routing": (dict(uniform_routing=True), "uniform_routing"),
     "v2-norm-k1": (dict(norm_topk_prob=True, top_k=1), "top_k=1"),
-    "v3-norm-k1": (dict(score_func="sigmoid", group_score="top2", norm_topk_prob=True, top_k=1), "top_k=1"),
+    "v2-seq-topk": (dict(seq_aux_loss_alpha=1e-3), "seq_aux_experts='topk' .* deepseek_v2, .* 'routed'"),
+    "v3-seq-routed": (dict(score_func="sigmoid", seq_aux_loss_alpha=1e-4, seq_aux_experts="routed"),
+                      "seq_aux_experts='routed' .* deepseek_v3, .* 'topk'"),
 }
 
 

@@ -93,13 +93,13 @@ def test_gqa_differs_from_mha_and_has_fewer_params():
 @pytest.mark.parametrize("kw", [VARIANTS["mha"], VARIANTS["gqa"], VARIANTS["all-moe"]], ids=["mha", "gqa", "all-moe"])
 def test_kv_cache_logits_equal_full_recompute(kw):
     """Prefill a prompt, then decode one token at a time: each step's logits equal a full forward's."""
-    from dsmoe.model import KVCache
+    from dsmoe.attention import KVCache
 
     model = make_model(**kw)
     cfg = model.cfg
     seq = torch.randint(0, 50, (2, 20))
     full, _ = model(seq)
-    cache = KVCache(cfg.n_layers, 2, cfg.n_kv_heads, 20, cfg.dim // cfg.n_heads, seq.device, torch.float32)
+    cache = KVCache(cfg.n_layers, 2, 20, model.layers[0].attn.cache_shapes(), seq.device, torch.float32)
     with torch.no_grad():
         prefill, _ = model(seq[:, :5], cache=cache)
         torch.testing.assert_close(prefill, full[:, :5], atol=1e-5, rtol=1e-5)

@@ -130,8 +130,10 @@ def test_study_figures(tmp_path):
     lift_LKE = [[[0.0, 0.5, 1.0, 4.0], [2.0, 1.0, 1.0, 0.25], [1.0] * 4] for _ in range(2)]
     plots.plot_maxvio_curves(balance, tmp_path / "maxvio_batch.png")
     plots.plot_balance_tradeoff(balance, tmp_path / "balance_vs_ppl.png")
+    plots.plot_balance_seeds(balance, tmp_path / "balance_seeds.png")
     plots.plot_shape(shape, tmp_path / "segmentation.png", "m", "m", "segmentation", log2_ticks=(1, 2, 4, 8))
     plots.plot_kind_heatmap(lift_LKE, ("keyword", "digit", "space"), "preset", tmp_path / "kinds.png")
     plots.plot_redundancy(redundancy, tmp_path / "redundancy.png")
     assert_pngs(list(tmp_path.glob("*.png")),
-                ["maxvio_batch.png", "balance_vs_ppl.png", "segmentation.png", "kinds.png", "redundancy.png"])
+                ["maxvio_batch.png", "balance_vs_ppl.png", "balance_seeds.png", "segmentation.png", "kinds.png",
+                 "redundancy.png"])

@@ -71,11 +71,25 @@ def test_dense_references_match_moe_sizes():
 def test_balance_methods_cover_the_spec():
     variants = studies.balance_variants(preset("debug"))
     by_gate = {g: [v for v in variants if v.group == g] for g in ("sigmoid", "softmax")}
-    assert len(by_gate["sigmoid"]) == 7 and len(by_gate["softmax"]) == 8
+    assert len(by_gate["sigmoid"]) == 9 and len(by_gate["softmax"]) == 8  # sigmoid: aux loss in both forms of P
+    aux = {v.label: v.model.moe for v in by_gate["sigmoid"] if v.model.moe.aux_loss_alpha}
+    assert {(m.aux_loss_alpha, str(m.aux_loss_scores)) for m in aux.values()} == {
+        (a, how) for a in (1e-3, 1e-2) for how in ("normalized", "raw")}
+    assert all(str(m.aux_loss_scores) in label for label, m in aux.items())
     speeds = sorted({v.model.moe.bias_update_speed for v in variants})
     assert speeds == [0.0, 1e-4, 1e-3, 1e-2]
     none = next(v for v in by_gate["sigmoid"] if v.label == "no balancing").model.moe
     assert none.bias_update_speed == none.aux_loss_alpha == none.seq_aux_loss_alpha == 0
+
+
+def test_balance_core_is_a_subset_of_balance():
+    """balance-core trains the very configurations of balance (so the two share runs), one per listed key."""
+    base = preset("debug")
+    full = {(v.group, v.label): v.model for v in studies.balance_variants(base)}
+    core = studies.balance_core_variants(base)
+    assert [(v.group, v.label) for v in core] == list(studies.BALANCE_CORE)
+    assert all(full[(v.group, v.label)] == v.model for v in core)
+    assert "balance-core" in studies.STUDIES and studies.VARIANTS["balance-core"] is studies.balance_core_variants
 
 
 # ---- token kinds and information -----------------------------------------------------------------------
@@ -173,7 +187,8 @@ def _run(micro, out, names, seeds=1):
 @pytest.mark.slow
 def test_all_studies_write_complete_results(micro, tmp_path, monkeypatch):
     # a few variants of each study keep this fast; every code path of the studies still runs
-    few = {"balance": lambda b: [studies.balance_variants(b)[i] for i in (0, 1, 4, 13)],
+    few = {"balance": lambda b: [studies.balance_variants(b)[i] for i in (0, 1, 3, 6, 15)],
+           "balance-core": lambda b: studies.balance_core_variants(b)[:2],  # runs shared with balance's
            "shared": lambda b: studies.shared_variants(b)[:2],
            "segmentation": lambda b: studies.segmentation_variants(b)[::4]}
     for name, variants in few.items():

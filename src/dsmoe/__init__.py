@@ -1,10 +1,10 @@
 """dsmoe: DeepSeek-style Mixture-of-Experts in PyTorch.
 
 The layer (`MoE`, `MoEConfig`, `Router`/`route`, `GroupedExperts`), the language model (`MoETransformer`,
-`ModelConfig`), run configuration (`TrainConfig`, `PRESETS`, `build_configs`), checkpoints and the
-HuggingFace DeepSeek-V2/V3 converters. Training and evaluation are `dsmoe.train.train` and
-`dsmoe.evaluate.evaluate` (modules of the same name: not re-exported here, where the functions would hide
-them). The command line is `dsmoe.cli` (the `dsmoe` command).
+`ModelConfig`), run configuration (`TrainConfig`, `PRESETS`, `build_configs`), checkpoints, the HuggingFace
+DeepSeek-V2/V3 converters and whole checkpoints (`from_pretrained`, `save_pretrained`). Training and
+evaluation are `dsmoe.train.train` and `dsmoe.evaluate.evaluate` (modules of the same name: not re-exported
+here, where the functions would hide them). The command line is `dsmoe.cli` (the `dsmoe` command).
 """
 
 from dsmoe.checkpoint import load_checkpoint
@@ -13,12 +13,13 @@ from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
 from dsmoe.hf import hf_state_dict, load_hf_state_dict, moe_config_from_hf, moe_config_to_hf
 from dsmoe.model import MoETransformer
 from dsmoe.moe import MoE, moe_layers, update_biases
+from dsmoe.pretrained import from_pretrained, save_pretrained
 from dsmoe.router import Router, route
 
 __all__ = [
     "PRESETS", "BiasRule", "GroupScore", "GroupedExperts", "ModelConfig", "MoE", "MoEConfig", "MoETransformer",
-    "Router", "ScoreFunc", "SwiGLU", "TrainConfig", "build_configs", "hf_state_dict",
+    "Router", "ScoreFunc", "SwiGLU", "TrainConfig", "build_configs", "from_pretrained", "hf_state_dict",
     "load_checkpoint", "load_hf_state_dict", "moe_config_from_hf", "moe_config_to_hf", "moe_layers",
-    "reference_experts", "route", "update_biases",
+    "reference_experts", "route", "save_pretrained", "update_biases",
 ]
 __version__ = "0.1.0"

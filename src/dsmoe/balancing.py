@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.config import BiasRule
+from dsmoe.config import AuxLossScores, BiasRule
+
+
+def loss_scores(scores_TE: torch.Tensor, how: str) -> torch.Tensor:
+    """The scores P_i averages: normalized to sum to 1 per token, or raw (MoEConfig.aux_loss_scores).
+
+    With raw sigmoid scores, dL/ds_i = f_i / T >= 0 for every expert, so the loss pushes every logit down
+    (most where f_i is large), and it is sum_j s_j times the normalized loss (about E/2 at initialization:
+    ~30x at E=64) at the same alpha. After normalizing (Megatron-LM; DeepSeek-V3 eq. 19), raising one score
+    lowers every other P_j, so the gradient moves probability from overloaded to underloaded experts, as
+    with softmax.
+    Softmax scores already sum to 1: both choices agree for them (up to rounding).
+    """
+    if how == AuxLossScores.NORMALIZED:
+        return scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)  # + 1e-20 as Megatron: an all-zero row stays 0
+    return scores_TE
 
 
 def _expert_fraction(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
@@ -19,18 +34,25 @@ def _expert_fraction(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
 
 
 def expert_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-    """sum_i f_i * P_i (Switch Transformer eq. 4, DeepSeekMoE eq. 12). Equals 1 under uniform routing of softmax
-    scores (sigmoid scores need not sum to 1 over experts, so their minimum differs)."""
+    """sum_i f_i * P_i (Switch Transformer eq. 4, DeepSeekMoE eq. 12), P_i the mean of scores_TE[:, i].
+
+    Pass the scores P should average (`loss_scores`: the layer normalizes sigmoid scores by default).
+    Equals 1 under uniform routing of scores that sum to 1 per token. f counts ids_TK, the routed experts.
+    """
     return (_expert_fraction(ids_TK, scores_TE.shape[1]) * scores_TE.mean(0)).sum()
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The expert-level loss per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20).
+def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int, ids_BSK: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert-level loss per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20, DeepSeek-V2 eq. 24).
 
-    f counts the top-K of the unbiased scores; P uses scores normalized to sum to 1 per token.
+    f counts ids_BSK, the experts actually routed (DeepSeek-V2's code and paper: group limit included), or,
+    when None, the top-K of the unbiased scores (DeepSeek-V3 eq. 18). P always uses scores normalized to sum
+    to 1 per token (V3 eq. 19; V2's softmax scores already do).
     """
     B, S, E = scores_BSE.shape
-    ids_BA = scores_BSE.detach().topk(top_k, dim=-1).indices.reshape(B, -1)
+    if ids_BSK is None:
+        ids_BSK = scores_BSE.detach().topk(top_k, dim=-1).indices
+    ids_BA = ids_BSK.reshape(B, -1)
     ones_BA = torch.ones_like(ids_BA, dtype=torch.float)
     f_BE = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(1, ids_BA, ones_BA)
     f_BE = f_BE * (E / (top_k * S))
@@ -39,7 +61,10 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def device_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """sum_d f'_d P'_d with f'_d the mean f_i and P'_d the summed P_i over device d's experts (DeepSeek-V2 eq. 14)."""
+    """sum_d f'_d P'_d with f'_d the mean f_i and P'_d the summed P_i over device d's experts (DeepSeek-V2 eq. 14).
+
+    scores_TE: the scores P averages, as for `expert_balance_loss`.
+    """
     G = n_groups
     f_G = _expert_fraction(ids_TK, scores_TE.shape[1]).view(G, -1).mean(-1)
     P_G = scores_TE.mean(0).view(G, -1).sum(-1)
@@ -47,7 +72,10 @@ def device_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor, n_groups:
 
 
 def comm_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
-    """sum_d f''_d P''_d, f''_d = (G / (M*T)) * #tokens sent to device d (DeepSeek-V2 eq. 16-17)."""
+    """sum_d f''_d P''_d, f''_d = (G / (M*T)) * #tokens sent to device d (DeepSeek-V2 eq. 16-17).
+
+    scores_TE: the scores P averages, as for `expert_balance_loss`.
+    """
     T, E = scores_TE.shape
     G, M = n_groups, topk_groups
     sent_TG = torch.zeros(T, G, dtype=torch.bool, device=ids_TK.device).scatter_(1, ids_TK // (E // G), True)

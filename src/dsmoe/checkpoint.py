@@ -3,13 +3,15 @@
 Layout of a checkpoint directory:
     model.safetensors   every tensor of model.state_dict(), the fp32 balancing biases (gate.bias) included;
                         with tied embeddings the output matrix is stored once, as embed.weight
-    config.json         {"model": ModelConfig dict, "train": TrainConfig dict, "step": int}
+    config.json         {"model": ModelConfig dict, "train": TrainConfig dict, "step": int,
+                        "weights_sha256": the SHA-256 of model.safetensors, verified on load}
     state.pt            optimizer, scheduler, torch / data RNG states, step, and loop bookkeeping
     tokenizer.json      which tokenizer (plus bpe.json for a trained BPE)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
+from dsmoe.pretrained import from_pretrained
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 TIED = "head.weight"  # dropped from the file when tied: safetensors refuses tensors that share memory
@@ -31,34 +34,95 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
 
 
+def _is_checkpoint(directory: Path) -> bool:
+    """Every file a checkpoint needs is there."""
+    return all((directory / f).is_file() for f in FILES)
+
+
+def _looks_like_checkpoint(directory: Path) -> bool:
+    """A (possibly damaged) checkpoint: its weights, or a config.json that names a step (a run directory's
+    config.json has none)."""
+    if (directory / "model.safetensors").exists():
+        return True
+    try:
+        return "step" in json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return (directory / "config.json").exists() and directory.name.startswith("checkpoint")
+
+
 def resolve(path) -> Path:
-    """A checkpoint directory from either itself or a run directory holding `checkpoint/`."""
+    """A checkpoint directory from either itself or a run directory holding `checkpoint/`.
+
+    A complete checkpoint wins: after a crash between save's two renames only `checkpoint.old` is whole, and
+    the run directory's own config.json is not a checkpoint.
+    """
     path = Path(path)
-    for candidate in (path / "checkpoint", path, path / "checkpoint.old"):
-        if (candidate / "config.json").exists() or (candidate / "model.safetensors").exists():
+    candidates = (path / "checkpoint", path / "checkpoint.old", path)
+    for candidate in candidates:
+        if _is_checkpoint(candidate):
+            return candidate
+    for candidate in candidates:  # damaged: the loaders name what is missing or corrupt
+        if _looks_like_checkpoint(candidate):
             return candidate
     raise CheckpointError(f"no checkpoint at {str(path)!r}: expected a directory with {', '.join(FILES)} "
                           f"(or a run directory holding checkpoint/)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary folders of saves that crashed (their process is gone), so a full disk does not stay full."""
+    for tmp in directory.parent.glob(f".{directory.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save(directory, model, config: dict, state: dict, tokenizer=None, tensors: dict | None = None) -> Path:
     """Write the checkpoint to a temporary directory, then swap it in, so a crash never leaves half a file.
 
     `tensors`: the weights to write instead of model.state_dict() (expert parallel: the gathered experts).
+    config.json records the weights' SHA-256, which load_weights verifies. A write that fails (a full disk)
+    removes its temporary folder and raises a CheckpointError; the previous checkpoint is kept.
     """
     directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = dict(model.state_dict() if tensors is None else tensors)
     if model.cfg.tie_embeddings:
         tensors.pop(TIED)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save(state, tmp / "state.pt")
-    if tokenizer is not None:
-        tokenizer.save(tmp)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = {**config, "weights_sha256": _sha256(tmp / "model.safetensors")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        torch.save(state, tmp / "state.pt")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = "the previous checkpoint is kept" if _is_checkpoint(directory) else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write the checkpoint in {str(directory.parent)!r} ({e}); {previous}. "
+                              "Is the disk full?") from None
     # os.replace cannot overwrite a non-empty directory: move the old one aside, swap, then delete it
     old = directory.with_name(directory.name + ".old")
     if directory.exists():  # else `old` may be the only checkpoint left by a crash mid-swap: keep it until now
@@ -89,6 +153,10 @@ def load_weights(directory, model) -> None:
     path = directory / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: model.safetensors is missing")
+    expected_sha = _read_json_quietly(directory / "config.json").get("weights_sha256")
+    if expected_sha is not None and _sha256(path) != expected_sha:  # bit flips load silently otherwise
+        raise CheckpointError(f"checkpoint {str(directory)!r}: model.safetensors is corrupt (its SHA-256 differs "
+                              "from the one config.json recorded when it was written)")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -107,6 +175,15 @@ def load_weights(directory, model) -> None:
         raise CheckpointError(f"checkpoint {str(directory)!r} does not match the model config: "
                               + "; ".join(parts + wrong[:5]))
     model.load_state_dict(tensors)
+
+
+def _read_json_quietly(path: Path) -> dict:
+    """A JSON object, or {} when it cannot be read (read_config reports a damaged config.json)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def load_state(directory, device="cpu") -> dict:
@@ -135,8 +212,23 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def is_hf_folder(directory) -> bool:
+    """A HuggingFace folder: its config.json names a model_type (dsmoe's holds a "model" section instead)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
+
+
 def load_checkpoint(directory, device: str = "cpu") -> tuple[MoETransformer, ModelConfig, TrainConfig, Tokenizer]:
-    """(model, model_cfg, train_cfg, tokenizer) from a checkpoint or run directory, in eval mode."""
+    """(model, model_cfg, train_cfg, tokenizer) from a checkpoint or run directory, or from a HuggingFace
+    DeepSeek-V2/V3 folder (dsmoe.pretrained; with the default run settings, sequences of at most 512
+    tokens), in eval mode."""
+    if is_hf_folder(directory):
+        model = from_pretrained(directory, device=resolve_device(device))
+        run_cfg = TrainConfig(seq_len=min(model.cfg.max_seq_len, 512), batch_size=8)
+        return model, model.cfg, run_cfg, load_tokenizer(directory)
     ckpt = resolve(directory)
     model_cfg, train_cfg = configs_from_checkpoint(ckpt)
     model = MoETransformer(model_cfg)

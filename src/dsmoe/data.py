@@ -89,8 +89,22 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, directory) -> BPETokenizer:
-        from tokenizers import Tokenizer
-        return cls(Tokenizer.from_file(str(Path(directory, "bpe.json"))))
+        """The tokenizer saved in directory/bpe.json; a missing or corrupt file is an error that names it."""
+        path = Path(directory, "bpe.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: a BPE tokenizer is saved there with the checkpoint "
+                                    "(copy the whole checkpoint directory)")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("a BPE tokenizer needs the tokenizers package: pip install 'dsmoe[cli]'") from None
+        try:
+            tok = cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{path} is not a valid BPE tokenizer file ({str(e)[:200]})") from None
+        if tok.eos_id is None:
+            raise ValueError(f"{path} is not a dsmoe BPE tokenizer: it has no <|eos|> token")
+        return tok
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -113,14 +127,52 @@ Tokenizer = ByteTokenizer | BPETokenizer
 
 
 def load_tokenizer(directory) -> Tokenizer:
-    """The tokenizer saved in a checkpoint directory (byte when none was saved)."""
-    path = Path(directory, "tokenizer.json")
-    kind = json.loads(path.read_text())["kind"] if path.exists() else "byte"
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "bpe":
-        return BPETokenizer.load(directory)
-    raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
+    """The tokenizer saved in a checkpoint directory (byte when none was saved).
+
+    A missing, corrupt or mismatched tokenizer is an error naming the file, never a silent fallback to bytes: a
+    bpe.json without tokenizer.json, no tokenizer.json where the model's vocabulary (config.json) is not the
+    byte tokenizer's, or a tokenizer with more tokens than the model (a model may have more: padded, or
+    initialized from a HuggingFace checkpoint).
+    """
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if path.exists():
+        kind = _tokenizer_kind(path)
+    elif (directory / "bpe.json").exists():
+        raise FileNotFoundError(f"{path} is missing, but {directory / 'bpe.json'} is there: this checkpoint used "
+                                'a BPE tokenizer; restore tokenizer.json (it holds {"kind": "bpe"})')
+    else:
+        kind = "byte"
+    if kind not in ("byte", "bpe"):
+        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
+    tok: Tokenizer = ByteTokenizer() if kind == "byte" else BPETokenizer.load(directory)
+    vocab_size = _model_vocab_size(directory / "config.json")
+    if vocab_size is not None and not path.exists() and vocab_size != tok.vocab_size:
+        raise FileNotFoundError(f"{path} is missing and the model's vocab_size={vocab_size} (config.json) is not "
+                                f"the byte tokenizer's {tok.vocab_size}: restore the checkpoint's tokenizer files")
+    if vocab_size is not None and vocab_size < tok.vocab_size:
+        raise ValueError(f"{directory}: the {kind} tokenizer has {tok.vocab_size} tokens, more than the model's "
+                         f"vocab_size={vocab_size} (config.json): the tokenizer belongs to another model")
+    return tok
+
+
+def _tokenizer_kind(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())["kind"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f'{path} is corrupt (or not a dsmoe one): expected {{"kind": "byte"}} or {{"kind": "bpe"}} '
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _model_vocab_size(path: Path) -> int | None:
+    """model.vocab_size of a checkpoint's config.json; None where there is none to read (its loader reports
+    a corrupt one)."""
+    try:
+        config = json.loads(path.read_text())
+        vocab_size = config["model"]["vocab_size"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return vocab_size if isinstance(vocab_size, int) else None
 
 
 # ---- documents --------------------------------------------------------------------------------------

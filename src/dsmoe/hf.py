@@ -6,14 +6,25 @@ Shapes: E routed experts, D model dim, F expert hidden dim.
 Routing semantics of each release, as their code computes the K weights w from the scores s[ids]:
 
     release       score    choice / group score                 weights
-    deepseek_v2   softmax  greedy: no groups                    DeepSeek: K>1 and norm ? w/sum(w) : w*rsf
+    deepseek_v2   softmax  greedy: no groups                    deepseek, deepseek-hub: K>1 and norm ? w/sum(w) : w*rsf
                            group_limited_greedy: max            transformers: w*rsf (norm_topk_prob ignored)
-    deepseek_v3   sigmoid  noaux_tc: s+b, sum of top-2          DeepSeek: (K>1 and norm ? w/sum(w) : w)*rsf
-                                                                transformers: (norm ? w/sum(w) : w)*rsf
+    deepseek_v3   sigmoid  noaux_tc: s+b, sum of top-2          deepseek, transformers: (norm ? w/sum(w) : w)*rsf
+                                                                deepseek-hub: (K>1 and norm ? w/sum(w) : w)*rsf
 
-rsf = routed_scaling_factor. The two implementations agree on every released checkpoint (V2 and
-V2-Lite ship norm_topk_prob=false; V3 ships K=8); they part only for a V2 config with
-norm_topk_prob=true, or a V3 config with K=1. `semantics` picks which one a config is read with.
+rsf = routed_scaling_factor. `semantics` picks the code a config is read with:
+- "deepseek" (default): DeepSeek's reference code. V2: `modeling_deepseek.py` of the DeepSeek-V2 releases
+  (DeepSeek's only V2 code). V3: `inference/model.py` of the DeepSeek-V3 repository, whose Gate.forward
+  normalizes sigmoid weights for every K, so one weight becomes 1 before route_scale. That code has no
+  norm_topk_prob field (every V3 config sets it true); dsmoe honours norm_topk_prob=false as the other two do.
+- "deepseek-hub": `modeling_deepseek.py` of the DeepSeek-V3 hub releases, which skips normalizing when
+  K=1 (`if self.top_k > 1 and self.norm_topk_prob`). For V2 it is "deepseek".
+- "transformers": transformers 5's DeepseekV2Moe / DeepseekV3MoE.
+They agree on every released checkpoint (V2 and V2-Lite ship norm_topk_prob=false; V3 ships K=8) and
+part only for a V2 config with norm_topk_prob=true, or a V3 config with K=1.
+
+Auxiliary losses (training only; moe_config_from_hf sets them from aux_loss_alpha and seq_aux): V2's
+sequence-wise loss counts the experts actually routed (`topk_idx`, group limit included; V2 eq. 24), V3's
+the top-K of the unbiased scores (V3 eq. 18), so a V2 config with seq_aux gets seq_aux_experts="routed".
 Masking also differs: DeepSeek's V3 hub code masks discarded groups with 0.0, which lets a negative
 s+b pick experts in them; DeepSeek's inference/model.py, transformers and dsmoe mask with -inf. V2 has
 no bias and softmax scores are > 0, so its 0.0 mask is the same as -inf.
@@ -26,10 +37,10 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.config import GroupScore, MoEConfig, ScoreFunc
+from dsmoe.config import GroupScore, MoEConfig, ScoreFunc, SeqAuxExperts
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-SEMANTICS = ("deepseek", "transformers")
+SEMANTICS = ("deepseek", "deepseek-hub", "transformers")  # see the module docstring
 TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
 SCORE_FUNCS = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
 
@@ -52,6 +63,28 @@ def _get(d: dict, key: str, model_type: str):
     return _DEFAULTS[model_type].get(key) if value is None else value
 
 
+def _int(key: str, value) -> int:
+    """An integer field; 8.0 is 8, but 8.7 is an error, never silently 8."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"HF config field {key}={value!r} is invalid: must be an integer")
+    return value
+
+
+def _bool(key: str, value) -> bool:
+    """A boolean field: the string "false" is an error, never silently True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"HF config field {key}={value!r} is invalid: must be true or false (a JSON boolean)")
+    return value
+
+
+def _float(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"HF config field {key}={value!r} is invalid: must be a finite number")
+    return float(value)
+
+
 def _model_type(d: dict) -> str:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -67,21 +100,25 @@ def _norm_and_scale(model_type: str, semantics: str, K: int, norm: bool, scale: 
         if norm and K > 1:  # DeepSeek's V2 code normalizes OR scales, never both
             return True, 1.0
         return False, scale
-    if semantics == "deepseek":  # DeepSeek's V3 code skips normalizing a single weight
+    if semantics == "deepseek-hub":  # DeepSeek's V3 hub modeling code skips normalizing a single weight
         return norm and K > 1, scale
-    return norm, scale  # transformers' V3 normalizes even one weight (to 1)
+    return norm, scale  # DeepSeek-V3's inference/model.py and transformers normalize even one weight (to 1)
 
 
 def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
     """The MoE layer of a HuggingFace DeepSeek-V2 / V3 `config.json` dict.
 
-    semantics="deepseek" reads the config as DeepSeek's released code runs it, "transformers" as
-    transformers 5 does (they differ only for V2 with norm_topk_prob, and V3 with K=1; see the module
-    docstring). Training-only fields that HF does not store (bias update, capacity, ...) get dsmoe's
-    defaults; change them with `.replace()`.
+    semantics="deepseek" reads the config as DeepSeek's reference code runs it (V3: inference/model.py),
+    "deepseek-hub" as DeepSeek's hub modeling code, "transformers" as transformers 5 (they differ only for V2
+    with norm_topk_prob, and V3 with K=1; see the module docstring). The auxiliary loss follows the release:
+    V2's sequence-wise loss counts the routed experts. Training-only fields that HF does not store (bias
+    update, capacity, ...) get dsmoe's defaults; change them with `.replace()`.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics={semantics!r} is not allowed; choose one of {SEMANTICS}")
+    if not isinstance(d, dict):
+        raise TypeError(f"HF config must be a dict (the parsed config.json), got {type(d).__name__}"
+                        + ("; for a transformers config pass config.to_dict()" if hasattr(d, "to_dict") else ""))
     model_type = _model_type(d)
     missing = [k for k in _REQUIRED if d.get(k) is None]
     if missing:
@@ -94,9 +131,10 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
     if method not in TOPK_METHODS[model_type]:
         raise ValueError(f"topk_method={method!r} is not supported for {model_type}; "
                          f"choose one of {TOPK_METHODS[model_type]}")
-    K = int(d["num_experts_per_tok"])
-    norm, scale = _norm_and_scale(model_type, semantics, K, bool(_get(d, "norm_topk_prob", model_type)),
-                                  float(_get(d, "routed_scaling_factor", model_type)))
+    K = _int("num_experts_per_tok", d["num_experts_per_tok"])
+    norm = _bool("norm_topk_prob", _get(d, "norm_topk_prob", model_type))
+    scale = _float("routed_scaling_factor", _get(d, "routed_scaling_factor", model_type))
+    norm, scale = _norm_and_scale(model_type, semantics, K, norm, scale)
     if method == "greedy":
         n_groups, topk_groups = 1, 1
     else:
@@ -105,23 +143,31 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
             raise ValueError(f"topk_method={method!r} needs n_group and topk_group, "
                              f"got n_group={n_groups!r}, topk_group={topk_groups!r}")
 
-    alpha = float(d.get("aux_loss_alpha") or 0.0)
-    seq_aux = bool(d.get("seq_aux", True))  # DeepSeek's config classes default to the sequence-wise loss
+    alpha = _float("aux_loss_alpha", d.get("aux_loss_alpha") or 0.0)
+    # DeepSeek's config classes default to the sequence-wise loss
+    seq_aux = True if d.get("seq_aux") is None else _bool("seq_aux", d["seq_aux"])
     return MoEConfig(
-        dim=int(d["hidden_size"]),
-        n_routed_experts=int(d["n_routed_experts"]),
-        n_shared_experts=int(_get(d, "n_shared_experts", model_type) or 0),
+        dim=_int("hidden_size", d["hidden_size"]),
+        n_routed_experts=_int("n_routed_experts", d["n_routed_experts"]),
+        n_shared_experts=_int("n_shared_experts", _get(d, "n_shared_experts", model_type) or 0),
         top_k=K,
-        expert_dim=int(d["moe_intermediate_size"]),
+        expert_dim=_int("moe_intermediate_size", d["moe_intermediate_size"]),
         score_func=score_func,
         norm_topk_prob=norm,
         route_scale=scale,
-        n_groups=int(n_groups),
-        topk_groups=int(topk_groups),
+        n_groups=_int("n_group", n_groups),
+        topk_groups=_int("topk_group", topk_groups),
         group_score="top2" if model_type == "deepseek_v3" else "max",
         aux_loss_alpha=0.0 if seq_aux else alpha,
         seq_aux_loss_alpha=alpha if seq_aux else 0.0,
+        seq_aux_experts=_seq_aux_experts(model_type) if seq_aux and alpha else SeqAuxExperts.TOPK,
     )
+
+
+def _seq_aux_experts(model_type: str) -> SeqAuxExperts:
+    """What the release's sequence-wise loss counts: V2 the routed experts (eq. 24, `topk_idx` in its code),
+    V3 the top-K of the unbiased scores (eq. 18)."""
+    return SeqAuxExperts.ROUTED if model_type == "deepseek_v2" else SeqAuxExperts.TOPK
 
 
 def hf_model_type(cfg: MoEConfig) -> str:
@@ -130,11 +176,13 @@ def hf_model_type(cfg: MoEConfig) -> str:
 
 
 def moe_config_to_hf(cfg: MoEConfig) -> dict:
-    """The HF config.json fields of this layer, written for DeepSeek's semantics.
+    """The HF config.json fields of this layer, written for the default semantics ("deepseek").
 
     Raises ValueError for routing HF cannot express. Fields that only matter in training and that HF
-    does not store (bias update, device/comm/z losses, capacity, check_inputs) are left out.
-    With n_groups=1 group_score has no effect and is not stored.
+    does not store (bias update, device/comm/z losses, aux_loss_scores, capacity, check_inputs) are left
+    out. With n_groups=1 group_score has no effect and is not stored. A V3 layer with top_k=1 and
+    norm_topk_prob is written as such: DeepSeek-V3's inference code and transformers normalize its weight
+    to 1; only DeepSeek's hub code (semantics="deepseek-hub") reads it without normalizing.
     """
     model_type = hf_model_type(cfg)
     want_group_score = GroupScore.TOP2 if model_type == "deepseek_v3" else GroupScore.MAX
@@ -152,9 +200,10 @@ def moe_config_to_hf(cfg: MoEConfig) -> dict:
     if cfg.norm_topk_prob and cfg.route_scale != 1 and model_type == "deepseek_v2":
         raise ValueError(f"norm_topk_prob=True with route_scale={cfg.route_scale} cannot be written for "
                          "deepseek_v2 (softmax), whose code normalizes OR scales; use route_scale=1")
-    if cfg.norm_topk_prob and cfg.top_k == 1 and model_type == "deepseek_v3":
-        raise ValueError("norm_topk_prob=True with top_k=1 cannot be written for deepseek_v3: DeepSeek's "
-                         "code skips normalizing a single weight (transformers' does not)")
+    if cfg.seq_aux_loss_alpha and cfg.seq_aux_experts != _seq_aux_experts(model_type):
+        raise ValueError(f"seq_aux_experts={str(cfg.seq_aux_experts)!r} with seq_aux_loss_alpha > 0 cannot be "
+                         f"written for {model_type}, whose sequence-wise loss counts "
+                         f"{str(_seq_aux_experts(model_type))!r}")
     seq = bool(cfg.seq_aux_loss_alpha)
     return {
         "model_type": model_type,
@@ -218,7 +267,7 @@ def load_hf_state_dict(layer, sd: dict[str, torch.Tensor], strict: bool = True) 
     Returns (missing, unexpected) keys; with strict=True any of them raises. A wrong shape always
     raises. The bias `gate.e_score_correction_bias` (V3) is dsmoe's balancing bias, kept in fp32.
     """
-    if "experts.gate_up_proj" in sd:
+    if "experts.gate_up_proj" in sd or "experts.down_proj" in sd:
         sd = unfuse_experts(sd)
     shapes = expected_shapes(layer.cfg)
     missing = [k for k in shapes if k not in sd]
@@ -265,6 +314,9 @@ def fuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def unfuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers 5's fused experts -> per-expert keys (the inverse of `fuse_experts`)."""
     out = {k: v for k, v in sd.items() if k not in ("experts.gate_up_proj", "experts.down_proj")}
+    absent = [k for k in ("experts.gate_up_proj", "experts.down_proj") if k not in sd]
+    if absent:
+        raise ValueError(f"fused experts need experts.gate_up_proj and experts.down_proj; {absent[0]} is missing")
     gate_up_EXD, down_EDF = sd["experts.gate_up_proj"], sd["experts.down_proj"]
     E, F2, D = gate_up_EXD.shape if gate_up_EXD.dim() == 3 else (0, 1, 0)
     if F2 % 2 or tuple(down_EDF.shape) != (E, D, F2 // 2):

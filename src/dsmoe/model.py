@@ -1,9 +1,11 @@
-"""A small DeepSeekMoE language model (nanoGPT-style, one file).
+"""The language model: a DeepSeek-V2/V3-style decoder (nanoGPT-style, one file for the model itself).
 
-Shapes: B batch, S sequence, D model dim, H query heads, Hkv key/value heads, hd head dim, V vocab.
-Blocks are pre-norm: x = x + attn(norm(x)); x = x + ffn(norm(x)). The first `first_k_dense` blocks use a
-dense SwiGLU FFN, the rest a dsmoe.MoE (DeepSeekMoE §4.1: the first layer stays dense because its load
-balance converges slowly).
+Shapes: B batch, S sequence, D model dim, V vocab, R rotary dims per head.
+Blocks are pre-norm: x = x + attn(norm(x)); x = x + ffn(norm(x)). Attention is rotary MHA/GQA or
+Multi-head Latent Attention (dsmoe.attention). The first `first_k_dense` blocks use a dense SwiGLU FFN,
+the rest a dsmoe.MoE (DeepSeekMoE §4.1: the first layer stays dense because its load balance converges
+slowly). Optional multi-token prediction modules (DeepSeek-V3 §2.2) train on later tokens and are skipped
+at inference.
 """
 
 from __future__ import annotations
@@ -14,82 +16,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.attention import Attention, KVCache, MLAttention, rotary_table
 from dsmoe.config import ModelConfig
 from dsmoe.experts import SwiGLU
 from dsmoe.moe import MoE, moe_layers, update_biases
-
-
-def rotary_table(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
-    """(max_len, head_dim/2) complex rotations e^{i * pos * theta^(-2j/hd)} (RoFormer)."""
-    freqs = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(max_len).float(), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rotary(x_BHSd: torch.Tensor, rot_Sd: torch.Tensor) -> torch.Tensor:
-    x = torch.view_as_complex(x_BHSd.float().reshape(*x_BHSd.shape[:-1], -1, 2))
-    return torch.view_as_real(x * rot_Sd).flatten(-2).type_as(x_BHSd)
-
-
-class KVCache:
-    """Per-layer key/value buffers for incremental decoding: generation cost grows linearly with length."""
-
-    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, device, dtype):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.pos = 0  # tokens already cached
-
-    def update(self, layer: int, k_BHSd, v_BHSd):
-        S = k_BHSd.shape[2]
-        self.k[layer][:, :, self.pos:self.pos + S] = k_BHSd
-        self.v[layer][:, :, self.pos:self.pos + S] = v_BHSd
-        end = self.pos + S
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-
-    def forward(self, x_BSD, rot_Sd, cache: KVCache | None = None):
-        B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, rot_Sd), apply_rotary(k, rot_Sd)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)
-        if start == 0:
-            mask = None  # plain causal attention
-        else:  # query i sits at position start+i and sees keys 0..start+i
-            key_pos = torch.arange(k.shape[2], device=x_BSD.device)
-            query_pos = torch.arange(start, start + S, device=x_BSD.device)
-            mask = key_pos <= query_pos[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn: Attention | MLAttention = MLAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden) if cfg.moe is None or layer < cfg.first_k_dense else MoE(cfg.moe)
 
-    def forward(self, x_BSD, rot_Sd, cache=None):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rot_Sd, cache)
+    def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rot_SR, cache)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 §2.2): the previous depth's hidden state and the
+    embedding of the token k positions ahead, each RMSNormed, concatenated [embedding; hidden] (the order
+    of the released weights, as vLLM's deepseek_mtp loads them), projected by eh_proj, then a full block;
+    its own final norm before the model's shared output head. Layer index n_layers + depth."""
+
+    def __init__(self, cfg: ModelConfig, depth: int):
+        super().__init__()
+        self.enorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.hnorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, cfg.n_layers + depth)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, emb_BSD: torch.Tensor, h_BSD: torch.Tensor, rot_SR: torch.Tensor) -> torch.Tensor:
+        x_BSD = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
+        return self.norm(self.block(x_BSD, rot_SR))
 
 
 class MoETransformer(nn.Module):
@@ -104,9 +66,16 @@ class MoETransformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.register_buffer("rot", rotary_table(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta),
-                             persistent=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, d) for d in range(cfg.mtp_layers))
+        self.mtp_loss = torch.zeros(())  # the weighted MTP loss of the last training forward with targets
+        self.register_buffer("rot", self.rotary(), persistent=False)
         self.reset_parameters()
+
+    def rotary(self) -> torch.Tensor:
+        """The rotary table [max_seq_len, R/2] (complex), yarn-scaled when the config says so."""
+        cfg = self.cfg
+        R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
+        return rotary_table(R, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -115,29 +84,49 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norms keep their ones
-            is_output = name.endswith(("wo.weight", "down_proj.weight", "w_down"))
+            is_output = name.endswith(("wo.weight", "o_proj.weight", "down_proj.weight", "w_down"))
             nn.init.normal_(p, std=resid_std if is_output else 0.02)
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None):
         """Returns (logits_BSV, loss); loss is the mean next-token cross-entropy (None without targets).
 
-        The MoE layers' auxiliary losses of this forward are in `self.aux_loss()`.
+        The MoE layers' auxiliary losses of this forward are in `self.aux_loss()`; in training with targets
+        the multi-token-prediction loss (weighted) is in `self.mtp_loss`.
         """
         B, S = idx_BS.shape
         start = cache.pos if cache is not None else 0
         if start + S > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x_BSD = self.embed(idx_BS)
-        rot_Sd = self.rot[start:start + S]
+        rot_SR = self.rot[start:start + S]
         for block in self.layers:
-            x_BSD = block(x_BSD, rot_Sd, cache)
+            x_BSD = block(x_BSD, rot_SR, cache)
         if cache is not None:
             cache.pos += S
-        logits_BSV = self.head(self.norm(x_BSD))
+        h_BSD = self.norm(x_BSD)
+        logits_BSV = self.head(h_BSD)
         loss = None
         if targets_BS is not None:
             loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-1)
+            if self.mtp and self.training:
+                self.mtp_loss = self._mtp_loss(idx_BS, targets_BS, h_BSD)
         return logits_BSV, loss
+
+    def _mtp_loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor, h_BSD: torch.Tensor) -> torch.Tensor:
+        """Depth k predicts token i+k+1 from depth k-1's state at i and the embedding of token i+k; the
+        cross-entropies are averaged over depths and weighted (DeepSeek-V3 eq. 21-25)."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            S = idx_BS.shape[1] - k
+            if S <= 0:
+                break
+            h_BSD = module(self.embed(idx_BS[:, k:]), h_BSD[:, :S], self.rot[:S])
+            logits_BSV = self.head(h_BSD)
+            losses.append(F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS[:, k:].flatten(),
+                                          ignore_index=-1))
+        if not losses:
+            return h_BSD.new_zeros(())
+        return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
 
     # ---- MoE bookkeeping --------------------------------------------------------------------------
 
@@ -145,8 +134,10 @@ class MoETransformer(nn.Module):
         return moe_layers(self)
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' weighted auxiliary losses from the last forward."""
-        return sum((m.aux_loss for m in self.moe_layers()), torch.zeros((), device=self.embed.weight.device))
+        """The weighted auxiliary losses of the last forward: the MoE layers' balance losses, plus in training
+        the multi-token-prediction loss (when the model has MTP modules)."""
+        total = sum((m.aux_loss for m in self.moe_layers()), torch.zeros((), device=self.embed.weight.device))
+        return total + self.mtp_loss if self.mtp and self.training else total
 
     def routing_stats(self) -> dict[str, torch.Tensor]:
         """Last forward's per-layer load [L, E] and MaxVio [L] (tensors: no host sync here)."""
@@ -175,9 +166,9 @@ class MoETransformer(nn.Module):
             raise ValueError(f"prompt of {S} tokens exceeds max_seq_len={self.cfg.max_seq_len}; shorten it "
                              f"(e.g. keep its last {self.cfg.max_seq_len - 1} tokens)")
         total = min(S + max_new_tokens, self.cfg.max_seq_len)
-        head_dim = self.cfg.dim // self.cfg.n_heads
-        cache = KVCache(self.cfg.n_layers, B, self.cfg.n_kv_heads, total, head_dim,
-                        idx_BS.device, self.embed.weight.dtype)
+        first = self.layers[0]
+        assert isinstance(first, Block)
+        cache = KVCache(self.cfg.n_layers, B, total, first.attn.cache_shapes(), idx_BS.device, self.embed.weight.dtype)
         out, step_in = idx_BS, idx_BS
         while out.shape[1] < total:
             logits_BV = self(step_in, cache=cache)[0][:, -1].float()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dsmoe import balancing
-from dsmoe.config import MoEConfig
+from dsmoe.config import MoEConfig, SeqAuxExperts
 from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
 from dsmoe.metrics import max_violation
 from dsmoe.router import Router
@@ -59,25 +59,60 @@ class MoE(nn.Module):
         self.dropped = torch.zeros((), dtype=torch.long)
 
     def _check_input(self, x: torch.Tensor) -> None:
+        """Type, shape, device and dtype of the input (its values are checked in forward, under check_inputs).
+
+        The layer computes in its weights' dtype, as nn.Linear does: another input dtype is an error, unless
+        autocast chooses the dtypes (training on cuda under bf16 autocast).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
         if not torch.is_floating_point(x):
             raise TypeError(f"MoE input must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"MoE input must have shape (..., dim={self.cfg.dim}), got {tuple(x.shape)}")
+        weight = next(self.experts.parameters(), self.gate.weight)
+        if x.device != weight.device:
+            raise ValueError(f"MoE input is on {x.device}, the layer on {weight.device}: move one to the other "
+                             f"(x.to({str(weight.device)!r}) or moe.to({str(x.device)!r}))")
+        if x.is_meta:
+            raise ValueError("MoE input is on the meta device: routing depends on the values, which meta tensors "
+                             "do not hold; give a real tensor (moe.to_empty(device=...) for a meta layer)")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"MoE input has dtype {x.dtype}, the layer's weights {weight.dtype}: convert the input "
+                            f"(x.to({weight.dtype})) or the layer (moe.to({x.dtype})), or run under torch.autocast")
+
+    def _check_values(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, y_TD: torch.Tensor) -> None:
+        """NaN or inf in the input, the balancing bias or the output, with one host sync.
+
+        A NaN or inf anywhere in a token makes all of its logits non-finite (inf * 0 is NaN too), so checking the
+        [T, E] logits catches every bad input at E/D of the cost of checking x. A finite input can still overflow
+        in the experts (|x| ~ 1e30 in fp32), and a NaN bias silently routes every token to the same experts.
+        """
+        bad_input, bad_bias, bad_output = torch.stack([
+            torch.isfinite(logits_TE).all(), torch.isfinite(self.gate.bias).all(), torch.isfinite(y_TD).all(),
+        ]).logical_not().tolist()
+        if bad_input:
+            raise ValueError("MoE router logits are not finite: the input contains NaN or inf (or the router "
+                             "weight does, or the logits overflow)")
+        if bad_bias:
+            raise ValueError("MoE balancing bias (gate.bias) is not finite: it would decide every token's experts; "
+                             "load it from a good checkpoint, or zero it")
+        if bad_output:
+            raise ValueError(f"MoE output is not finite although the input is: the experts overflow {y_TD.dtype} "
+                             f"(largest |input| {x_TD.detach().abs().max().item():.3g}); normalize or scale the "
+                             "input down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         cfg = self.cfg
         x_TD = x.reshape(-1, cfg.dim)
         weights_TK, ids_TK, scores_TE, logits_TE = self.gate(x_TD)
-        # A NaN or inf anywhere in a token makes all of its logits non-finite (inf * 0 is NaN too), so checking
-        # the [T, E] logits catches every bad input at E/D of the cost of checking x.
-        if cfg.check_inputs and not torch.isfinite(logits_TE).all():
-            raise ValueError("MoE router logits are not finite: the input contains NaN or inf (or the router "
-                             "weight does, or the logits overflow)")
 
         keep_A = None
         if cfg.capacity_factor is not None and x_TD.shape[0] > 0:
-            keep_A = capacity_keep(ids_TK, weights_TK, cfg.n_routed_experts, cfg.capacity_factor)
+            # a factor of E already keeps all A assignments; capped, so that a huge one cannot overflow ceil()
+            factor = min(cfg.capacity_factor, cfg.n_routed_experts)
+            keep_A = capacity_keep(ids_TK, weights_TK, cfg.n_routed_experts, factor)
         if self.reference:
             assert isinstance(self.experts, GroupedExperts)
             y_TD = reference_experts(self.experts, x_TD, ids_TK, weights_TK, keep_A)
@@ -85,6 +120,8 @@ class MoE(nn.Module):
             y_TD = self.experts(x_TD, ids_TK, weights_TK, keep_A)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
+        if cfg.check_inputs:
+            self._check_values(x_TD, logits_TE, y_TD)
 
         # decided here: inside _record (no_grad) is_grad_enabled() would always be False
         self._record(ids_TK, keep_A, count=self.training and torch.is_grad_enabled())
@@ -106,18 +143,24 @@ class MoE(nn.Module):
         cfg = self.cfg
         terms: dict[str, tuple[float, torch.Tensor]] = {}  # name: (coefficient, unweighted loss)
         if scores_TE.shape[0] > 0:
+            # P_i of the expert, device and comm losses: normalized per token by default (see loss_scores)
+            P_scores_TE = (balancing.loss_scores(scores_TE, cfg.aux_loss_scores)
+                           if cfg.aux_loss_alpha or cfg.device_loss_alpha or cfg.comm_loss_alpha else scores_TE)
             if cfg.aux_loss_alpha:
-                terms["aux"] = (cfg.aux_loss_alpha, balancing.expert_balance_loss(scores_TE, ids_TK))
+                terms["aux"] = (cfg.aux_loss_alpha, balancing.expert_balance_loss(P_scores_TE, ids_TK))
             if cfg.seq_aux_loss_alpha:
                 S = shape[-2] if len(shape) >= 3 else scores_TE.shape[0]
                 scores_BSE = scores_TE.view(-1, S, cfg.n_routed_experts)
-                terms["seq_aux"] = (cfg.seq_aux_loss_alpha, balancing.sequence_balance_loss(scores_BSE, cfg.top_k))
+                # f counts the routed experts (V2) or the top-K of the unbiased scores (V3, ids None)
+                routed_BSK = ids_TK.view(-1, S, cfg.top_k) if cfg.seq_aux_experts == SeqAuxExperts.ROUTED else None
+                terms["seq_aux"] = (cfg.seq_aux_loss_alpha,
+                                    balancing.sequence_balance_loss(scores_BSE, cfg.top_k, routed_BSK))
             if cfg.device_loss_alpha:
                 terms["device"] = (cfg.device_loss_alpha,
-                                   balancing.device_balance_loss(scores_TE, ids_TK, cfg.n_groups))
+                                   balancing.device_balance_loss(P_scores_TE, ids_TK, cfg.n_groups))
             if cfg.comm_loss_alpha:
                 terms["comm"] = (cfg.comm_loss_alpha,
-                                 balancing.comm_balance_loss(scores_TE, ids_TK, cfg.n_groups, cfg.topk_groups))
+                                 balancing.comm_balance_loss(P_scores_TE, ids_TK, cfg.n_groups, cfg.topk_groups))
             if cfg.z_loss_beta:
                 terms["z"] = (cfg.z_loss_beta, balancing.z_loss(logits_TE))
         self.losses = {name: loss for name, (_, loss) in terms.items()}

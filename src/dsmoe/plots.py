@@ -11,8 +11,9 @@ plots a run's DIR/metrics.jsonl into DIR/plots/:
 
 A perfectly balanced layer has load / mean = 1 (white) for every expert and MaxVio = 0.
 
-`dsmoe study` plots its rows (dsmoe.studies): MaxVio curves, balance vs perplexity, perplexity vs model
-shape, the expert x token-kind heatmap and the redundancy test.
+`dsmoe study` plots its rows (dsmoe.studies): MaxVio curves, balance vs perplexity (mean ± std, and one
+point per seed beside the Loss-Free paper's points), perplexity vs model shape, the expert x token-kind
+heatmap and the redundancy test.
 """
 
 from __future__ import annotations
@@ -274,6 +275,64 @@ def plot_balance_tradeoff(rows: list[dict], path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+# The Loss-Free Balancing paper's main results (Wang et al. 2024, arXiv 2408.15664; 2 shared + 64 routed
+# experts, top-6, sigmoid gate): (model, method, validation perplexity, MaxVio_global).
+LOSS_FREE_PAPER = (("1B", "aux loss", 9.56, 0.72), ("1B", "loss-free", 9.50, 0.04),
+                   ("3B", "aux loss", 7.97, 0.52), ("3B", "loss-free", 7.92, 0.04))
+
+
+def _method_color(label: str, plt):
+    """One colour family per kind of method: grey none, blue/purple aux loss (raw P red), green loss-free."""
+    if label.startswith("no balancing"):
+        return "0.45"
+    if label.startswith("aux loss"):
+        strong = "1e-2" in label
+        if "raw P" in label:
+            return "tab:red" if strong else "lightcoral"
+        return "tab:blue" if strong else "lightskyblue"
+    shades = plt.get_cmap("Greens")
+    if "seq aux" in label:
+        return "tab:olive"
+    if "proportional" in label:
+        return "tab:cyan"
+    speed = {"1e-4": 0.45, "1e-3": 0.7, "1e-2": 0.95}
+    return shades(next((v for k, v in speed.items() if k in label), 0.7))
+
+
+def plot_balance_seeds(rows: list[dict], path: Path) -> None:
+    """Validation perplexity against MaxVio_global, one point per seed (small) and the mean (large, edged),
+    beside the Loss-Free paper's points on their own perplexity axis (another corpus and scale: only the
+    MaxVio axis, shared, compares)."""
+    plt = pyplot()
+    fig, (ax, paper) = plt.subplots(1, 2, figsize=(14, 5.5), sharex=True, gridspec_kw=dict(width_ratios=[3, 1.3]))
+    markers = dict(zip(dict.fromkeys(r["group"] for r in rows), "o^sv"))
+    for r in rows:
+        color, marker = _method_color(r["label"], plt), markers[r["group"]]
+        xs, ys = r["maxvio_global_mean"]["values"], r["val_ppl"]["values"]
+        ax.scatter(xs, ys, color=color, marker=marker, s=22, alpha=0.75)
+        ax.scatter([r["maxvio_global_mean"]["mean"]], [r["val_ppl"]["mean"]], color=color, marker=marker, s=90,
+                   edgecolors="black", linewidths=0.8, label=f"{r['group']}: {r['label']} (n={len(xs)})")
+    seeds = max(len(r["val_ppl"]["values"]) for r in rows)
+    ax.set(xlabel="MaxVio_global (validation; lower = better balanced)", ylabel="validation perplexity (ours)",
+           xscale="log", title=f"this study: one small point per seed, edged = mean of {seeds} seeds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.12), ncol=3, frameon=False)
+    for model, marker in (("1B", "D"), ("3B", "s")):
+        pts = {m: (v, p) for name, m, p, v in LOSS_FREE_PAPER if name == model}
+        for method, (x, y) in pts.items():
+            paper.scatter([x], [y], marker=marker, s=70, edgecolors="black",
+                          color="tab:blue" if method == "aux loss" else _method_color("loss-free u=1e-3", plt),
+                          label=f"{model} {method}: ppl {y}, MaxVio {x}")
+        (x0, y0), (x1, y1) = pts["aux loss"], pts["loss-free"]
+        paper.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="0.4"))
+    paper.set(xlabel="MaxVio_global", ylabel="perplexity (the paper's corpus: not comparable with ours)",
+              title="Loss-Free Balancing paper (2 shared + 64 routed, top-6, sigmoid)")
+    paper.grid(alpha=0.3, which="both")
+    paper.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
 def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str,
                log2_ticks: tuple[int, ...] = ()) -> None:
     """Validation perplexity against x_key per group; dense references as horizontal lines. With log2_ticks
@@ -327,5 +386,41 @@ def plot_redundancy(rows: list[dict], path: Path) -> None:
            ylabel="rise in validation loss (nats)", title="redundancy test: a larger rise = less redundant experts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- a model's figures (`dsmoe inspect`)
+
+
+def plot_load_heatmap(load_LE, names: list[str], title: str, path: Path) -> None:
+    """Layer x expert load / mean load of one pass over a corpus (white = balanced, blue = starved)."""
+    plt = pyplot()
+    rel = _relative_load(load_LE)
+    L, E = rel.shape
+    fig, ax = plt.subplots(figsize=(min(24, max(6, 0.25 * E + 3)), min(30, max(3, 1.2 + 0.35 * L))))
+    im = _heatmap(ax, rel, names, title)
+    fig.colorbar(im, ax=ax, label="tokens / mean tokens per expert", extend="max")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_kind_lift(lift_LKE: list[list[list[float]]], kinds: tuple[str, ...], names: list[str], label: str,
+                   path: Path) -> None:
+    """plot_kind_heatmap with a name per layer and a bounded size: log2 P(expert | kind) / P(expert), one
+    panel per layer (at most 8, spread evenly over the layers, for models with many)."""
+    plt = pyplot()
+    L, E = len(lift_LKE), len(lift_LKE[0][0])
+    shown = sorted({round(i * (L - 1) / 7) for i in range(8)}) if L > 8 else list(range(L))
+    fig, axes = plt.subplots(len(shown), 1, figsize=(min(24, max(6, 0.3 * E + 3)), 3.2 * len(shown)), squeeze=False)
+    for layer, ax in zip(shown, axes[:, 0]):
+        img = [[math.log2(v) if v > 0 else -3 for v in row] for row in lift_LKE[layer]]
+        im = ax.imshow(img, cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto", interpolation="nearest")
+        ax.set(yticks=range(len(kinds)), yticklabels=kinds, xlabel="routed expert",
+               title=f"{label}: {names[layer]}, log2 P(expert|kind)/P(expert)")
+        if E <= 64:
+            ax.set_xticks(range(E))
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(im, ax=ax)
     fig.tight_layout()
     save(fig, path, dpi=110)

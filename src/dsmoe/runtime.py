@@ -1,8 +1,10 @@
-"""What a training run needs around its loop: the metrics log and the stop flag."""
+"""What a training run needs around its loop: the metrics log, the run directory's lock, the stop flag."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import signal
 import threading
 from pathlib import Path
@@ -15,8 +17,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(r + "\n" for r in kept))
         elif resume_step is None:
             self.path.write_text("")
@@ -45,6 +46,31 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    """A metrics row's step; infinity for a line that is not a whole row (torn by a crash or a full disk),
+    which a resume drops like the rows written after its checkpoint."""
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return math.inf
+
+
+class RunLock:
+    """An exclusive lock on a run directory (RUN/.lock, flock): two trainings never write one run."""
+
+    def __init__(self, run_dir: Path):
+        self.file = (run_dir / ".lock").open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ValueError(f"another training is writing to {run_dir} (it holds {run_dir / '.lock'}); "
+                             "wait for it or choose another --out") from None
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the lock
 
 
 class StopFlag:

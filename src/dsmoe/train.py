@@ -25,7 +25,8 @@ from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tok
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.context import SingleProcess, init_context
-from dsmoe.runtime import MetricsLog, StopFlag
+from dsmoe.pretrained import load_hf_weights, save_pretrained
+from dsmoe.runtime import MetricsLog, RunLock, StopFlag
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +77,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data_rng: torch.Generator
     log: MetricsLog
+    lock: RunLock                 # held until the run ends: no second training writes this run directory
     step: int = 0                 # optimizer steps done
     init_eval: dict | None = None  # the untrained model's validation loss and perplexity
     last_good: int | None = None  # step of the last checkpoint written (None: none yet)
@@ -121,27 +123,52 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
-    """Set a run up: context, tokenizer and corpus, model (sharded), optimizer, schedule, and the resumed
-    checkpoint's weights, optimizer, schedule and RNG states."""
+    """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
+    schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
     ctx = init_context(cfg.expert_parallel, cfg.batch_size)
     device = checkpoint.resolve_device(cfg.device)
     run_dir = ctx.run_dir(Path(cfg.out or f"runs/{cfg.preset}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        return _build_run(model_cfg, cfg, ctx, device, run_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, device: str, run_dir: Path,
+               lock: RunLock) -> Run:
     if model_cfg.moe is not None:  # the per-forward NaN check is a host sync; the loop checks the loss instead
         model_cfg = dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(check_inputs=False))
+    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoint").exists()
+    if holds_run and not cfg.resume and not cfg.overwrite:
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, choose another --out, "
+                         "or --set overwrite=true to replace it")
 
     state, tokenizer = None, None
     if cfg.resume:  # the checkpoint's tokenizer, its state, and a model config that must match
         ckpt = checkpoint.resolve(cfg.resume)
         tokenizer = load_tokenizer(ckpt)
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+        if not cfg.init:  # a fine-tuned model keeps its own vocabulary
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
         diffs = _config_diff(checkpoint.read_config(ckpt)["model"], model_cfg.to_dict())
         if diffs:
             raise checkpoint.CheckpointError(f"checkpoint {str(ckpt)!r} was trained with another model config: "
                                              + "; ".join(diffs))
         state = checkpoint.load_state(ckpt)
+        if state["step"] >= cfg.steps:
+            raise ValueError(f"checkpoint {str(ckpt)!r} is at step {state['step']}: "
+                             + ("the run is finished; give a larger --steps to train on" if state["step"] == cfg.steps
+                                else f"past steps={cfg.steps}; give --steps above {state['step']} to continue it"))
+    if tokenizer is None and cfg.init:
+        tokenizer = load_tokenizer(cfg.init)  # the folder's own (the byte tokenizer when it has none)
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.bpe_vocab_size)
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model_cfg.vocab_size}")
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
@@ -152,15 +179,16 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     model = MoETransformer(model_cfg).to(device)
     if state is not None:
         checkpoint.load_weights(ckpt, model)  # the full weights, before sharding
+    elif cfg.init:
+        load_hf_weights(model, cfg.init)
     model = ctx.shard(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}, indent=2))
     log = MetricsLog(run_dir, state["step"] if state else None, cfg.tensorboard)
     run = Run(cfg, model_cfg, ctx, device, run_dir, tokenizer, corpus, seq_len, model, optimizer, scheduler,
-              data_rng, log)
+              data_rng, log, lock)
     if state is not None:
         hyper = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
         ctx.load_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -246,7 +274,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
     """Train (or resume) a run; returns the summary also written to run_dir/summary.json. A Ctrl-C or
     SIGTERM stops it at the next log point with a checkpoint, then raises KeyboardInterrupt."""
     run = build_run(model_cfg, cfg)
-    progress = progress and run.ctx.is_main
+    try:
+        return _loop(run, progress and run.ctx.is_main)
+    finally:
+        run.lock.release()
+
+
+def _loop(run: Run, progress: bool) -> dict:
+    cfg = run.cfg
     say = print if progress else (lambda *a, **k: None)
     say(f"model: {run.model_cfg.num_params():,} parameters, {run.model_cfg.num_active_params():,} active per token "
         f"({len(run.model.moe_layers())} MoE layers) | data: {run.corpus.info['train_tokens']:,} train / "
@@ -298,6 +333,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
         run.save()
     ev = run.evaluate()
     run.log.close()
+    if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.world == 1:
+        save_pretrained(run.model, run.run_dir / "hf")  # the DeepSeek-format folder transformers loads
     return _summary(run, ev)
 
 

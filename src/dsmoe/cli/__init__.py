@@ -1,14 +1,14 @@
 """The `dsmoe` command: the only place that parses arguments. Each subcommand is a module here with
 `add_arguments(parser)` and `run(args) -> exit code`; the library functions they call take config
-objects and return results. A ValueError, FileNotFoundError or RuntimeError from the library (bad input,
-a missing file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130."""
+objects and return results. A ValueError, OSError or RuntimeError from the library (bad input, a missing
+or unwritable file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dsmoe.cli import bench, demo, evaluate, generate, report, study, train
+from dsmoe.cli import bench, demo, evaluate, export, generate, inspection, report, study, train
 from dsmoe.cli.format import HelpFormatter
 
 # name -> (module, help)
@@ -19,6 +19,8 @@ COMMANDS = {
     "generate": (generate, "sample text from a checkpoint"),
     "report": (report, "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
     "demo": (demo, "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
+    "export": (export, "write a dsmoe checkpoint as a HuggingFace DeepSeek-V2/V3 folder that transformers loads"),
+    "inspect": (inspection, "expert load, MaxVio, dead experts, specialization and redundancy of a HF or dsmoe model"),
     "study": (study, "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
 }
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return args._run(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"dsmoe {args.command}: error: {e}")
         return 1
 

@@ -1,4 +1,4 @@
-"""`dsmoe bench {layer,train,ep}`: the benchmarks' command lines (the measurements are in dsmoe.bench)."""
+"""`dsmoe bench {layer,train,ep,model}`: the benchmarks' command lines (the measurements are in dsmoe.bench)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from dsmoe.bench import ep, layer, train
-from dsmoe.cli.format import HelpFormatter
-from dsmoe.config import PRESETS, MoEConfig
+from dsmoe.bench import ep, layer, model, train
+from dsmoe.cli.format import HelpFormatter, check_at_least
+from dsmoe.config import PRESETS, MoEConfig, build_configs, check_step_memory
 from dsmoe.moe import MoE
 
 
@@ -49,6 +49,8 @@ def _layer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _layer(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "tokens", "repeats", "threads")
+    check_at_least(args, 0, "warmup")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA device")
@@ -99,14 +101,18 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per sequence (default: the preset's training length)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda trains under bf16 autocast)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds both models' initialization and the token batches")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
 def _train(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "steps", "chunk", "batch_size", "seq_len", "threads")
+    check_at_least(args, 0, "warmup")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA device")
+    sizes = [f"{k}={v}" for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v is not None]
+    check_step_memory(*build_configs(args.preset, [*sizes, f"device={device.type}"]))  # of the MoE model
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = train.loadavg()
@@ -147,6 +153,8 @@ def _ep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ep(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "tokens", "dim", "expert_dim", "experts", "top_k", "repeats")
+    check_at_least(args, 0, "warmup")
     ep.check(args)
     print(f"MoE layer: T={args.tokens} tokens/rank, D={args.dim}, E={args.experts}, K={args.top_k}, "
           f"F={args.expert_dim}, 1 shared, {args.score_func}; fp32, gloo on CPU, fwd+bwd, median of {args.repeats}")
@@ -167,5 +175,54 @@ def _ep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    d = model.Shape()
+    p.add_argument("--hidden", type=int, default=d.hidden, help="D, model dim")
+    p.add_argument("--layers", type=int, default=d.layers, help="decoder blocks (the first dense)")
+    p.add_argument("--heads", type=int, default=d.heads, help="attention heads")
+    p.add_argument("--experts", type=int, default=d.experts, help="E, routed experts")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="K, routed experts per token")
+    p.add_argument("--expert-dim", type=int, default=d.expert_dim, help="F, hidden width of each expert")
+    p.add_argument("--groups", type=int, default=d.n_group, help="expert groups (V3's n_group)")
+    p.add_argument("--topk-groups", type=int, default=d.topk_group, help="groups a token may use (V3's topk_group)")
+    p.add_argument("--batch-size", type=int, default=d.batch, help="B, sequences per batch")
+    p.add_argument("--seq-len", type=int, default=d.seq, help="S, tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy generation length (0 skips generation)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    p.add_argument("--no-memory", action="store_true", help="skip the training-forward memory count")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _model(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "hidden", "layers", "heads", "experts", "top_k", "expert_dim", "groups", "topk_groups",
+                   "batch_size", "seq_len", "repeats", "threads")
+    check_at_least(args, 0, "warmup", "new_tokens")
+    if args.experts % args.groups or args.topk_groups > args.groups or \
+            args.top_k > args.topk_groups * (args.experts // args.groups):
+        raise ValueError(f"--experts {args.experts} in --groups {args.groups} with --topk-groups {args.topk_groups} "
+                         f"cannot give --top-k {args.top_k} experts per token")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = model.Shape(hidden=args.hidden, layers=args.layers, heads=args.heads, experts=args.experts,
+                        top_k=args.top_k, expert_dim=args.expert_dim, batch=args.batch_size, seq=args.seq_len,
+                        n_group=args.groups, topk_group=args.topk_groups,
+                        max_seq_len=max(512, args.seq_len, 16 + args.new_tokens))
+    result = model.bench_model(shape, args.repeats, args.warmup, args.new_tokens, memory=not args.no_memory)
+    where = layer.machine("cpu")
+    print(f"machine: {where}; 1-min load average {train.loadavg()} ({os.cpu_count()} CPUs)")
+    print(f"shape:   {result.shape}; fp32 on CPU")
+    print(f"transformers' experts: {result.experts_implementation}; max |logit difference| "
+          f"{result.max_logit_diff:.1e} (same weights)")
+    print(f"median of {args.repeats} repeats after {args.warmup} warmup, candidates interleaved; "
+          "x = transformers' / dsmoe's (above 1: dsmoe is faster or smaller)\n")
+    print(model.format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": where, **asdict(result)}, f, indent=2)
+    return 0
+
+
 BENCHMARKS = {"layer": (layer, _layer_arguments, _layer), "train": (train, _train_arguments, _train),
-              "ep": (ep, _ep_arguments, _ep)}
+              "ep": (ep, _ep_arguments, _ep), "model": (model, _model_arguments, _model)}

@@ -15,7 +15,8 @@ import torch
 
 from dsmoe import plots
 from dsmoe.checkpoint import load_checkpoint
-from dsmoe.config import build_configs
+from dsmoe.cli.format import check_at_least
+from dsmoe.config import build_configs, check_step_memory
 from dsmoe.generate import generate_text
 from dsmoe.train import train
 
@@ -59,12 +60,14 @@ def format_results(summary: dict, first_moe_block: int, plots: list[Path]) -> st
 
 
 def run(args: argparse.Namespace) -> int:
-    extra = [f"device={args.device}", f"out={args.out or f'runs/demo-{args.preset}'}"]
+    extra = [f"device={args.device}", f"out={args.out or f'runs/demo-{args.preset}'}", "overwrite=true"]
     if args.steps is not None:
         extra.append(f"steps={args.steps}")
+    check_at_least(args, 1, "max_tokens")
     model_cfg, train_cfg = build_configs(args.preset, args.sets + extra)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was given but torch sees no CUDA device")
+    check_step_memory(model_cfg, train_cfg)
     print(f"dsmoe demo: training the {args.preset!r} preset for {train_cfg.steps} steps on "
           f"{train_cfg.data or 'the Python standard library'} ({args.device})")
     summary = train(model_cfg, train_cfg, progress=not args.quiet)

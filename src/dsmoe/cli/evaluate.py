@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from dsmoe.checkpoint import load_checkpoint
+from dsmoe.cli.format import check_at_least
 from dsmoe.data import load_corpus
 from dsmoe.evaluate import evaluate, load_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run directory")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="DIR",
+                   help="a dsmoe checkpoint or run directory, or a HuggingFace DeepSeek-V2/V3 folder")
     p.add_argument("--data", help="text file or folder to evaluate on (default: the run's corpus)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
     p.add_argument("--split", choices=["val", "train"], default="val",
@@ -19,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "batches")
     model, model_cfg, train_cfg, tokenizer = load_checkpoint(args.checkpoint, args.device)
     corpus = load_corpus(args.data if args.data else train_cfg.data, tokenizer)
     seq_len = train_cfg.seq_len or model_cfg.max_seq_len

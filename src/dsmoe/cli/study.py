@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dsmoe.config import build_configs
+from dsmoe.config import build_configs, check_step_memory
 from dsmoe.studies import DEFAULT_STEPS, STUDIES, study
 
 
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads {args.threads} is invalid: must be >= 1")
     torch.set_num_threads(args.threads)
     model_cfg, train_cfg = build_configs(args.preset, args.sets)
+    check_step_memory(model_cfg, train_cfg)  # every variant has about the preset's size
     steps = args.steps if args.steps is not None else DEFAULT_STEPS[args.preset]
     out = Path(args.out or f"runs/study-{args.preset}")
     names = list(STUDIES) if args.name == "all" else [args.name]

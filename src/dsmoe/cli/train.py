@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import torch.distributed as dist
 
 from dsmoe import checkpoint
-from dsmoe.config import PRESETS, ModelConfig, TrainConfig, apply_sets, build_configs
+from dsmoe.config import PRESETS, ModelConfig, TrainConfig, apply_sets, build_configs, check_step_memory
+from dsmoe.pretrained import hf_model_config
 from dsmoe.train import train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help=f"model and run preset: {', '.join(PRESETS)}")
+    p.add_argument("--preset", help=f"model and run preset: {', '.join(PRESETS)} (default: tiny; a resumed run "
+                                    "keeps its own)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, a ModelConfig field, or moe.<field> (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
     p.add_argument("--data", metavar="PATH", help="a text file or a folder of text files (default: the stdlib)")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or run directory")
+    p.add_argument("--init", metavar="DIR",
+                   help="fine-tune a HuggingFace DeepSeek-V2/V3 folder: its architecture and weights, the preset's "
+                        "run settings; a V3 (sigmoid) gate's bias trains loss-free (moe.bias_update_speed 1e-3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cpu; cuda uses bf16 autocast")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,14 +38,30 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
              ("expert_parallel", args.expert_parallel))
     sets = args.sets + [f"{k}={v}" for k, v in flags if v is not None]
     if args.resume:
-        model_cfg, train_cfg = checkpoint.configs_from_checkpoint(checkpoint.resolve(args.resume))
+        if args.preset or args.init:
+            raise ValueError("--resume continues a run with its own model and settings: drop --preset/--init "
+                             "(change settings with --set)")
+        ckpt = checkpoint.resolve(args.resume)
+        model_cfg, train_cfg = checkpoint.configs_from_checkpoint(ckpt)
+        run_dir = ckpt.parent if ckpt.name.startswith("checkpoint") else ckpt
+        train_cfg = dataclasses.replace(train_cfg, out=str(run_dir))  # the resumed run's folder, wherever it moved
         model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, sets)
+        print(f"resuming {ckpt} into {train_cfg.out}")
         return model_cfg, dataclasses.replace(train_cfg, resume=args.resume)
-    return build_configs(args.preset, sets)
+    if args.init:
+        model_cfg = hf_model_config(args.init)
+        assert model_cfg.moe is not None
+        if model_cfg.moe.score_func == "sigmoid":  # V3's e_score_correction_bias is the loss-free bias
+            sets = ["moe.bias_update_speed=0.001", *sets]
+        _, train_cfg = build_configs(args.preset or "tiny")
+        train_cfg = dataclasses.replace(train_cfg, init=args.init, out=args.out or f"runs/{Path(args.init).name}")
+        return apply_sets(model_cfg, train_cfg, sets)
+    return build_configs(args.preset or "tiny", sets)
 
 
 def run(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = configs_from_args(args)
+    check_step_memory(model_cfg, train_cfg)  # refused here, not killed by the OOM killer later
     summary = train(model_cfg, train_cfg, progress=not args.quiet)
     if dist.is_initialized() and dist.get_rank() != 0:  # expert parallel: rank 0 reports
         return 0

@@ -64,7 +64,7 @@ class SingleProcess:
         return optimizer.state_dict()
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-        optimizer.load_state_dict(full)
+        optimizer.load_state_dict(check_optimizer_state(optimizer, full))
 
     def run_dir(self, run_dir: Path) -> Path:
         """Where this rank writes: the run directory on rank 0, a scratch folder elsewhere."""
@@ -143,7 +143,7 @@ class ExpertParallelContext(SingleProcess):
         return state.full_optimizer_state_dict(model, optimizer)
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-        optimizer.load_state_dict(state.shard_optimizer_state(model, optimizer, full))
+        optimizer.load_state_dict(check_optimizer_state(optimizer, state.shard_optimizer_state(model, optimizer, full)))
 
     def run_dir(self, run_dir: Path) -> Path:
         if self.is_main:
@@ -151,6 +151,22 @@ class ExpertParallelContext(SingleProcess):
         scratch = tempfile.mkdtemp(prefix="dsmoe-rank")  # what rank 0 keeps, the others write and drop
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         return Path(scratch)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+    """The optimizer state to load, refused with the first parameter whose moments do not fit it (fused AdamW
+    would read past the end of a smaller tensor instead of raising)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = sd.get("state", {})
+    if len(sd.get("param_groups", [])) != len(optimizer.param_groups) or \
+            sum(len(g["params"]) for g in sd["param_groups"]) != len(params):
+        raise ValueError("state.pt's optimizer state holds another set of parameters than this model")
+    for i, p in enumerate(params):
+        for key, value in saved.get(i, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"state.pt's optimizer {key} of parameter {i} has shape {tuple(value.shape)}, "
+                                 f"the model's parameter {tuple(p.shape)}: the state belongs to another model")
+    return sd
 
 
 def init_context(expert_parallel: int, global_batch: int, timeout_s: float = 300.0) -> SingleProcess:

@@ -1,7 +1,10 @@
 """Small-scale checks of the DeepSeekMoE and Loss-Free Balancing claims: `dsmoe study NAME`.
 
-    balance         no balancing / expert-level aux loss / loss-free bias (sign, proportional) / bias +
-                    sequence-wise loss, under sigmoid and softmax gates (Wang et al. 2024)
+    balance         no balancing / expert-level aux loss (sigmoid: P from normalized and from raw scores) /
+                    loss-free bias (sign, proportional) / bias + sequence-wise loss, under sigmoid and softmax
+                    gates (Wang et al. 2024)
+    balance-core    the subset of balance that answers the papers' claims (definitions.BALANCE_CORE), for the
+                    bigger presets; it shares balance's runs
     shared          0, 1, 2, 4 shared experts at constant total and active parameters (DeepSeekMoE ablations)
     segmentation    m = 1, 2, 4, 8 at constant total and active parameters, with and without a shared
                     expert, next to dense models of the same active and the same total size (DeepSeekMoE)
@@ -21,6 +24,7 @@ Each study writes OUT/<study>/results.json, results.md and PNGs.
 """
 
 from dsmoe.studies.definitions import (
+    BALANCE_CORE,
     BASE_TOP_K,
     DEFAULT_STEPS,
     DISABLE_SHARES,
@@ -31,6 +35,7 @@ from dsmoe.studies.definitions import (
     STUDIES,
     VARIANTS,
     Variant,
+    balance_core_variants,
     balance_variants,
     dense_models,
     segmentation_variants,
@@ -42,9 +47,9 @@ from dsmoe.studies.runner import Runner, aggregate, mean_std, run_key, run_study
 from dsmoe.studies.specialization import KINDS, char_kinds, disable_top_experts, mutual_information, token_kinds
 
 __all__ = [
-    "BASE_TOP_K", "DEFAULT_STEPS", "DISABLE_SHARES", "DISABLE_TOP", "KINDS", "Runner", "SEGMENTS", "SHARED_COUNTS",
-    "SHARED_STUDY_M", "STUDIES", "VARIANTS", "Variant", "aggregate", "balance_variants", "char_kinds",
-    "dense_models", "disable_top_experts", "mean_std", "mutual_information", "run_key", "run_study",
-    "run_variants", "segmentation_variants", "segmented_model", "shared_variants", "specialization_variants",
-    "study", "token_kinds",
+    "BALANCE_CORE", "BASE_TOP_K", "DEFAULT_STEPS", "DISABLE_SHARES", "DISABLE_TOP", "KINDS", "Runner", "SEGMENTS",
+    "SHARED_COUNTS", "SHARED_STUDY_M", "STUDIES", "VARIANTS", "Variant", "aggregate", "balance_core_variants",
+    "balance_variants", "char_kinds", "dense_models", "disable_top_experts", "mean_std", "mutual_information",
+    "run_key", "run_study", "run_variants", "segmentation_variants", "segmented_model", "shared_variants",
+    "specialization_variants", "study", "token_kinds",
 ]

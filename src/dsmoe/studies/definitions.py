@@ -8,9 +8,9 @@ from typing import Any
 
 from dsmoe.config import ModelConfig, MoEConfig
 
-STUDIES = ("balance", "shared", "segmentation", "specialization")
+STUDIES = ("balance", "balance-core", "shared", "segmentation", "specialization")
 
-# Training steps per run when --steps is not given. debug: the whole `study all` (54 runs at 2 seeds)
+# Training steps per run when --steps is not given. debug: the whole `study all` (58 runs at 2 seeds)
 # takes ~15-25 minutes on 2 shared CPU cores; tiny: a longer, more convincing run (hours on a CPU).
 DEFAULT_STEPS = {"debug": 1200, "tiny": 1500}
 
@@ -41,6 +41,30 @@ def _moe(model: ModelConfig, **changes: Any) -> ModelConfig:
     return dataclasses.replace(model, moe=model.moe.replace(**changes))
 
 
+# The balance study's subset that answers the papers' claims (`dsmoe study balance-core`, for the bigger
+# presets): (gate, label) of balance_variants, most important first (runs train in this order, so a study
+# stopped early has the papers' own comparison: loss-free vs the aux loss at alpha 1e-3, sigmoid gate).
+BALANCE_CORE = (
+    ("sigmoid", "loss-free u=1e-3"),
+    ("sigmoid", "aux loss 1e-3 (normalized P)"),
+    ("sigmoid", "aux loss 1e-2 (normalized P)"),
+    ("sigmoid", "aux loss 1e-2 (raw P)"),
+    ("sigmoid", "no balancing"),
+    ("softmax", "loss-free proportional u=1e-3"),
+    ("softmax", "aux loss 1e-2"),
+)
+
+
+def _aux_methods(gate: str) -> list[tuple[str, dict[str, Any]]]:
+    """The expert-level aux loss at alpha 1e-3 and 1e-2. With a sigmoid gate, in both forms of P_i: scores
+    normalized per token (Megatron, the default) and raw (what dsmoe used before issue 13); with softmax the
+    two coincide."""
+    if gate == "softmax":
+        return [(f"aux loss {a}", dict(aux_loss_alpha=float(a))) for a in ("1e-3", "1e-2")]
+    return [(f"aux loss {a} ({how} P)", dict(aux_loss_alpha=float(a), aux_loss_scores=how))
+            for how in ("normalized", "raw") for a in ("1e-3", "1e-2")]
+
+
 def balance_variants(base: ModelConfig) -> list[Variant]:
     """Balancing methods x gates. Every other knob stays the preset's."""
     off = dict(bias_update_speed=0.0, aux_loss_alpha=0.0, seq_aux_loss_alpha=0.0)
@@ -50,8 +74,7 @@ def balance_variants(base: ModelConfig) -> list[Variant]:
         gated = _moe(base, score_func=gate, norm_topk_prob=gate == "sigmoid", **off)
         methods: list[tuple[str, dict[str, Any]]] = [
             ("no balancing", {}),
-            ("aux loss 1e-3", dict(aux_loss_alpha=1e-3)),
-            ("aux loss 1e-2", dict(aux_loss_alpha=1e-2)),
+            *_aux_methods(gate),
             ("loss-free u=1e-4", dict(bias_update_speed=1e-4)),
             ("loss-free u=1e-3", dict(bias_update_speed=1e-3)),
             ("loss-free u=1e-2", dict(bias_update_speed=1e-2)),
@@ -62,6 +85,12 @@ def balance_variants(base: ModelConfig) -> list[Variant]:
         methods.append(("loss-free u=1e-3 + seq aux 1e-4", dict(bias_update_speed=1e-3, seq_aux_loss_alpha=1e-4)))
         out += [Variant(label, gate, _moe(gated, **changes), {"gate": gate}) for label, changes in methods]
     return out
+
+
+def balance_core_variants(base: ModelConfig) -> list[Variant]:
+    """The BALANCE_CORE subset of balance_variants: the same configurations, so their runs are shared."""
+    by_key = {(v.group, v.label): v for v in balance_variants(base)}
+    return [by_key[key] for key in BALANCE_CORE]
 
 
 def _segment_base(base: ModelConfig) -> tuple[int, int, int]:
@@ -119,5 +148,5 @@ def specialization_variants(base: ModelConfig) -> list[Variant]:
 
 
 # study name -> its variants of a base model (the specialization study examines its checkpoints after training)
-VARIANTS = {"balance": balance_variants, "shared": shared_variants, "segmentation": segmentation_variants,
-            "specialization": specialization_variants}
+VARIANTS = {"balance": balance_variants, "balance-core": balance_core_variants, "shared": shared_variants,
+            "segmentation": segmentation_variants, "specialization": specialization_variants}

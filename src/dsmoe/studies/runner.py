@@ -213,10 +213,11 @@ def run_study(name: str, base: ModelConfig, runner: Runner, out: Path, meta: dic
     """Runs one study and writes OUT/<name>/results.json, results.md and its PNGs."""
     out = out / name
     out.mkdir(parents=True, exist_ok=True)
-    if name == "balance":
+    if name in ("balance", "balance-core"):
         rows = run_variants(runner, VARIANTS[name](base))
         plots.plot_maxvio_curves(rows, out / "maxvio_batch.png")
         plots.plot_balance_tradeoff(rows, out / "balance_vs_ppl.png")
+        plots.plot_balance_seeds(rows, out / "balance_seeds.png")
         payload, md = {"rows": rows}, balance_table(rows)
     elif name == "shared":
         rows = run_variants(runner, VARIANTS[name](base))

@@ -1,0 +1,275 @@
+"""What a model's routed experts do on a corpus: `inspect(path)` for a HuggingFace DeepSeek-V2/V3 folder
+(dsmoe.from_pretrained) or a dsmoe checkpoint / run directory (dsmoe.checkpoint.load_checkpoint).
+
+One pass over evenly spread windows of the corpus' validation split (the windows `dsmoe eval` uses, so a
+dsmoe run's numbers here equal its `dsmoe eval` numbers for the same batches) gives, per MoE layer, the load
+of every routed expert, MaxVio_global (Loss-Free Balancing §4.1), the dead experts (no token at all), and
+the token-kind routing of DeepSeekMoE's specialization analysis (dsmoe.studies.specialization: mutual
+information between a token's kind and its experts, lift of each expert for each kind). Then the redundancy
+test: the loss on the same windows with each token's top-n routed experts disabled.
+
+The report is OUT/report.md, OUT/results.json and PNGs:
+
+    load.png          layer x expert heatmap of load / mean load (white = balanced)
+    kinds.png         per MoE layer, log2 P(expert | kind) / P(expert) (red = the kind prefers the expert)
+    redundancy.png    rise of the loss as each token's top routed experts are disabled
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dsmoe import plots
+from dsmoe.checkpoint import load_checkpoint, resolve
+from dsmoe.data import ByteTokenizer, Corpus, load_corpus, load_tokenizer
+from dsmoe.evaluate import autocast, evaluate
+from dsmoe.metrics import dead_experts, load_entropy, max_violation
+from dsmoe.model import MoETransformer
+from dsmoe.pretrained import from_pretrained
+from dsmoe.studies.definitions import DISABLE_SHARES, DISABLE_TOP
+from dsmoe.studies.specialization import (
+    KINDS,
+    capture_routing,
+    disable_top_experts,
+    lift,
+    mutual_information,
+    token_kinds,
+)
+
+DEFAULT_SEQ_LEN = 256  # for HF folders, whose max_position_embeddings is far longer than a corpus pass needs
+
+
+@dataclass
+class Loaded:
+    """A model to inspect, what it came from, and its defaults for the corpus pass."""
+
+    model: MoETransformer
+    tokenizer: Any
+    kind: str            # "huggingface" or "dsmoe"
+    name: str            # the folder's name, for titles and the default output folder
+    data: str | None     # default corpus: the run's for a dsmoe checkpoint, None (the stdlib) for HF
+    seq_len: int         # default window length
+    default_out: Path
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A HuggingFace folder has a config.json with model_type (a dsmoe checkpoint's has a "model" section)."""
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "model_type" in d and "model" not in d
+
+
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
+    """The model, tokenizer and defaults of a HF folder or a dsmoe checkpoint / run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (give a HuggingFace DeepSeek-V2/V3 folder or a dsmoe "
+                                "checkpoint or run directory)")
+    name = path.resolve().name
+    if is_hf_folder(path):
+        model = from_pretrained(path, dtype=dtype, device=device)
+        loaded = Loaded(model, load_tokenizer(path), "huggingface", name, None,
+                        min(DEFAULT_SEQ_LEN, model.cfg.max_seq_len), Path("runs") / f"inspect-{name}")
+    else:
+        model, model_cfg, train_cfg, tokenizer = load_checkpoint(path, device)
+        if dtype is not None:
+            model.to(dtype)
+        run_dir = resolve(path) != path  # a run directory holding checkpoint/: the report goes beside it
+        loaded = Loaded(model, tokenizer, "dsmoe", name, train_cfg.data, train_cfg.seq_len or model_cfg.max_seq_len,
+                        path / "inspect" if run_dir else Path("runs") / f"inspect-{name}")
+    vocab, model_vocab = loaded.tokenizer.vocab_size, loaded.model.cfg.vocab_size
+    # a checkpoint's vocabulary may be padded beyond its tokenizer's, never the other way; bytes fit one model only
+    if vocab > model_vocab or (isinstance(loaded.tokenizer, ByteTokenizer) and vocab != model_vocab):
+        raise ValueError(f"{path}: the model's vocab_size={model_vocab} does not fit its tokenizer's {vocab} "
+                         f"({type(loaded.tokenizer).__name__}; a folder without a tokenizer dsmoe reads gets the "
+                         "byte tokenizer)")
+    if not loaded.model.moe_layers():
+        raise ValueError(f"{path} holds a dense model: there are no routed experts to inspect")
+    return loaded
+
+
+# ---- the corpus pass -----------------------------------------------------------------------------------
+
+
+def window_starts(corpus: Corpus, batches: int, batch_size: int, seq_len: int) -> torch.Tensor:
+    """Starts of batches * batch_size windows spread evenly over the validation split (as dsmoe.evaluate)."""
+    return torch.linspace(0, len(corpus.val) - seq_len - 1, batches * batch_size).long()
+
+
+@torch.no_grad()
+def corpus_pass(model: MoETransformer, corpus: Corpus, tokenizer, batches: int, batch_size: int, seq_len: int,
+                device: str = "cpu", progress: bool = True) -> dict:
+    """Loss, load [L, E] and token-kind counts [L][kind][expert] over evenly spread validation windows."""
+    model.eval()
+    L, E = len(model.moe_layers()), model.moe_layers()[0].cfg.n_routed_experts
+    load_LE = torch.zeros(L, E, dtype=torch.long)
+    kinds_LKE = torch.zeros(L, len(KINDS) * E, dtype=torch.long)
+    total_loss, n = 0.0, 0
+    starts = window_starts(corpus, batches, batch_size, seq_len)
+    with capture_routing(model) as ids:
+        for i in tqdm(range(0, len(starts), batch_size), desc="corpus pass", unit="batch", disable=not progress):
+            x_BS, y_BS = corpus.windows("val", starts[i:i + batch_size], seq_len)
+            with autocast(device):
+                _, loss = model(x_BS.to(device), y_BS.to(device))
+            total_loss += float(loss) * len(x_BS)
+            n += len(x_BS)
+            load_LE += model.routing_stats()["tokens_per_expert"].cpu().long()
+            kind_T = torch.tensor([k for row in x_BS.tolist() for k in token_kinds(row, tokenizer)])
+            for layer, layer_ids in enumerate(ids):
+                ids_TK = layer_ids.pop()
+                cell = kind_T[:, None] * E + ids_TK  # one (kind, expert) cell per assignment
+                kinds_LKE[layer] += torch.bincount(cell.flatten(), minlength=len(KINDS) * E)
+    loss = total_loss / n
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n * seq_len, "load": load_LE.tolist(),
+            "kind_counts": kinds_LKE.view(L, len(KINDS), E).tolist()}
+
+
+def disabled_counts(n_experts: int, top_k: int) -> list[int]:
+    """The redundancy test's n (top-n experts disabled per token): DISABLE_TOP and the shares DISABLE_SHARES
+    of the routed experts, where K experts are left to choose from (as dsmoe.studies.specialization)."""
+    counts = sorted({*DISABLE_TOP, *(round(f * n_experts) for f in DISABLE_SHARES)})
+    return [n for n in counts if 0 < n and n + top_k <= n_experts]
+
+
+def redundancy(model: MoETransformer, corpus: Corpus, batches: int, batch_size: int, seq_len: int,
+               base_loss: float, device: str = "cpu", progress: bool = True) -> list[dict]:
+    """Loss with each token's top-n routed experts disabled, and its rise over base_loss (n = 0)."""
+    moe = model.moe_layers()[0].cfg
+    rows = [{"disabled": 0, "share": 0.0, "loss": base_loss, "rise": 0.0}]
+    bar = tqdm(disabled_counts(moe.n_routed_experts, moe.top_k), desc="redundancy", unit="eval",
+               disable=not progress)
+    for n in bar:
+        with disable_top_experts(model, n):
+            value = float(evaluate(model, corpus, batch_size, seq_len, batches, device)["loss"])
+        rows.append({"disabled": n, "share": n / moe.n_routed_experts, "loss": value, "rise": value - base_loss})
+        bar.set_postfix(n=n, rise=f"{value - base_loss:.3f}")
+    return rows
+
+
+# ---- the whole inspection ------------------------------------------------------------------------------
+
+
+def inspect(path: str | Path, data: str | None = None, out: str | Path | None = None, batches: int = 16,
+            batch_size: int = 8, seq_len: int | None = None, device: str = "cpu",
+            redundancy_batches: int | None = None, progress: bool = True) -> dict:
+    """Inspect the model at `path` on `data` (default: a dsmoe run's corpus, else the standard library) and
+    write the report to `out` (default: RUN/inspect for a run directory, else runs/inspect-<name>).
+
+    redundancy_batches: batches per redundancy evaluation (default `batches`; 0 skips the test).
+    Returns the results (also in OUT/results.json), with the paths of the report and the figures.
+    """
+    for name, value in (("batches", batches), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} is invalid: must be >= 1")
+    loaded = load(path, device)
+    model, cfg = loaded.model, loaded.model.cfg
+    seq_len = seq_len or loaded.seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    corpus = load_corpus(data if data is not None else loaded.data, loaded.tokenizer)
+    corpus.check(seq_len)
+    passed = corpus_pass(model, corpus, loaded.tokenizer, batches, batch_size, seq_len, device, progress)
+    load_LE = torch.tensor(passed["load"])
+    maxvio = max_violation(load_LE).tolist()
+    mi = [mutual_information(c) for c in passed["kind_counts"]]
+    rb = batches if redundancy_batches is None else redundancy_batches
+    red = redundancy(model, corpus, rb, batch_size, seq_len,
+                     passed["loss"] if rb == batches else float(evaluate(model, corpus, batch_size, seq_len, rb,
+                                                                          device)["loss"]),
+                     device, progress) if rb else []
+    moe = model.moe_layers()[0].cfg
+    result = {
+        "path": str(path), "source": loaded.kind, "name": loaded.name,
+        "corpus": corpus.info.get("source", "stdlib"), "batches": batches, "batch_size": batch_size,
+        "seq_len": seq_len, "device": device,
+        "model": {"layers": cfg.n_layers, "first_k_dense": cfg.first_k_dense, "moe_layers": len(maxvio),
+                  "routed_experts": moe.n_routed_experts, "top_k": moe.top_k, "shared_experts": moe.n_shared_experts,
+                  "score_func": str(moe.score_func), "params": sum(p.numel() for p in model.parameters())},
+        "blocks": [cfg.first_k_dense + i for i in range(len(maxvio))],
+        **passed,
+        "maxvio_global": maxvio, "mean_maxvio_global": sum(maxvio) / len(maxvio),
+        "load_entropy": load_entropy(load_LE).tolist(),
+        "dead_experts": [torch.nonzero(row == 0).flatten().tolist() for row in load_LE],
+        "n_dead_experts": int(dead_experts(load_LE).sum()),
+        "mi_bits": [m[0] for m in mi], "mi_fraction": [m[1] for m in mi],
+        "lift": [lift(c) for c in passed["kind_counts"]],
+        "redundancy": red,
+    }
+    out = Path(out) if out else loaded.default_out
+    result |= write_report(result, out)
+    return result
+
+
+def write_report(r: dict, out: Path) -> dict:
+    """OUT/report.md, OUT/results.json and the PNGs; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"block {b}" for b in r["blocks"]]
+    figures = [out / "load.png", out / "kinds.png"]
+    plots.plot_load_heatmap(r["load"], names, f"{r['name']}: expert load over {r['tokens']:,} tokens "
+                            f"(load / mean; 1 = balanced)", figures[0])
+    plots.plot_kind_lift(r["lift"], KINDS, names, r["name"], figures[1])
+    if r["redundancy"]:
+        figures.append(out / "redundancy.png")
+        plots.plot_redundancy([{"label": r["name"], "redundancy": [
+            {"ratio": x["share"], "rise": {"mean": x["rise"], "std": 0.0}} for x in r["redundancy"]]}], figures[-1])
+    paths = {"report": str(out / "report.md"), "results": str(out / "results.json"),
+             "figures": [str(f) for f in figures]}
+    (out / "report.md").write_text(markdown(r, [f.name for f in figures]))
+    (out / "results.json").write_text(json.dumps(r | paths, indent=1))
+    return paths
+
+
+def _top_lifts(counts_KE: list[list[int]], lift_KE: list[list[float]], n: int = 5, min_count: int = 20) -> str:
+    """The n (kind, expert) pairs of highest lift among cells with at least min_count assignments."""
+    cells = [(lift_KE[k][e], KINDS[k], e) for k, row in enumerate(counts_KE) for e, c in enumerate(row)
+             if c >= min_count]
+    return ", ".join(f"{kind}->{e} {v:.1f}x" for v, kind, e in sorted(cells, reverse=True)[:n]) or "-"
+
+
+def markdown(r: dict, figures: list[str]) -> str:
+    m = r["model"]
+    lines = [
+        f"# Inspection of {r['name']}", "",
+        f"- source: {r['source']} ({r['path']})",
+        f"- model: {m['layers']} blocks ({m['first_k_dense']} dense first), {m['moe_layers']} MoE layers of "
+        f"{m['routed_experts']} routed experts (top-{m['top_k']}, {m['score_func']}) + {m['shared_experts']} shared; "
+        f"{m['params']:,} parameters",
+        f"- corpus: {r['corpus']}, validation split, {r['batches']} batches of {r['batch_size']} x {r['seq_len']} "
+        f"tokens ({r['tokens']:,} tokens, windows spread evenly); loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}",
+        f"- MaxVio_global: mean **{r['mean_maxvio_global']:.3f}** over the MoE layers; "
+        f"dead experts (no token): **{r['n_dead_experts']}**", "",
+        "## Load per MoE layer", "",
+        "| block | MaxVio_global | min / mean load | max / mean load | load entropy | dead experts | "
+        "I(kind; expert) bits | I / H(kind) | strongest kind->expert lifts |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, block in enumerate(r["blocks"]):
+        load = r["load"][i]
+        mean = sum(load) / len(load)
+        dead = r["dead_experts"][i]
+        lines.append(f"| {block} | {r['maxvio_global'][i]:.3f} | {min(load) / mean:.2f} | {max(load) / mean:.2f} | "
+                     f"{r['load_entropy'][i]:.3f} | {', '.join(map(str, dead)) if dead else '-'} | "
+                     f"{r['mi_bits'][i]:.3f} | {r['mi_fraction'][i]:.3f} | "
+                     f"{_top_lifts(r['kind_counts'][i], r['lift'][i])} |")
+    lines += ["", "MaxVio_global = (max load - mean load) / mean load over the whole pass; load entropy 1 = even. "
+              "Lift = P(expert | kind) / P(expert), over cells with at least 20 assignments (DeepSeekMoE's "
+              "specialization analysis; kinds: " + ", ".join(KINDS) + ").", ""]
+    if r["redundancy"]:
+        lines += ["## Redundancy test", "",
+                  "Each token's top-n routed experts (by biased score) leave the choice; the router takes its next "
+                  "K. A larger rise of the loss means less redundant experts (DeepSeekMoE §4.2).", "",
+                  "| disabled per token | share of routed experts | loss | rise |", "|---|---|---|---|"]
+        lines += [f"| {x['disabled']} | {x['share']:.3f} | {x['loss']:.4f} | {x['rise']:+.4f} |"
+                  for x in r["redundancy"]]
+        lines.append("")
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""Runs and checkpoints that survive faults, tried as a careful user would: a diverged run never saves (or
+calls good) non-finite weights; a crash between a save's two renames leaves a resumable run; a full disk is
+a clear error that keeps the previous checkpoint and cleans up after itself; a torn metrics line does not
+block a resume; two trainings never write one run folder and a new run never empties an old one; a resume
+past its steps, of a finished run or with another preset is refused; optimizer state that does not fit and
+flipped bits in the weights are clear errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsmoe import checkpoint
+from dsmoe.checkpoint import CheckpointError
+from dsmoe.config import build_configs
+from dsmoe.runtime import RunLock
+from dsmoe.train import TrainingDiverged, train
+
+FAST = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "log_every=1", "warmup_steps=2",
+        "tensorboard=false", "save_every=2"]
+
+pytestmark = pytest.mark.slow  # every case trains a few steps
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path_factory.getbasetemp() / "dsmoe-cache"))
+
+
+def run(out, *sets):
+    return train(*build_configs("debug", FAST + [f"out={out}", *sets]), progress=False)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, open(f"{run_dir}/metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_diverged_run_names_a_good_checkpoint(tmp_path):
+    """lr 100 from step 0: the weights turn non-finite between log points; the message names a checkpoint
+    that exists, is at the step it says, and holds finite weights (or says none was written)."""
+    with pytest.raises(TrainingDiverged) as err:
+        run(tmp_path / "run", "lr=100", "min_lr=100", "warmup_steps=0", "steps=40", "log_every=4", "save_every=2")
+    message = str(err.value)
+    if "No checkpoint had been written" in message:
+        assert not (tmp_path / "run" / "checkpoint").exists()
+        return
+    step = int(message.split("(step ")[1].split(")")[0])
+    saved = tmp_path / "run" / "checkpoint"
+    assert json.loads((saved / "config.json").read_text())["step"] == step
+    assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+
+
+def test_crash_between_the_renames_resumes_from_the_old_checkpoint(tmp_path):
+    full = run(tmp_path / "full", "steps=4")
+    run(tmp_path / "cut", "steps=2")
+    os.replace(tmp_path / "cut" / "checkpoint", tmp_path / "cut" / "checkpoint.old")  # killed mid-swap
+    assert checkpoint.resolve(tmp_path / "cut") == tmp_path / "cut" / "checkpoint.old"
+    resumed = run(tmp_path / "cut", "steps=4", f"resume={tmp_path / 'cut'}")
+    assert losses(resumed["run_dir"]) == losses(full["run_dir"])
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_cleans_up(tmp_path, monkeypatch):
+    calls = []
+    real = checkpoint.save_file
+
+    def full_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_on_second)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is kept.*disk full"):
+        run(tmp_path / "run", "steps=6")
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    assert [p.name for p in (tmp_path / "run").glob(".checkpoint.tmp*")] == []  # nothing left to fill the disk
+    assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["step"] == 2
+    checkpoint.load_checkpoint(tmp_path / "run")  # the kept one is whole
+
+
+def test_a_crashed_saves_temporary_folder_is_removed(tmp_path):
+    stale = tmp_path / "run" / ".checkpoint.tmp999999999"  # a pid that cannot be running
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    run(tmp_path / "run", "steps=2", "overwrite=true")
+    assert not stale.exists()
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path):
+    full = run(tmp_path / "full", "steps=4")
+    run(tmp_path / "cut", "steps=2")
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # the disk filled up mid-row
+    resumed = run(tmp_path / "cut", "steps=4", f"resume={tmp_path / 'cut'}")
+    assert losses(resumed["run_dir"]) == losses(full["run_dir"])
+
+
+def test_two_trainings_never_share_a_folder(tmp_path):
+    (tmp_path / "run").mkdir()
+    lock = RunLock(tmp_path / "run")  # another training holds it
+    try:
+        with pytest.raises(ValueError, match="another training is writing to"):
+            run(tmp_path / "run", "steps=2")
+    finally:
+        lock.release()
+    run(tmp_path / "run", "steps=2")
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*overwrite=true"):
+        run(tmp_path / "run", "steps=2")
+    assert len(losses(tmp_path / "run")) == 2  # the first run's metrics are intact
+    run(tmp_path / "run", "steps=3", "overwrite=true")
+    assert len(losses(tmp_path / "run")) == 3
+
+
+def test_resume_past_its_steps_or_finished_is_refused(tmp_path):
+    run(tmp_path / "run", "steps=4")
+    with pytest.raises(ValueError, match="at step 4: past steps=2; give --steps above 4"):
+        run(tmp_path / "run", "steps=2", f"resume={tmp_path / 'run'}")
+    with pytest.raises(ValueError, match="at step 4: the run is finished"):
+        run(tmp_path / "run", "steps=4", f"resume={tmp_path / 'run'}")
+    assert len(losses(tmp_path / "run")) == 4  # no duplicate rows
+
+
+def test_cli_resume_of_a_copy_writes_into_the_copy_and_refuses_a_preset(tmp_path, capsys):
+    from dsmoe.cli import main
+
+    run(tmp_path / "run", "steps=2")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert main(["train", "--resume", str(tmp_path / "copy"), "--steps", "3", "--quiet"]) == 0
+    assert f"into {tmp_path / 'copy'}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "copy" / "checkpoint" / "config.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["step"] == 2  # untouched
+    assert main(["train", "--resume", str(tmp_path / "copy"), "--preset", "tiny", "--steps", "4"]) == 1
+    assert "drop --preset" in capsys.readouterr().out
+
+
+def test_optimizer_state_of_another_model_is_refused(tmp_path):
+    run(tmp_path / "run", "steps=2")
+    path = tmp_path / "run" / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 3)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"optimizer exp_avg of parameter 0 has shape \(3, 3\)"):
+        run(tmp_path / "run", "steps=4", f"resume={tmp_path / 'run'}")
+
+
+def test_flipped_bits_in_the_weights_are_caught(tmp_path):
+    run(tmp_path / "run", "steps=2")
+    path = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # one bit of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt.*SHA-256"):
+        checkpoint.load_checkpoint(tmp_path / "run")

@@ -1,0 +1,287 @@
+"""Whole DeepSeek-V2/V3 models (dsmoe.pretrained): folders that transformers itself writes load into dsmoe
+with logits equal to transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (V3 with q_lora, yarn and
+expert groups; V3 without q_lora; V2 softmax greedy without q_lora, V2-Lite-like; V2 group-limited with
+q_lora; sharded folders with an index); the folders dsmoe writes load into transformers with equal logits;
+greedy generation with the latent KV cache equals generation without it and transformers'; MTP weights
+survive load -> save bit for bit; a bad folder is an error naming what is wrong."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsmoe.pretrained import PretrainedError, from_pretrained, model_config_from_hf, save_pretrained
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=8, first_k_dense_replace=1, max_position_embeddings=64, n_shared_experts=1)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
+CASES = {
+    "v3-qlora-yarn-groups": ("deepseek_v3", dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2,
+                                                 n_group=4, topk_group=2, rope_parameters=YARN)),
+    "v3-no-qlora": ("deepseek_v3", dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                        topk_group=1)),
+    "v2-lite-greedy": ("deepseek_v2", dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+                                           topk_method="greedy", n_group=1, topk_group=1)),
+    "v2-group-limited-qlora": ("deepseek_v2", dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=3,
+                                                   topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                                   routed_scaling_factor=16.0)),
+}
+
+
+def hf_model(model_type: str, fields: dict, seed: int = 0):
+    """transformers' own causal LM, random weights (a nonzero V3 balancing bias), fp32, eval mode."""
+    Config = transformers.DeepseekV3Config if model_type == "deepseek_v3" else transformers.DeepseekV2Config
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(Config(**BASE, **fields), dtype=torch.float32).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return model
+
+
+def _ids(seed=1, length=12):
+    return torch.randint(0, BASE["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
+def test_logits_equal_transformers(case, shard, tmp_path):
+    reference = hf_model(*case)
+    reference.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
+    model = from_pretrained(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_saved_folder_loads_in_transformers(case, tmp_path):
+    reference = hf_model(*case)
+    reference.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "dsmoe", max_shard_size=30_000)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dsmoe", dtype=torch.float32).eval()
+    ids = _ids(2)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES["v3-qlora-yarn-groups"], CASES["v2-lite-greedy"]], ids=["v3", "v2"])
+def test_greedy_generation_cache_equals_recompute_and_transformers(case, tmp_path):
+    reference = hf_model(*case)
+    reference.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    prompt = _ids(3, 5)[:1]
+    cached = model.generate(prompt, 20, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):  # no cache: the whole sequence again every step
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert torch.equal(cached, seq)
+    assert torch.equal(cached, theirs)
+
+
+def test_latent_cache_holds_the_compressed_kv(tmp_path):
+    hf_model(*CASES["v3-no-qlora"]).save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.layers[0].attn.cache_shapes() == [(BASE["kv_lora_rank"],), (BASE["qk_rope_head_dim"],)]
+
+
+def test_mtp_weights_round_trip_bit_exactly(tmp_path):
+    hf_model(*CASES["v3-qlora-yarn-groups"]).save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    L = BASE["num_hidden_layers"]
+    for key in [k for k in sd if k.startswith(f"model.layers.{L - 1}.")]:  # the MTP block: a copy of the last
+        sd[key.replace(f"layers.{L - 1}.", f"layers.{L}.")] = torch.randn(sd[key].shape, generator=g)
+    D = BASE["hidden_size"]
+    sd |= {f"model.layers.{L}.enorm.weight": torch.randn(D, generator=g),
+           f"model.layers.{L}.hnorm.weight": torch.randn(D, generator=g),
+           f"model.layers.{L}.eh_proj.weight": torch.randn(D, 2 * D, generator=g),
+           f"model.layers.{L}.shared_head.norm.weight": torch.randn(D, generator=g),
+           f"model.layers.{L}.embed_tokens.weight": sd["model.embed_tokens.weight"].clone(),
+           f"model.layers.{L}.shared_head.head.weight": sd["lm_head.weight"].clone()}
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    model = from_pretrained(tmp_path / "hf")
+    assert len(model.mtp) == 1
+    save_pretrained(model, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out.keys() == sd.keys()
+    for key, t in sd.items():
+        assert torch.equal(out[key], t), key
+
+
+def test_mtp_loss_trains_and_is_off_at_inference():
+    from dsmoe.config import ModelConfig, MoEConfig
+    from dsmoe.model import MoETransformer
+
+    moe = MoEConfig(dim=32, n_routed_experts=4, n_shared_experts=1, top_k=2, expert_dim=16, score_func="sigmoid",
+                    norm_topk_prob=True)
+    cfg = ModelConfig(vocab_size=32, dim=32, n_layers=2, n_heads=2, max_seq_len=32, moe=moe, kv_lora_rank=8,
+                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, mtp_layers=2, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    data = torch.arange(32).repeat(8, 2)[:, :33]  # a repeating pattern: learnable
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        _, loss = model(x, y)
+        assert torch.equal(model.aux_loss(), model.mtp_loss)  # no balance loss configured: the MTP loss alone
+        (loss + model.aux_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else model.mtp_loss.item()
+    assert model.mtp_loss.item() < first / 2  # the MTP modules learn to predict 2 and 3 tokens ahead
+    model.eval()
+    model.mtp_loss = torch.zeros(())
+    with torch.no_grad():
+        logits, _ = model(x, y)
+    assert model.mtp_loss.item() == 0  # not computed at inference
+    model.mtp = torch.nn.ModuleList()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], logits)  # the MTP modules do not touch the main logits
+
+
+# ---- bad folders ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def folder(tmp_path):
+    hf_model(*CASES["v3-no-qlora"]).save_pretrained(tmp_path, max_shard_size="20KB")
+    return tmp_path
+
+
+def test_missing_shard(folder):
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(PretrainedError, match=f"missing safetensors file.*{shard.name}"):
+        from_pretrained(folder)
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    hf_model(*CASES["v3-no-qlora"]).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PretrainedError, match=r"model.layers.1.self_attn.kv_b_proj.weight: file \(3, 3\)"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "llama"}, "model_type='llama' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"kv_lora_rank": None}, "Multi-head Latent Attention"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope scaling 'linear'"),
+], ids=["model-type", "activation", "no-mla", "rope"])
+def test_unsupported_config(folder, change, match):
+    cfg = json.loads((folder / "config.json").read_text()) | change
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(folder)
+
+
+def test_extra_and_missing_keys(tmp_path):
+    hf_model(*CASES["v3-no-qlora"]).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.layers.9.mystery.weight"] = torch.zeros(2)
+    del sd["model.norm.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PretrainedError, match=r"missing keys \[model.norm.weight\]; unexpected keys "
+                                              r"\[model.layers.9.mystery.weight\]"):
+        from_pretrained(tmp_path)
+
+
+def test_config_of_a_list_or_missing(tmp_path):
+    with pytest.raises(PretrainedError, match="config.json is missing"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(PretrainedError, match="must hold a JSON object"):
+        from_pretrained(tmp_path)
+
+
+def test_bf16_stays_bf16(tmp_path):
+    hf_model(*CASES["v3-no-qlora"]).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert all(layer.gate.bias.dtype == torch.float32 for layer in model.moe_layers())
+    assert from_pretrained(tmp_path, dtype=torch.float32).embed.weight.dtype == torch.float32
+
+
+def test_config_round_trip():
+    d = transformers.DeepseekV3Config(**BASE, **CASES["v3-qlora-yarn-groups"][1]).to_dict()
+    cfg = model_config_from_hf(d)
+    assert cfg.rope_scaling["factor"] == 4.0 and cfg.q_lora_rank == 24 and cfg.mla
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+BYTES = dict(BASE, vocab_size=260, max_position_embeddings=64)  # dsmoe's byte tokenizer fits
+
+
+@pytest.fixture
+def byte_folder(tmp_path):
+    """A tiny V3 folder whose vocabulary is the byte tokenizer's, and a small corpus of Python files."""
+    Config = transformers.DeepseekV3Config
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        Config(**BYTES, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1),
+        dtype=torch.float32)
+    model.save_pretrained(tmp_path / "hf")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(40)))
+    return tmp_path / "hf", corpus
+
+
+def test_generate_and_eval_take_a_hf_folder(byte_folder, capsys, monkeypatch, tmp_path):
+    from dsmoe.cli import main
+
+    folder, corpus = byte_folder
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "--model", str(folder), "--prompt", "def ", "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["eval", "--model", str(folder), "--data", str(corpus), "--batches", "1"]) == 0
+    assert "MaxVio_global per MoE layer" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_init_fine_tunes_and_the_result_loads_in_transformers(byte_folder, capsys, monkeypatch, tmp_path):
+    from dsmoe.cli import main
+
+    folder, corpus = byte_folder
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    before = from_pretrained(folder)
+    out = tmp_path / "run"
+    argv = ["train", "--init", str(folder), "--preset", "debug", "--data", str(corpus), "--out", str(out),
+            "--steps", "4", "--quiet", "--set", "seq_len=32", "--set", "batch_size=4", "--set", "eval_batches=1",
+            "--set", "tensorboard=false"]
+    assert main(argv) == 0
+    after = from_pretrained(out / "hf")
+    assert not torch.equal(after.layers[1].attn.kv_b_proj.weight, before.layers[1].attn.kv_b_proj.weight)
+    assert any(layer.gate.bias.abs().sum() > 0 for layer in after.moe_layers())  # the loss-free bias moved
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, after(ids)[0], atol=1e-5, rtol=1e-5)
+    assert main(["export", str(out), str(tmp_path / "exported")]) == 0  # the same, from the checkpoint
+    exported = from_pretrained(tmp_path / "exported")
+    for a, b in zip(exported.state_dict().values(), after.state_dict().values()):
+        assert torch.equal(a, b)
