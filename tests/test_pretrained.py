@@ -285,3 +285,22 @@ def test_train_init_fine_tunes_and_the_result_loads_in_transformers(byte_folder,
     exported = from_pretrained(tmp_path / "exported")
     for a, b in zip(exported.state_dict().values(), after.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_folders_own_tokenizer_is_used(byte_folder, capsys):
+    """A HuggingFace tokenizer.json (the `tokenizers` format) and its eos_token come with the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsmoe.cli import main
+    from dsmoe.data import HFTokenizer, load_tokenizer
+
+    folder, _ = byte_folder
+    vocab = {w: i for i, w in enumerate(["<eos>", "def", "return", "x", "f", "(", ")", ":", "+", "1"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<eos>"}}))
+    loaded = load_tokenizer(folder)
+    assert isinstance(loaded, HFTokenizer) and loaded.eos_id == 0 and loaded.encode("def f ( x )") == [1, 4, 5, 3, 6]
+    assert main(["generate", "--model", str(folder), "--prompt", "def f", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def f")

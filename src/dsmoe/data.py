@@ -123,7 +123,49 @@ class BPETokenizer:
         Path(directory, "tokenizer.json").write_text(json.dumps({"kind": "bpe"}))
 
 
-Tokenizer = ByteTokenizer | BPETokenizer
+class HFTokenizer(BPETokenizer):
+    """A HuggingFace folder's own tokenizer (tokenizer.json in the `tokenizers` format, eos_token from
+    tokenizer_config.json), for models loaded with dsmoe.pretrained; no special tokens are added."""
+
+    kind = "hf"
+
+    def __init__(self, tok, config: dict):
+        self.tok, self.config = tok, config
+        self.vocab_size = tok.get_vocab_size()
+        eos = config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_id = tok.token_to_id(eos) if isinstance(eos, str) else None  # None: documents joined as they are
+
+    @classmethod
+    def load(cls, directory) -> HFTokenizer:
+        from tokenizers import Tokenizer
+
+        path, config = Path(directory, "tokenizer.json"), Path(directory, "tokenizer_config.json")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{path} is not a valid HuggingFace tokenizer file ({str(e)[:200]})") from None
+        try:
+            settings = json.loads(config.read_text()) if config.exists() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config} is corrupt ({e})") from None
+        return cls(tok, settings if isinstance(settings, dict) else {})
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def cache_key(self) -> str:
+        return "hf-" + hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
+
+    def save(self, directory) -> None:
+        self.tok.save(str(Path(directory, "tokenizer.json")))
+        Path(directory, "tokenizer_config.json").write_text(json.dumps(self.config))
+
+
+Tokenizer = ByteTokenizer | BPETokenizer | HFTokenizer
 
 
 def load_tokenizer(directory) -> Tokenizer:
@@ -136,6 +178,8 @@ def load_tokenizer(directory) -> Tokenizer:
     """
     directory = Path(directory)
     path = directory / "tokenizer.json"
+    if path.exists() and _is_hf_tokenizer(path):
+        return HFTokenizer.load(directory)
     if path.exists():
         kind = _tokenizer_kind(path)
     elif (directory / "bpe.json").exists():
@@ -156,6 +200,15 @@ def load_tokenizer(directory) -> Tokenizer:
     return tok
 
 
+def _is_hf_tokenizer(path: Path) -> bool:
+    """A `tokenizers` file (a HuggingFace folder's), not dsmoe's {"kind": ...}."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and "model" in content and "kind" not in content
+
+
 def _tokenizer_kind(path: Path) -> object:
     try:
         return json.loads(path.read_text())["kind"]
@@ -169,7 +222,7 @@ def _model_vocab_size(path: Path) -> int | None:
     a corrupt one)."""
     try:
         config = json.loads(path.read_text())
-        vocab_size = config["model"]["vocab_size"]
+        vocab_size = (config["model"] if "model" in config else config)["vocab_size"]  # dsmoe's, or HF's
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None
     return vocab_size if isinstance(vocab_size, int) else None
@@ -269,7 +322,7 @@ class Corpus:
 
 
 def _encode(tokenizer, texts: list[str]) -> torch.Tensor:
-    sep = np.array([tokenizer.eos_id], dtype=np.int32)
+    sep = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], dtype=np.int32)
     parts = []
     for ids in tokenizer.encode_many(texts):
         parts += [ids.astype(np.int32), sep]

@@ -10,6 +10,7 @@ MaxVio_global), atomic checkpoints, a clean stop on Ctrl-C or SIGTERM, exact res
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from dsmoe import checkpoint
-from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.config import ModelConfig, TrainConfig, check_step_memory
 from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.model import MoETransformer
@@ -90,8 +91,10 @@ class Run:
         return ev
 
     def save(self) -> None:
-        """Checkpoint this step, never with non-finite weights (every rank agrees before anyone writes)."""
-        bad = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).logical_not().any()
+        """Checkpoint this step, never with non-finite weights or biases (every rank agrees before anyone
+        writes)."""
+        floats = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if t.is_floating_point()]
+        bad = torch.stack([t.detach().isfinite().all() for t in floats]).logical_not().any()  # the biases too
         if self.ctx.all_reduce_(bad.float()).item():
             raise TrainingDiverged(f"the weights at step {self.step} are not finite; not saving them. "
                                    + self.kept())
@@ -125,6 +128,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
+    check_step_memory(model_cfg, cfg)  # refused here, not killed by the OOM killer later
     ctx = init_context(cfg.expert_parallel, cfg.batch_size)
     device = checkpoint.resolve_device(cfg.device)
     run_dir = ctx.run_dir(Path(cfg.out or f"runs/{cfg.preset}"))

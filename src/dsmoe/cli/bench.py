@@ -210,8 +210,11 @@ def _model(args: argparse.Namespace) -> int:
                         n_group=args.groups, topk_group=args.topk_groups,
                         max_seq_len=max(512, args.seq_len, 16 + args.new_tokens))
     result = model.bench_model(shape, args.repeats, args.warmup, args.new_tokens, memory=not args.no_memory)
-    where = layer.machine("cpu")
-    print(f"machine: {where}; 1-min load average {train.loadavg()} ({os.cpu_count()} CPUs)")
+    where, load = layer.machine("cpu"), train.loadavg()
+    print(f"machine: {where}; 1-min load average {load} ({os.cpu_count()} CPUs)")
+    if load != "n/a" and float(load) > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        print("warning: more runnable processes than CPUs: with several threads per process every small op can wait "
+              "a scheduler time slice, which skews the ratios; rerun with --threads 1 or on an idle machine")
     print(f"shape:   {result.shape}; fp32 on CPU")
     print(f"transformers' experts: {result.experts_implementation}; max |logit difference| "
           f"{result.max_logit_diff:.1e} (same weights)")

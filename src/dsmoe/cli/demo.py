@@ -16,7 +16,7 @@ import torch
 from dsmoe import plots
 from dsmoe.checkpoint import load_checkpoint
 from dsmoe.cli.format import check_at_least
-from dsmoe.config import build_configs, check_step_memory
+from dsmoe.config import build_configs
 from dsmoe.generate import generate_text
 from dsmoe.train import train
 
@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = build_configs(args.preset, args.sets + extra)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was given but torch sees no CUDA device")
-    check_step_memory(model_cfg, train_cfg)
     print(f"dsmoe demo: training the {args.preset!r} preset for {train_cfg.steps} steps on "
           f"{train_cfg.data or 'the Python standard library'} ({args.device})")
     summary = train(model_cfg, train_cfg, progress=not args.quiet)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dsmoe import checkpoint
-from dsmoe.config import PRESETS, ModelConfig, TrainConfig, apply_sets, build_configs, check_step_memory
+from dsmoe.config import PRESETS, ModelConfig, TrainConfig, apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config
 from dsmoe.train import train
 
@@ -61,7 +61,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
 
 def run(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = configs_from_args(args)
-    check_step_memory(model_cfg, train_cfg)  # refused here, not killed by the OOM killer later
     summary = train(model_cfg, train_cfg, progress=not args.quiet)
     if dist.is_initialized() and dist.get_rank() != 0:  # expert parallel: rank 0 reports
         return 0
