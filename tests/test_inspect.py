@@ -126,11 +126,12 @@ def test_dsmoe_run_directory(corpus, tmp_path, monkeypatch):
     fast = ["seq_len=16", "batch_size=4", "eval_batches=1", "eval_every=0", "save_every=0", "log_every=1",
             "warmup_steps=1", "tensorboard=false", "steps=2", f"data={corpus}", f"out={run}"]
     train(*build_configs("debug", fast), progress=False)
-    r = inspect(run, batches=2, batch_size=2, progress=False)
-    assert r["source"] == "dsmoe" and r["seq_len"] == 16 and Path(r["report"]) == run / "inspect" / "report.md"
+    r = inspect(run, batches=2, progress=False)  # the run's corpus and training shape, as `dsmoe eval`
+    assert r["source"] == "dsmoe" and (r["batch_size"], r["seq_len"]) == (4, 16)
+    assert Path(r["report"]) == run / "inspect" / "report.md"
     assert (run / "inspect" / "load.png").exists() and (run / "inspect" / "kinds.png").exists()
     model, model_cfg, _, tok = load_checkpoint(run)
-    ev = evaluate(model, load_corpus(str(corpus), tok), 2, 16, 2)
+    ev = evaluate(model, load_corpus(str(corpus), tok), 4, 16, 2)
     assert r["maxvio_global"] == ev["maxvio_global"] and r["loss"] == pytest.approx(ev["loss"], rel=1e-5)
     K = model_cfg.moe.top_k
     assert all(sum(row) == r["tokens"] * K for row in r["load"])

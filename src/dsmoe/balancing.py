@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsmoe.config import AuxLossScores, BiasRule
+from dsmoe.metrics import expert_load
 
 
 def loss_scores(scores_TE: torch.Tensor, how: str) -> torch.Tensor:
@@ -30,7 +31,7 @@ def loss_scores(scores_TE: torch.Tensor, how: str) -> torch.Tensor:
 def _expert_fraction(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
     """f_i = (E / (K*T)) * #tokens choosing i: 1 for every expert under uniform routing. No gradient."""
     T, K = ids_TK.shape
-    return torch.bincount(ids_TK.reshape(-1), minlength=E).float() * (E / (K * T))
+    return expert_load(ids_TK, E).float() * (E / (K * T))
 
 
 def expert_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:

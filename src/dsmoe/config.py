@@ -337,6 +337,7 @@ class TrainConfig:
     resume: str | None = None         # checkpoint (or run) directory to continue from
     init: str | None = None           # HuggingFace DeepSeek-V2/V3 folder to fine-tune from (its weights and tokenizer)
     overwrite: bool = False           # start a new run in a folder that already holds one (its metrics are replaced)
+    compile: str = ""                  # torch.compile backend for the model ("inductor"); "" = eager
     tensorboard: bool = True          # also log to TensorBoard when it is installed
     expert_parallel: int = 0          # shard the routed experts over N ranks (torchrun --nproc_per_node N); 0 = off
 
@@ -363,6 +364,9 @@ class TrainConfig:
             _check(value is None or (isinstance(value, str) and value != ""), name, value,
                    "must be a path (a non-empty string) or None")
         _boolean(self, "tensorboard")
+        _boolean(self, "overwrite")
+        _check(isinstance(self.compile, str), "compile", self.compile,
+               "must be a torch.compile backend name ('inductor', 'aot_eager', ...) or '' for eager")
         _check(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
         _check(_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
                f"must be a number in [0, lr={self.lr}]")

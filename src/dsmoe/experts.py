@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.metrics import expert_load
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases. Also the fused shared experts and the dense FFN."""
@@ -161,7 +163,8 @@ class _PerExpertMM:
                 out_nI[rows].addmm_(grad_nO[rows], w_EOI[e])
         return out_nI
 
-    def weight_grad(self, grad_nO: torch.Tensor, x_nI: torch.Tensor, grad_EOI: torch.Tensor) -> torch.Tensor:
+    def weight_grad(self, grad_nO: torch.Tensor, x_nI: torch.Tensor, grad_EOI: torch.Tensor | None) -> torch.Tensor:
+        assert grad_EOI is not None  # ChunkedPlan.grad_buffers allocates every one
         for rows, e in self.parts:
             torch.mm(grad_nO[rows].T, x_nI[rows], out=grad_EOI[e])
         return grad_EOI
@@ -174,59 +177,119 @@ def _silu_and_grad(gate_nF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return silu_nF, (gate_nF - silu_nF).add_(1).mul_(sig_nF)  # = sig * (1 + gate * (1 - sig)), in fewer passes
 
 
-class _RoutedSwiGLU(torch.autograd.Function):
-    """Gather -> SwiGLU of each assignment's expert, scaled by its routing weight -> scatter-add, by hand,
-    chunk by chunk of the plan. Only the two pre-activations gate and up are saved: the gathered input, silu
-    and the hidden are recomputed in backward, so the routed experts keep 2*A*F numbers for backward instead
-    of A*D + 5*A*F.
-    """
+# ----------------------------------------------------------------------------------------------------------------
+# The routed SwiGLU as a registered custom op (torch.library): torch.compile sees one opaque op whatever the routing
+# counts (the chunked plan reads them on the host, which would otherwise break or re-specialize the graph), with a
+# fake implementation for its output shapes and a backward op of its own.
 
-    @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
-                w_down_EDF: torch.Tensor, weights_A: torch.Tensor, token_A: torch.Tensor,
-                plan: GroupedMMPlan | ChunkedPlan) -> torch.Tensor:
-        A, F_ = token_A.numel(), w_gate_EFD.shape[1]
-        gate_AF = x_TD.new_empty(A, F_) if plan.saves_in_place else None
-        up_AF = x_TD.new_empty(A, F_) if plan.saves_in_place else None
-        y_TD = torch.zeros_like(x_TD)
-        for rows, chunk in plan.chunks():
-            token_n = token_A[rows]
-            x_nD = x_TD.index_select(0, token_n)
-            gate_nF = chunk.project(x_nD, w_gate_EFD, None if gate_AF is None else gate_AF[rows])
-            up_nF = chunk.project(x_nD, w_up_EFD, None if up_AF is None else up_AF[rows])
-            del x_nD
-            hidden_nF = F.silu(gate_nF).mul_(up_nF).mul_(weights_A[rows, None])
-            y_TD.index_add_(0, token_n, chunk.project(hidden_nF, w_down_EDF))
-        if gate_AF is None:  # one chunk of all A rows
-            gate_AF, up_AF = gate_nF, up_nF
-        ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_A, token_A, gate_AF, up_AF)
-        ctx.plan = plan
-        return y_TD
+_KERNEL = {-1: None, 0: False, 1: True}  # the op's use_grouped_mm: auto, chunked, grouped
 
-    @staticmethod
-    def backward(ctx: Any, grad_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_A, token_A, gate_AF, up_AF = ctx.saved_tensors
-        grad_x_TD = torch.zeros_like(x_TD)
-        grad_gate_EFD, grad_up_EFD, grad_down_EDF = ctx.plan.grad_buffers(w_gate_EFD, w_up_EFD, w_down_EDF)
-        grad_weights_A = torch.empty_like(weights_A)
-        for rows, chunk in ctx.plan.chunks():
-            token_n = token_A[rows]
-            x_nD, grad_y_nD = x_TD.index_select(0, token_n), grad_TD.index_select(0, token_n)  # contiguous, always
-            gate_nF, up_nF, weights_n1 = gate_AF[rows], up_AF[rows], weights_A[rows, None]
-            silu_nF, dsilu_nF = _silu_and_grad(gate_nF)
-            hidden_nF = silu_nF * up_nF
-            grad_down_EDF = chunk.weight_grad(grad_y_nD, hidden_nF * weights_n1, grad_down_EDF)
-            grad_hw_nF = chunk.project_back(grad_y_nD, w_down_EDF)  # gradient of the weighted hidden
-            del grad_y_nD
-            grad_weights_A[rows] = (grad_hw_nF * hidden_nF).sum(-1)
-            grad_hidden_nF = grad_hw_nF.mul_(weights_n1)
-            grad_up_nF = grad_hidden_nF * silu_nF
-            grad_gate_nF = grad_hidden_nF.mul_(up_nF).mul_(dsilu_nF)
-            grad_gate_EFD = chunk.weight_grad(grad_gate_nF, x_nD, grad_gate_EFD)
-            grad_up_EFD = chunk.weight_grad(grad_up_nF, x_nD, grad_up_EFD)
-            grad_x_TD.index_add_(0, token_n, chunk.project_back(grad_up_nF, w_up_EFD,
-                                                                chunk.project_back(grad_gate_nF, w_gate_EFD)))
-        return grad_x_TD, grad_gate_EFD, grad_up_EFD, grad_down_EDF, grad_weights_A, None, None
+
+def _forward(plan: GroupedMMPlan | ChunkedPlan, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
+             w_down_EDF: torch.Tensor, weights_A: torch.Tensor,
+             token_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather -> SwiGLU of each assignment's expert, scaled by its routing weight -> scatter-add, chunk by chunk
+    of the plan. Returns y and the gate and up pre-activations, the only tensors backward keeps: the gathered
+    input, silu and the hidden are recomputed there, so the routed experts keep 2*A*F numbers for backward
+    instead of A*D + 5*A*F."""
+    A, F_ = token_A.numel(), w_gate_EFD.shape[1]
+    gate_AF = x_TD.new_empty(A, F_) if plan.saves_in_place else None
+    up_AF = x_TD.new_empty(A, F_) if plan.saves_in_place else None
+    y_TD = torch.zeros_like(x_TD)
+    for rows, chunk in plan.chunks():
+        token_n = token_A[rows]
+        x_nD = x_TD.index_select(0, token_n)
+        gate_nF = chunk.project(x_nD, w_gate_EFD, None if gate_AF is None else gate_AF[rows])
+        up_nF = chunk.project(x_nD, w_up_EFD, None if up_AF is None else up_AF[rows])
+        del x_nD
+        hidden_nF = F.silu(gate_nF).mul_(up_nF).mul_(weights_A[rows, None])
+        y_TD.index_add_(0, token_n, chunk.project(hidden_nF, w_down_EDF))
+    if gate_AF is None or up_AF is None:  # one chunk of all A rows
+        gate_AF, up_AF = gate_nF, up_nF
+    return y_TD, gate_AF, up_AF
+
+
+def _backward(plan: GroupedMMPlan | ChunkedPlan, grad_TD: torch.Tensor, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor,
+              w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, weights_A: torch.Tensor, token_A: torch.Tensor,
+              gate_AF: torch.Tensor,
+              up_AF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, the three stacked weights and the routing weights."""
+    grad_x_TD = torch.zeros_like(x_TD)
+    grad_gate_EFD, grad_up_EFD, grad_down_EDF = plan.grad_buffers(w_gate_EFD, w_up_EFD, w_down_EDF)
+    grad_weights_A = torch.empty_like(weights_A)
+    for rows, chunk in plan.chunks():
+        token_n = token_A[rows]
+        x_nD, grad_y_nD = x_TD.index_select(0, token_n), grad_TD.index_select(0, token_n)  # contiguous, always
+        gate_nF, up_nF, weights_n1 = gate_AF[rows], up_AF[rows], weights_A[rows, None]
+        silu_nF, dsilu_nF = _silu_and_grad(gate_nF)
+        hidden_nF = silu_nF * up_nF
+        grad_down_EDF = chunk.weight_grad(grad_y_nD, hidden_nF * weights_n1, grad_down_EDF)
+        grad_hw_nF = chunk.project_back(grad_y_nD, w_down_EDF)  # gradient of the weighted hidden
+        del grad_y_nD
+        grad_weights_A[rows] = (grad_hw_nF * hidden_nF).sum(-1)
+        grad_hidden_nF = grad_hw_nF.mul_(weights_n1)
+        grad_up_nF = grad_hidden_nF * silu_nF
+        grad_gate_nF = grad_hidden_nF.mul_(up_nF).mul_(dsilu_nF)
+        grad_gate_EFD = chunk.weight_grad(grad_gate_nF, x_nD, grad_gate_EFD)
+        grad_up_EFD = chunk.weight_grad(grad_up_nF, x_nD, grad_up_EFD)
+        grad_x_TD.index_add_(0, token_n, chunk.project_back(grad_up_nF, w_up_EFD,
+                                                            chunk.project_back(grad_gate_nF, w_gate_EFD)))
+    assert grad_gate_EFD is not None and grad_up_EFD is not None and grad_down_EDF is not None  # every plan wrote
+    return grad_x_TD, grad_gate_EFD, grad_up_EFD, grad_down_EDF, grad_weights_A
+
+
+@torch.library.custom_op("dsmoe::routed_swiglu", mutates_args=())
+def routed_swiglu_op(x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                     weights_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
+                     use_grouped_mm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_TD, gate_AF, up_AF): the routed experts' output and the pre-activations backward needs."""
+    plan = make_plan(x_TD, w_gate, w_down, counts_E, _KERNEL[use_grouped_mm])
+    return _forward(plan, x_TD, w_gate, w_up, w_down, weights_A, token_A)
+
+
+@routed_swiglu_op.register_fake
+def _(x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, weights_A: torch.Tensor,
+      token_A: torch.Tensor, counts_E: torch.Tensor,
+      use_grouped_mm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    A, F_ = token_A.shape[0], w_gate.shape[1]
+    return torch.empty_like(x_TD), x_TD.new_empty(A, F_), x_TD.new_empty(A, F_)
+
+
+@torch.library.custom_op("dsmoe::routed_swiglu_backward", mutates_args=())
+def routed_swiglu_backward_op(grad_TD: torch.Tensor, x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                              w_down: torch.Tensor, weights_A: torch.Tensor, token_A: torch.Tensor,
+                              counts_E: torch.Tensor, gate_AF: torch.Tensor, up_AF: torch.Tensor,
+                              use_grouped_mm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+    """Gradients of x, w_gate, w_up, w_down and the routing weights."""
+    plan = make_plan(x_TD, w_gate, w_down, counts_E, _KERNEL[use_grouped_mm])
+    return _backward(plan, grad_TD, x_TD, w_gate, w_up, w_down, weights_A, token_A, gate_AF, up_AF)
+
+
+@routed_swiglu_backward_op.register_fake
+def _(grad_TD: torch.Tensor, x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+      weights_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor, gate_AF: torch.Tensor,
+      up_AF: torch.Tensor, use_grouped_mm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    return (torch.empty_like(x_TD), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down),
+            torch.empty_like(weights_A))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x_TD, w_gate, w_up, w_down, weights_A, token_A, counts_E, use_grouped_mm = inputs
+    _, gate_AF, up_AF = output
+    ctx.save_for_backward(x_TD, w_gate, w_up, w_down, weights_A, token_A, counts_E, gate_AF, up_AF)
+    ctx.use_grouped_mm = use_grouped_mm
+
+
+def _autograd_backward(ctx: Any, grad_TD: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    x_TD, w_gate, w_up, w_down, weights_A, token_A, counts_E, gate_AF, up_AF = ctx.saved_tensors
+    grads = routed_swiglu_backward_op(grad_TD, x_TD, w_gate, w_up, w_down, weights_A, token_A, counts_E, gate_AF,
+                                      up_AF, ctx.use_grouped_mm)
+    return (*grads, None, None, None)
+
+
+routed_swiglu_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class GroupedExperts(nn.Module):
@@ -261,7 +324,7 @@ class GroupedExperts(nn.Module):
         order_A = ids_A.argsort(stable=True)
         token_A = (order_A if keep_A is None else assign_A[order_A]) // K
         weights_A = weights_A[order_A].to(x_TD.dtype)
-        counts_E = torch.bincount(ids_A, minlength=E)
+        counts_E = expert_load(ids_A, E)
         return routed_swiglu(x_TD, self.w_gate, self.w_up, self.w_down, weights_A, token_A, counts_E,
                              self.use_grouped_mm)
 
@@ -286,9 +349,8 @@ def routed_swiglu(x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
                   use_grouped_mm: bool | None = None) -> torch.Tensor:
     """sum over assignments a of weights_A[a] * expert_e(x[token_A[a]]) into row token_A[a], assignments sorted
     by expert e with counts_E[e] of them. Shared by GroupedExperts and the expert-parallel receive side."""
-    plan = make_plan(x_TD, w_gate, w_down, counts_E, use_grouped_mm)
-    y_TD: torch.Tensor = _RoutedSwiGLU.apply(  # type: ignore[no-untyped-call]  # torch leaves Function.apply untyped
-        x_TD, w_gate, w_up, w_down, weights_A, token_A, plan)
+    kernel = {None: -1, False: 0, True: 1}[use_grouped_mm]
+    y_TD: torch.Tensor = routed_swiglu_op(x_TD, w_gate, w_up, w_down, weights_A, token_A, counts_E, kernel)[0]
     return y_TD
 
 

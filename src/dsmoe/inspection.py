@@ -44,6 +44,7 @@ from dsmoe.studies.specialization import (
 )
 
 DEFAULT_SEQ_LEN = 256  # for HF folders, whose max_position_embeddings is far longer than a corpus pass needs
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass
@@ -55,7 +56,8 @@ class Loaded:
     kind: str            # "huggingface" or "dsmoe"
     name: str            # the folder's name, for titles and the default output folder
     data: str | None     # default corpus: the run's for a dsmoe checkpoint, None (the stdlib) for HF
-    seq_len: int         # default window length
+    seq_len: int         # default window length: a run's training length, else DEFAULT_SEQ_LEN
+    batch_size: int      # default windows per batch: a run's training batch, else DEFAULT_BATCH_SIZE
     default_out: Path
 
 
@@ -78,14 +80,15 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     if is_hf_folder(path):
         model = from_pretrained(path, dtype=dtype, device=device)
         loaded = Loaded(model, load_tokenizer(path), "huggingface", name, None,
-                        min(DEFAULT_SEQ_LEN, model.cfg.max_seq_len), Path("runs") / f"inspect-{name}")
+                        min(DEFAULT_SEQ_LEN, model.cfg.max_seq_len), DEFAULT_BATCH_SIZE,
+                        Path("runs") / f"inspect-{name}")
     else:
         model, model_cfg, train_cfg, tokenizer = load_checkpoint(path, device)
         if dtype is not None:
             model.to(dtype)
         run_dir = resolve(path) != path  # a run directory holding checkpoint/: the report goes beside it
         loaded = Loaded(model, tokenizer, "dsmoe", name, train_cfg.data, train_cfg.seq_len or model_cfg.max_seq_len,
-                        path / "inspect" if run_dir else Path("runs") / f"inspect-{name}")
+                        train_cfg.batch_size, path / "inspect" if run_dir else Path("runs") / f"inspect-{name}")
     vocab, model_vocab = loaded.tokenizer.vocab_size, loaded.model.cfg.vocab_size
     # a checkpoint's vocabulary may be padded beyond its tokenizer's, never the other way; bytes fit one model only
     if vocab > model_vocab or (isinstance(loaded.tokenizer, ByteTokenizer) and vocab != model_vocab):
@@ -159,10 +162,11 @@ def redundancy(model: MoETransformer, corpus: Corpus, batches: int, batch_size: 
 
 
 def inspect(path: str | Path, data: str | None = None, out: str | Path | None = None, batches: int = 16,
-            batch_size: int = 8, seq_len: int | None = None, device: str = "cpu",
+            batch_size: int | None = None, seq_len: int | None = None, device: str = "cpu",
             redundancy_batches: int | None = None, progress: bool = True) -> dict:
     """Inspect the model at `path` on `data` (default: a dsmoe run's corpus, else the standard library) and
     write the report to `out` (default: RUN/inspect for a run directory, else runs/inspect-<name>).
+    batch_size and seq_len default to a run's training shape (so its numbers are `dsmoe eval`'s), else 8 x 256.
 
     redundancy_batches: batches per redundancy evaluation (default `batches`; 0 skips the test).
     Returns the results (also in OUT/results.json), with the paths of the report and the figures.
@@ -172,7 +176,7 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
             raise ValueError(f"{name}={value} is invalid: must be >= 1")
     loaded = load(path, device)
     model, cfg = loaded.model, loaded.model.cfg
-    seq_len = seq_len or loaded.seq_len
+    seq_len, batch_size = seq_len or loaded.seq_len, batch_size or loaded.batch_size
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     corpus = load_corpus(data if data is not None else loaded.data, loaded.tokenizer)

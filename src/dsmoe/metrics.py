@@ -7,6 +7,13 @@ import math
 import torch
 
 
+def expert_load(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Load_i [E]: how many of `ids` (any shape) are i. Like bincount, but of a fixed shape, which
+    torch.compile traces without a graph break."""
+    ids = ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def max_violation(load_E: torch.Tensor) -> torch.Tensor:
     """MaxVio = (max_i Load_i - mean_i Load_i) / mean_i Load_i; 0 when nothing was routed."""
     load_E = load_E.float()

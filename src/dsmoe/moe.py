@@ -14,7 +14,7 @@ from torch import nn
 from dsmoe import balancing
 from dsmoe.config import MoEConfig, SeqAuxExperts
 from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
-from dsmoe.metrics import max_violation
+from dsmoe.metrics import expert_load, max_violation
 from dsmoe.router import Router
 
 
@@ -24,7 +24,7 @@ def capacity_keep(ids_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int
     A = ids_A.numel()
     by_weight = w_A.argsort(descending=True, stable=True)
     order = by_weight[ids_A[by_weight].argsort(stable=True)]  # by expert, then by affinity descending
-    counts_E = torch.bincount(ids_A, minlength=n_experts)
+    counts_E = expert_load(ids_A, n_experts)
     starts_E = counts_E.cumsum(0) - counts_E
     rank_A = torch.empty_like(ids_A)
     rank_A[order] = torch.arange(A, device=ids_A.device) - starts_E[ids_A[order]]
@@ -131,7 +131,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _record(self, ids_TK: torch.Tensor, keep_A: torch.Tensor | None, count: bool) -> None:
         """Routing statistics of this forward; counts for the bias only from training forwards (`count`)."""
-        load_E = torch.bincount(ids_TK.reshape(-1), minlength=self.cfg.n_routed_experts)
+        load_E = expert_load(ids_TK, self.cfg.n_routed_experts)
         self.tokens_per_expert = load_E
         self.maxvio = max_violation(load_E)
         self.dropped = (~keep_A).sum() if keep_A is not None else load_E.new_zeros(())

@@ -186,6 +186,8 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, dev
     elif cfg.init:
         load_hf_weights(model, cfg.init)
     model = ctx.shard(model)
+    if cfg.compile:  # in place, so parameter names and checkpoints stay those of the eager model
+        model.compile(backend=cfg.compile)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     data_rng = torch.Generator().manual_seed(cfg.seed)

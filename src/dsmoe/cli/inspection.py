@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="OUT",
                    help="report folder (default: DIR/inspect for a run directory, else runs/inspect-<name>)")
     p.add_argument("--batches", type=int, default=16, help="batches of the corpus pass")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per batch (default: a run's training batch; 8 for HF folders)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per window (default: a run's training length; 256 for HF folders)")
     p.add_argument("--redundancy-batches", type=int, default=None,

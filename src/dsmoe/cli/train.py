@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cpu; cuda uses bf16 autocast")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; compiles once)")
     p.add_argument("--expert-parallel", type=int, metavar="N",
                    help="shard the routed experts over N processes: torchrun --nproc_per_node N -m dsmoe train ...")
 
@@ -36,7 +37,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     """The preset's (or the resumed checkpoint's) configs with the command line's overrides."""
     flags = (("out", args.out), ("data", args.data), ("device", args.device), ("steps", args.steps),
              ("expert_parallel", args.expert_parallel))
-    sets = args.sets + [f"{k}={v}" for k, v in flags if v is not None]
+    sets = args.sets + [f"{k}={v}" for k, v in flags if v is not None] + (["compile=inductor"] if args.compile else [])
     if args.resume:
         if args.preset or args.init:
             raise ValueError("--resume continues a run with its own model and settings: drop --preset/--init "
