@@ -186,10 +186,11 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
     maxvio = max_violation(load_LE).tolist()
     mi = [mutual_information(c) for c in passed["kind_counts"]]
     rb = batches if redundancy_batches is None else redundancy_batches
-    red = redundancy(model, corpus, rb, batch_size, seq_len,
-                     passed["loss"] if rb == batches else float(evaluate(model, corpus, batch_size, seq_len, rb,
-                                                                          device)["loss"]),
-                     device, progress) if rb else []
+    red: list[dict] = []
+    if rb:  # the corpus pass's windows are evaluate's: its loss is the base when the batches agree
+        base = passed["loss"] if rb == batches else float(evaluate(model, corpus, batch_size, seq_len, rb,
+                                                                   device)["loss"])
+        red = redundancy(model, corpus, rb, batch_size, seq_len, base, device, progress)
     moe = model.moe_layers()[0].cfg
     result = {
         "path": str(path), "source": loaded.kind, "name": loaded.name,
