@@ -101,3 +101,28 @@ def test_bf16_on_cpu_is_refused(capsys):
 
     assert main(["bench", "layer", "--dtype", "bf16", "--tokens", "8", "--repeats", "1"]) == 1
     assert "--dtype bf16 is only benchmarked on --device cuda" in capsys.readouterr().out
+
+
+def test_sweep_covers_each_axis_and_plots(tmp_path):
+    """One row per point of each axis, the shape each point names, ratios taken from its own timings."""
+    base = MoEConfig(**MICRO)
+    axes = {"tokens": (8, 16), "experts": (4, 8), "top_k": (1, 2)}
+    rows = layer.sweep(base, 16, repeats=1, warmup=0, axes=axes)
+    assert [(r["axis"], r["value"]) for r in rows] == [(a, v) for a, vs in axes.items() for v in vs]
+    assert [r["tokens"] for r in rows[:2]] == [8, 16] and [r["experts"] for r in rows[2:4]] == [4, 8]
+    assert [r["top_k"] for r in rows[4:]] == [1, 2]
+    assert all(math.isfinite(r["fwd_vs_dense"]) and r["fwd_bwd_vs_dense"] > 0 for r in rows)
+    from dsmoe import plots
+    plots.plot_layer_sweep(rows, tmp_path / "sweep.png", "test")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the machine without a GPU")
+def test_gpu_check_says_no_gpu_and_succeeds():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("no GPU"), out.stdout + out.stderr

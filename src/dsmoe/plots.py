@@ -322,11 +322,11 @@ def plot_balance_seeds(rows: list[dict], path: Path) -> None:
         for method, (x, y) in pts.items():
             paper.scatter([x], [y], marker=marker, s=70, edgecolors="black",
                           color="tab:blue" if method == "aux loss" else _method_color("loss-free u=1e-3", plt),
-                          label=f"{model} {method}: ppl {y}, MaxVio {x}")
+                          label=f"{model} {method}: ppl {y:.2f}, MaxVio {x:.2f}")
         (x0, y0), (x1, y1) = pts["aux loss"], pts["loss-free"]
         paper.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="0.4"))
-    paper.set(xlabel="MaxVio_global", ylabel="perplexity (the paper's corpus: not comparable with ours)",
-              title="Loss-Free Balancing paper (2 shared + 64 routed, top-6, sigmoid)")
+    paper.set(xlabel="MaxVio_global", ylabel="perplexity on the paper's corpus (not comparable with ours)",
+              title="Loss-Free Balancing paper, 1B and 3B\n(2 shared + 64 routed, top-6, sigmoid)")
     paper.grid(alpha=0.3, which="both")
     paper.legend(fontsize=7, loc="center right")
     fig.tight_layout()
@@ -422,5 +422,26 @@ def plot_kind_lift(lift_LKE: list[list[list[float]]], kinds: tuple[str, ...], na
             ax.set_xticks(range(E))
         ax.tick_params(axis="x", labelsize=7)
         fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+def plot_layer_sweep(rows: list[dict], path: Path, where: str) -> None:
+    """The layer's time over the dense FFN's along each swept axis (`dsmoe bench layer --sweep`): below 1 the
+    MoE is cheaper than a dense layer of its active width."""
+    plt = pyplot()
+    axes_names = list(dict.fromkeys(r["axis"] for r in rows))
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(5 * len(axes_names), 4), squeeze=False)
+    labels = {"tokens": "tokens in the batch", "experts": "routed experts (K, F fixed)", "top_k": "top-k (F fixed)"}
+    for ax, name in zip(axes[0], axes_names):
+        pts = [r for r in rows if r["axis"] == name]
+        for key, label in (("fwd_vs_dense", "forward"), ("fwd_bwd_vs_dense", "forward+backward")):
+            ax.plot([r["value"] for r in pts], [r[key] for r in pts], "o-", label=label)
+        ax.axhline(1.0, color="gray", ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel=labels.get(name, name), ylabel="time / dense FFN time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"MoE layer vs dense FFN of equal active width; {where}", fontsize=9)
     fig.tight_layout()
     save(fig, path, dpi=110)

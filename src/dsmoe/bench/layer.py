@@ -28,6 +28,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -162,6 +163,34 @@ def compare(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int = 
         row.fwd_vs_dense = row.fwd_ms / base.fwd_ms
         row.fwd_bwd_vs_dense = row.fwd_bwd_ms / base.fwd_bwd_ms
         row.memory_vs_dense = row.memory_mb / base.memory_mb
+    return rows
+
+
+# ----------------------------------------------------------------------------- sweep
+
+SWEEP = {"tokens": (128, 512, 2048, 8192, 16384), "experts": (8, 16, 32, 64, 128, 256), "top_k": (1, 2, 4, 8, 16)}
+
+
+def sweep(base: MoEConfig, tokens: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+          repeats: int = 3, warmup: int = 1, axes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """The layer against the dense FFN of its active width, along three axes from `base` at `tokens` tokens:
+    the tokens in a batch; the routed experts at constant active width (K and F fixed, so only the total
+    grows); top-k at constant expert width (the active width, and the dense FFN, grow with K). One row per
+    point with the forward and forward+backward ratios to dense: where the MoE pays off on this machine."""
+    rows = []
+    for axis, values in (axes or SWEEP).items():
+        for value in values:
+            cfg, T = base, tokens
+            if axis == "tokens":
+                T = value
+            elif axis == "experts":
+                cfg = base.replace(n_routed_experts=value, top_k=min(base.top_k, value), n_groups=1, topk_groups=1)
+            else:
+                cfg = base.replace(top_k=min(value, base.n_routed_experts))
+            moe = bench_layer(cfg, T, device, dtype, repeats, warmup, skip_reference=True)[0]
+            rows.append({"axis": axis, "value": value, "tokens": T, "experts": cfg.n_routed_experts,
+                         "top_k": cfg.top_k, "fwd_vs_dense": moe.fwd_vs_dense,
+                         "fwd_bwd_vs_dense": moe.fwd_bwd_vs_dense})
     return rows
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from dsmoe.bench import ep, layer, model, train
 from dsmoe.cli.format import HelpFormatter, check_at_least
 from dsmoe.config import PRESETS, MoEConfig, build_configs, check_step_memory
 from dsmoe.moe import MoE
+from dsmoe.plots import plot_layer_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,24 @@ def _layer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-floor", action="store_true", help="skip the matmuls-alone measurement (CPU only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--sweep", metavar="PNG", nargs="?", const="layer_sweep.png",
+                   help="instead: sweep tokens (128-16k), routed experts (8-256) and top-k (1-16) around the "
+                        "given shape, print the ratios to dense and plot them into PNG (default layer_sweep.png)")
+
+
+def _layer_sweep(args: argparse.Namespace, cfg: MoEConfig, device: torch.device) -> int:
+    rows = layer.sweep(cfg, args.tokens, device, layer.DTYPES[args.dtype], args.repeats, args.warmup)
+    where = layer.machine(device)
+    print(f"machine: {where}\nbase: T={args.tokens} D={args.dim} E={args.experts} F={args.expert_dim} "
+          f"N_s={args.shared} K={args.top_k} {args.dtype}; time / dense FFN time (< 1: the MoE is cheaper)\n")
+    print(f"{'axis':<8} {'value':>6} {'fwd':>7} {'fwd+bwd':>8}")
+    for r in rows:
+        print(f"{r['axis']:<8} {r['value']:>6} {r['fwd_vs_dense']:>7.3f} {r['fwd_bwd_vs_dense']:>8.3f}")
+    plot_layer_sweep(rows, Path(args.sweep), where)
+    print(f"\nplot: {args.sweep}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": where, "rows": rows}, indent=2))
+    return 0
 
 
 def _layer(args: argparse.Namespace) -> int:
@@ -61,6 +81,8 @@ def _layer(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = MoEConfig(dim=args.dim, n_routed_experts=args.experts, n_shared_experts=args.shared,
                     top_k=args.top_k, expert_dim=args.expert_dim, uniform_routing=args.uniform)
+    if args.sweep:
+        return _layer_sweep(args, cfg, device)
     rows = layer.bench_layer(cfg, args.tokens, device, layer.DTYPES[args.dtype], args.repeats, args.warmup,
                        skip_reference=args.no_reference)
     where = layer.machine(device)
