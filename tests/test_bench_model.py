@@ -8,10 +8,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from dsmoe import cli
 from dsmoe.bench import model as bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytest.importorskip("transformers", minversion="5.0")
 
@@ -19,14 +20,6 @@ MICRO = bench.Shape(hidden=32, layers=2, heads=2, kv_lora_rank=16, q_lora_rank=1
                     experts=8, top_k=2, expert_dim=16, n_group=2, topk_group=1, batch=2, seq=16, max_seq_len=64)
 MICRO_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "2", "--experts", "8", "--top-k", "2", "--expert-dim", "16",
               "--groups", "2", "--topk-groups", "1", "--batch-size", "2", "--seq-len", "16"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rows_and_ratios():

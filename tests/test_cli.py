@@ -13,31 +13,11 @@ import pytest
 from dsmoe import cli
 from dsmoe.cli.bench import BENCHMARKS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A debug model on tiny batches: a few steps take well under a second.
 TINY = ["--set", "batch_size=2", "--set", "seq_len=16", "--set", "eval_batches=1", "--set", "log_every=1",
         "--set", "tensorboard=false"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from a second thread, and on a busy machine every parallel region of a small
-    op (index_add_ in particular) can wait a whole scheduler time slice for it."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A folder of real Python files (the json package) and a private token cache."""
-    root = tmp_path_factory.mktemp("corpus")
-    for src in sorted(Path(json.__file__).parent.glob("*.py")):
-        (root / src.name).write_text(src.read_text())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DSMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield root
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from dsmoe.inspection import disabled_counts, inspect
 from dsmoe.metrics import max_violation
 from dsmoe.pretrained import from_pretrained
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 BASE = dict(vocab_size=260, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -34,26 +36,6 @@ def save_hf(path: Path, model_type: str, fields: dict) -> Path:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(Config(**(BASE | fields)), dtype=torch.float32).save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from a second thread (as tests/test_cli.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A folder of real Python files (the json package) and a private token cache."""
-    root = tmp_path_factory.mktemp("corpus")
-    for src in sorted(Path(json.__file__).parent.glob("*.py")):
-        (root / src.name).write_text(src.read_text())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DSMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield root
 
 
 @pytest.fixture(scope="module", params=CASES.values(), ids=CASES.keys())

@@ -1,0 +1,28 @@
+"""Fixtures shared by the test files."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from a second thread, and on a busy machine every parallel region of a small
+    op (index_add_ in particular) can wait a whole scheduler time slice for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of real Python files (the json package) and a private token cache."""
+    root = tmp_path_factory.mktemp("corpus")
+    for src in sorted(Path(json.__file__).parent.glob("*.py")):
+        (root / src.name).write_text(src.read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield root
