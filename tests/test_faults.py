@@ -154,3 +154,10 @@ def test_flipped_bits_in_the_weights_are_caught(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt.*SHA-256"):
         checkpoint.load_checkpoint(tmp_path / "run")
+
+
+def test_torchrun_without_expert_parallel_is_refused(tmp_path, monkeypatch):
+    """Two processes without --expert-parallel used to train two copies into one folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes were launched.*--expert-parallel 2"):
+        run(tmp_path / "run", "steps=2")

@@ -172,6 +172,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
 def init_context(expert_parallel: int, global_batch: int, timeout_s: float = 300.0) -> SingleProcess:
     """The context of a run: SingleProcess, or for `--expert-parallel N` (launched by
     `torchrun --nproc_per_node N`) the process group and an ExpertParallelContext over it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not expert_parallel and world > 1:  # each process would train its own copy into the same folder
+        raise ValueError(f"{world} processes were launched (torchrun) but --expert-parallel is not set: plain data "
+                         "parallelism is not supported yet; run one process, or shard the experts with "
+                         f"--expert-parallel {world}")
     if not expert_parallel:
         return SingleProcess()
     if "RANK" not in os.environ and not dist.is_initialized():
