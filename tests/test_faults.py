@@ -161,3 +161,46 @@ def test_torchrun_without_expert_parallel_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="2 processes were launched.*--expert-parallel 2"):
         run(tmp_path / "run", "steps=2")
+
+
+def test_a_stop_during_the_last_interval_finishes_the_run(tmp_path, monkeypatch):
+    """Ctrl-C in the last step: the run ends as finished (summary, final evaluation), not as a checkpoint that
+    a resume would then refuse as finished."""
+    import signal
+
+    from dsmoe.data import Corpus
+
+    real, calls = Corpus.batch, []
+
+    def batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Corpus, "batch", batch)
+    summary = run(tmp_path / "run", "steps=3")
+    assert summary["steps"] == 3 and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_checkpoint_from_before_new_config_fields_resumes(tmp_path):
+    """A checkpoint whose config.json predates fields added since (they take their defaults) still resumes."""
+    run(tmp_path / "run", "steps=2")
+    path = tmp_path / "run" / "checkpoint" / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("kv_lora_rank", "mtp_layers", "rope_scaling"):
+        config["model"].pop(key)
+    config["train"].pop("init")
+    path.write_text(json.dumps(config))
+    run(tmp_path / "run", "steps=3", f"resume={tmp_path / 'run'}")
+    assert len(losses(tmp_path / "run")) == 3
+
+
+def test_a_model_hf_cannot_hold_still_finishes(tmp_path, capsys):
+    """An MLA model whose routing the DeepSeek format cannot express (sigmoid scores with max group scores):
+    the run succeeds, keeps its dsmoe checkpoint, and says why there is no RUN/hf."""
+    mla = ["kv_lora_rank=16", "qk_nope_head_dim=8", "qk_rope_head_dim=8", "v_head_dim=8", "moe.n_groups=4",
+           "moe.topk_groups=2", "moe.group_score=max"]
+    summary = run(tmp_path / "run", "steps=2", *mla)
+    assert summary["steps"] == 2 and not (tmp_path / "run" / "hf").exists()
+    assert "no HuggingFace folder written (group_score='max'" in capsys.readouterr().out

@@ -153,8 +153,17 @@ def test_variant_param_counts_match_module(kw):
     assert model.cfg.num_active_params() == pytest.approx(actual_active_params(model))
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if not n.endswith("-dense")],
-                         ids=[n for n in PRESETS if not n.endswith("-dense")])
+BASE_PRESETS = [n for n in PRESETS if not n.endswith(("-dense", "-mla"))]
+
+
+@pytest.mark.parametrize("name", BASE_PRESETS, ids=BASE_PRESETS)
+def test_mla_preset_has_the_attention_parameters_of_its_base(name):
+    base, mla = preset(name), preset(f"{name}-mla")
+    assert mla.mla and not base.mla and mla.moe == base.moe
+    assert abs(mla.num_params() - base.num_params()) / base.num_params() < 0.01
+
+
+@pytest.mark.parametrize("name", BASE_PRESETS, ids=BASE_PRESETS)
 def test_dense_twin_has_same_active_params_but_router(name):
     cfg, twin = preset(name), preset(f"{name}-dense")
     assert twin.moe is None and twin.n_moe_layers == 0

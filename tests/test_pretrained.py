@@ -30,6 +30,9 @@ CASES = {
     "v2-group-limited-qlora": ("deepseek_v2", dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=3,
                                                    topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                                    routed_scaling_factor=16.0)),
+    "v3-tied-halves-all-moe": ("deepseek_v3", dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+                                                   n_group=1, topk_group=1, tie_word_embeddings=True,
+                                                   rope_interleave=False, first_k_dense_replace=0)),
 }
 
 
@@ -37,7 +40,7 @@ def hf_model(model_type: str, fields: dict, seed: int = 0):
     """transformers' own causal LM, random weights (a nonzero V3 balancing bias), fp32, eval mode."""
     Config = transformers.DeepseekV3Config if model_type == "deepseek_v3" else transformers.DeepseekV2Config
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(Config(**BASE, **fields), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(Config(**(BASE | fields)), dtype=torch.float32).eval()
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
@@ -121,6 +124,9 @@ def test_mtp_weights_round_trip_bit_exactly(tmp_path):
     save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     model = from_pretrained(tmp_path / "hf")
     assert len(model.mtp) == 1
+    with torch.no_grad():
+        model(_ids())
+    assert model.routing_stats()["tokens_per_expert"].shape[0] == L - 1  # the model's own MoE blocks, not MTP's
     save_pretrained(model, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert out.keys() == sd.keys()
@@ -304,3 +310,23 @@ def test_a_folders_own_tokenizer_is_used(byte_folder, capsys):
     assert isinstance(loaded, HFTokenizer) and loaded.eos_id == 0 and loaded.encode("def f ( x )") == [1, 4, 5, 3, 6]
     assert main(["generate", "--model", str(folder), "--prompt", "def f", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("def f")
+
+
+@pytest.mark.slow
+def test_an_mla_preset_run_ends_as_a_folder_transformers_loads(byte_folder, tmp_path, monkeypatch):
+    """`dsmoe train --preset debug-mla` writes RUN/hf: the trained model, which transformers loads with equal
+    logits (tied embeddings, as dsmoe's presets have them)."""
+    from dsmoe.checkpoint import load_checkpoint
+    from dsmoe.config import build_configs
+    from dsmoe.train import train
+
+    _, corpus = byte_folder
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    sets = ["steps=3", "seq_len=32", "batch_size=4", "eval_batches=1", "tensorboard=false", f"data={corpus}",
+            f"out={tmp_path / 'run'}"]
+    train(*build_configs("debug-mla", sets), progress=False)
+    ours = load_checkpoint(tmp_path / "run")[0]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-5, rtol=1e-5)

@@ -158,6 +158,19 @@ def test_stop_flag_leaves_other_handlers_alone():
 
 
 @pytest.mark.slow
+def test_a_third_ctrl_c_quits_at_once():
+    """The first Ctrl-C asks for a stop with a checkpoint, the second puts Python's handler back, the third
+    raises KeyboardInterrupt where the program is."""
+    with StopFlag() as stop:
+        _sigint()
+        assert stop.requested and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        _sigint()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            _sigint()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_second_signal_while_saving_keeps_the_checkpoint(tmp_path, monkeypatch):
     """Ctrl-C, then Ctrl-C again while the interrupt checkpoint is written: the save completes."""
     from dsmoe import checkpoint

@@ -415,7 +415,15 @@ def _presets() -> dict[str, Preset]:
     }
     twins = {f"{name}-dense": Preset(p.model.dense_twin(), dataclasses.replace(p.train, preset=f"{name}-dense"))
              for name, p in base.items()}
-    return base | twins
+    # The same models with DeepSeek's Multi-head Latent Attention (as many attention parameters, head dims
+    # qk = nope + rope = 32 where the widths allow): their runs end as HuggingFace DeepSeek-V3 folders (RUN/hf)
+    mla = {"debug": dict(kv_lora_rank=48, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+           "tiny": dict(kv_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32),
+           "small": dict(kv_lora_rank=192, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)}
+    latent = {f"{name}-mla": Preset(dataclasses.replace(base[name].model, **dims),
+                                    dataclasses.replace(base[name].train, preset=f"{name}-mla"))
+              for name, dims in mla.items()}
+    return base | twins | latent
 
 
 PRESETS: dict[str, Preset] = _presets()

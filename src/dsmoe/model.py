@@ -131,13 +131,18 @@ class MoETransformer(nn.Module):
     # ---- MoE bookkeeping --------------------------------------------------------------------------
 
     def moe_layers(self) -> list[MoE]:
-        return moe_layers(self)
+        """The MoE layers of the model's own blocks (what routes at inference; the MTP modules' are left out:
+        they run only in training). `dsmoe.moe.moe_layers(model)` lists every one."""
+        return moe_layers(self.layers)
 
     def aux_loss(self) -> torch.Tensor:
         """The weighted auxiliary losses of the last forward: the MoE layers' balance losses, plus in training
-        the multi-token-prediction loss (when the model has MTP modules)."""
-        total = sum((m.aux_loss for m in self.moe_layers()), torch.zeros((), device=self.embed.weight.device))
-        return total + self.mtp_loss if self.mtp and self.training else total
+        the multi-token-prediction modules' balance losses and the MTP loss."""
+        if self.mtp and self.training:
+            total = sum((m.aux_loss for m in moe_layers(self)), self.mtp_loss)
+        else:
+            total = sum((m.aux_loss for m in self.moe_layers()), torch.zeros((), device=self.embed.weight.device))
+        return total
 
     def routing_stats(self) -> dict[str, torch.Tensor]:
         """Last forward's per-layer load [L, E] and MaxVio [L] (tensors: no host sync here)."""
@@ -152,7 +157,7 @@ class MoETransformer(nn.Module):
         update_biases(self, all_reduce_)
 
     def set_top_k(self, k: int) -> None:
-        for m in self.moe_layers():
+        for m in moe_layers(self):
             m.set_top_k(k)
 
     # ---- generation -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from dsmoe import hf
 from dsmoe.config import ModelConfig
 from dsmoe.model import Block, MoETransformer, MTPModule
-from dsmoe.moe import MoE
+from dsmoe.moe import MoE, moe_layers
 
 INDEX = "model.safetensors.index.json"
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -309,13 +309,21 @@ def _check_keys(path: Path, headers: dict[str, tuple[Path, tuple[int, ...], str]
 
 
 def _init_buffers(model: MoETransformer) -> None:
-    """What to_empty leaves undefined and no checkpoint holds: the rotary table, the balancing biases
-    (fp32, zero unless the checkpoint has them: V3's e_score_correction_bias) and the token counts."""
+    """What to_empty leaves undefined and no checkpoint holds: the tied output head, the rotary table, the
+    balancing biases (fp32, zero unless the checkpoint has them: V3's e_score_correction_bias), the token
+    counts and every layer's last-forward statistics."""
     device = model.embed.weight.device
+    if model.cfg.tie_embeddings:  # to_empty gave the head a parameter of its own
+        model.head.weight = model.embed.weight
     model.rot = model.rotary().to(device)
-    for layer in model.moe_layers():
-        layer.gate.bias = torch.zeros(layer.cfg.n_routed_experts, dtype=torch.float32, device=device)
-        layer.counts = torch.zeros_like(layer.counts)
+    model.mtp_loss = torch.zeros((), device=device)
+    for layer in moe_layers(model):  # the MTP modules' too
+        E = layer.cfg.n_routed_experts
+        layer.gate.bias = torch.zeros(E, dtype=torch.float32, device=device)
+        layer.counts = torch.zeros(E, dtype=torch.long, device=device)
+        layer.tokens_per_expert = torch.zeros(E, dtype=torch.long, device=device)
+        layer.maxvio, layer.aux_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+        layer.dropped = torch.zeros((), dtype=torch.long, device=device)
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
@@ -325,9 +333,14 @@ def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int
     """Write a HuggingFace folder (config.json, safetensors shards of at most max_shard_size bytes with an
     index when there is more than one, per-expert keys) that transformers and from_pretrained load."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     dtype = model.embed.weight.dtype
-    (path / "config.json").write_text(json.dumps(model_config_to_hf(model.cfg, dtype), indent=2))
+    config = model_config_to_hf(model.cfg, dtype)  # raises for what the format cannot hold, before any write
+    for layer in moe_layers(model):
+        if config["model_type"] == "deepseek_v2" and layer.gate.bias.any():
+            raise PretrainedError("the balancing bias is nonzero, but DeepSeek-V2 (softmax) checkpoints have no "
+                                  "e_score_correction_bias to hold it: the exported model would route differently")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     readers = {k: slot.read for k, slot in key_map(model).items()}
     shards: list[list[str]] = [[]]
     size = 0

@@ -77,7 +77,8 @@ class StopFlag:
     """Inside `with StopFlag() as stop:`, Ctrl-C (SIGINT) and SIGTERM (what schedulers send) only set
     `stop.requested`; the training loop reads it where it synchronizes anyway (its log points, where the
     flag travels with the loss in one all-reduce, so every rank stops after the same step) and then saves
-    a checkpoint. A second signal while the checkpoint is written changes nothing.
+    a checkpoint. A second signal puts the previous handlers back, so that a third quits at once (Ctrl-C:
+    KeyboardInterrupt) without a checkpoint.
 
     Only handlers still at Python's defaults are replaced (an ignored or custom handler is left alone), and
     only in the main thread, the one that may set them; the previous handlers come back on exit.
@@ -90,6 +91,10 @@ class StopFlag:
         self.previous: dict[int, object] = {}
 
     def _catch(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:  # a second signal: the way out without a checkpoint is a third
+            print("\nstopping at the next log point with a checkpoint; signal once more to quit without one",
+                  flush=True)
+            self.__exit__()
         self.requested = True
 
     def __enter__(self) -> StopFlag:

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,8 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, dev
         tokenizer = load_tokenizer(ckpt)
         if not cfg.init:  # a fine-tuned model keeps its own vocabulary
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-        diffs = _config_diff(checkpoint.read_config(ckpt)["model"], model_cfg.to_dict())
+        saved_cfg, _ = checkpoint.configs_from_checkpoint(ckpt)  # with today's defaults for fields it predates
+        diffs = _config_diff(saved_cfg.to_dict(), model_cfg.to_dict())
         if diffs:
             raise checkpoint.CheckpointError(f"checkpoint {str(ckpt)!r} was trained with another model config: "
                                              + "; ".join(diffs))
@@ -330,7 +332,7 @@ def _loop(run: Run, progress: bool) -> dict:
                 run.save()
         if bar is not None:
             bar.close()
-        if stopped:
+        if stopped and run.step < cfg.steps:  # a stop during the last interval just finishes the run
             if run.ctx.is_main:
                 print(f"\ninterrupted: checkpoint of step {run.step} saved in {run.run_dir / 'checkpoint'}; "
                       f"continue with --resume {run.run_dir}")
@@ -340,8 +342,19 @@ def _loop(run: Run, progress: bool) -> dict:
     ev = run.evaluate()
     run.log.close()
     if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.world == 1:
-        save_pretrained(run.model, run.run_dir / "hf")  # the DeepSeek-format folder transformers loads
+        _export(run)
     return _summary(run, ev)
+
+
+def _export(run: Run) -> None:
+    """RUN/hf: the DeepSeek-format folder transformers loads. A model the format cannot hold keeps its dsmoe
+    checkpoint and says why; the run itself has succeeded."""
+    try:
+        save_pretrained(run.model, run.run_dir / "hf")
+        run.tokenizer.save(run.run_dir / "hf")
+    except ValueError as e:
+        shutil.rmtree(run.run_dir / "hf", ignore_errors=True)
+        print(f"note: no HuggingFace folder written ({e}); the dsmoe checkpoint is in {run.run_dir / 'checkpoint'}")
 
 
 def _summary(run: Run, ev: dict) -> dict:
