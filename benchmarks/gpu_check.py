@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from dsmoe.bench import layer, train
-from dsmoe.config import MoEConfig, build_configs
+from dsmoe.config import MoEConfig
 from dsmoe.model import MoETransformer
+from dsmoe.presets import build_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name -> (MoEConfig fields, tokens)

@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsmoe import MoE, MoEConfig, TrainConfig, checkpoint, cli, hf
-from dsmoe.config import apply_sets, build_configs, check_step_memory, preset, step_memory
 from dsmoe.data import BPETokenizer, ByteTokenizer, load_tokenizer
+from dsmoe.memory import check_step_memory, step_memory
 from dsmoe.model import MoETransformer
+from dsmoe.presets import apply_sets, build_configs, preset
 from dsmoe.train import build_optimizer, lr_factor
 
 BASE = dict(dim=8, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=4)

@@ -8,9 +8,10 @@ import torch
 
 from dsmoe import checkpoint
 from dsmoe.checkpoint import CheckpointError, load_checkpoint
-from dsmoe.config import TrainConfig, preset
+from dsmoe.config import TrainConfig
 from dsmoe.data import ByteTokenizer
 from dsmoe.model import MoETransformer
+from dsmoe.presets import preset
 
 
 def make_model(tie=True, seed=0):
@@ -104,7 +105,7 @@ def test_mismatched_config_names_the_tensors(tmp_path):
 
 @pytest.mark.slow
 def test_resume_with_another_model_config_is_refused(tmp_path):
-    from dsmoe.config import build_configs
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
     path = tmp_path / "run"
     save(make_model(), path / "checkpoint")

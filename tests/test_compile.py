@@ -86,7 +86,7 @@ def test_train_compile_gives_the_eager_losses(tmp_path, monkeypatch):
     """`dsmoe train --compile` (here the aot_eager backend, the same graphs) trains the same as eager."""
     import json
 
-    from dsmoe.config import build_configs
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))

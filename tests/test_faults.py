@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dsmoe import checkpoint
 from dsmoe.checkpoint import CheckpointError
-from dsmoe.config import build_configs
+from dsmoe.presets import build_configs
 from dsmoe.runtime import RunLock
 from dsmoe.train import TrainingDiverged, train
 

@@ -101,7 +101,7 @@ def test_errors_are_one_line(corpus, tmp_path, capsys):
 def test_dsmoe_run_directory(corpus, tmp_path, monkeypatch):
     """A trained run: the report goes to RUN/inspect and the numbers are `dsmoe eval`'s on the same windows."""
     from dsmoe.checkpoint import load_checkpoint
-    from dsmoe.config import build_configs
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     run = tmp_path / "run"

@@ -5,9 +5,10 @@ preset (total, active, dense twins), auxiliary-loss summation, set_top_k, and cl
 import pytest
 import torch
 
-from dsmoe.config import PRESETS, ModelConfig, MoEConfig, preset
+from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.model import MoETransformer
 from dsmoe.moe import MoE
+from dsmoe.presets import PRESETS, preset
 
 
 def tiny_cfg(**kw) -> ModelConfig:

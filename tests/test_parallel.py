@@ -383,8 +383,8 @@ TRAIN_SETS = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "s
 
 def train_worker(rank, world):
     """`dsmoe train --expert-parallel 2` in this process group; returns the losses and every layer's bias."""
-    from dsmoe.config import build_configs
     from dsmoe.parallel import context
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     models = []
@@ -435,7 +435,7 @@ def _cut_at_step_3():
 def resume_worker(rank, world):
     """Resume the run in DSMOE_RUN with `world` expert-parallel ranks; with DSMOE_CUT set, train it from scratch
     and stop at step 3 instead."""
-    from dsmoe.config import build_configs
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={world}"]
@@ -455,8 +455,8 @@ def ctrl_c_worker(rank, world):
     stopped with KeyboardInterrupt."""
     import signal
 
-    from dsmoe.config import build_configs
     from dsmoe.model import MoETransformer
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     real, calls = MoETransformer.update_biases, []
@@ -487,9 +487,9 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from dsmoe.checkpoint import load_checkpoint
-    from dsmoe.config import build_configs
     from dsmoe.data import load_corpus
     from dsmoe.evaluate import evaluate
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
@@ -525,8 +525,8 @@ def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
 def test_resume_at_another_rank_count(tmp_path, monkeypatch):
     """A run stopped at step 3 resumes at another rank count (1 -> 2 and 2 -> 1), optimizer state included:
     the loss of step 4 is the uninterrupted single-process run's."""
-    from dsmoe.config import build_configs
     from dsmoe.data import Corpus
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
@@ -562,7 +562,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monke
     """A Ctrl-C that reaches one expert-parallel rank stops both after the same step (alone, that rank would
     enter the checkpoint's collectives while the other trained on); the checkpoint resumes in one process to
     the uninterrupted run's losses."""
-    from dsmoe.config import build_configs
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))

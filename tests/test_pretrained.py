@@ -317,7 +317,7 @@ def test_an_mla_preset_run_ends_as_a_folder_transformers_loads(byte_folder, tmp_
     """`dsmoe train --preset debug-mla` writes RUN/hf: the trained model, which transformers loads with equal
     logits (tied embeddings, as dsmoe's presets have them)."""
     from dsmoe.checkpoint import load_checkpoint
-    from dsmoe.config import build_configs
+    from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     _, corpus = byte_folder

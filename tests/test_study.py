@@ -19,9 +19,10 @@ import torch
 from dsmoe import studies
 from dsmoe.cli import main
 from dsmoe.cli import study as study_cli
-from dsmoe.config import ModelConfig, MoEConfig, build_configs, preset
+from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.data import ByteTokenizer
 from dsmoe.model import MoETransformer
+from dsmoe.presets import build_configs, preset
 from dsmoe.router import route
 from dsmoe.studies import runner
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dsmoe import cli
-from dsmoe.config import TrainConfig, build_configs
+from dsmoe.config import TrainConfig
 from dsmoe.data import Corpus
 from dsmoe.moe import MoE
+from dsmoe.presets import build_configs
 from dsmoe.runtime import StopFlag
 from dsmoe.train import TrainingDiverged, lr_factor, top_k_at, train
 

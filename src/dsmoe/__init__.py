@@ -8,11 +8,12 @@ here, where the functions would hide them). The command line is `dsmoe.cli` (the
 """
 
 from dsmoe.checkpoint import load_checkpoint
-from dsmoe.config import PRESETS, BiasRule, GroupScore, ModelConfig, MoEConfig, ScoreFunc, TrainConfig, build_configs
+from dsmoe.config import BiasRule, GroupScore, ModelConfig, MoEConfig, ScoreFunc, TrainConfig
 from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
 from dsmoe.hf import hf_state_dict, load_hf_state_dict, moe_config_from_hf, moe_config_to_hf
 from dsmoe.model import MoETransformer
 from dsmoe.moe import MoE, moe_layers, update_biases
+from dsmoe.presets import PRESETS, build_configs
 from dsmoe.pretrained import from_pretrained, save_pretrained
 from dsmoe.router import Router, route
 

@@ -22,9 +22,10 @@ import torch
 from tqdm import tqdm
 
 from dsmoe import checkpoint
-from dsmoe.config import ModelConfig, TrainConfig, check_step_memory
+from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
+from dsmoe.memory import check_step_memory
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.context import SingleProcess, init_context
 from dsmoe.pretrained import load_hf_weights, save_pretrained

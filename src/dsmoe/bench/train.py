@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dsmoe.config import PRESETS, ModelConfig, build_configs, preset
+from dsmoe.config import ModelConfig
 from dsmoe.model import MoETransformer
+from dsmoe.presets import PRESETS, build_configs, preset
 
 
 @dataclass

@@ -13,9 +13,11 @@ import torch
 
 from dsmoe.bench import ep, layer, model, train
 from dsmoe.cli.format import HelpFormatter, check_at_least
-from dsmoe.config import PRESETS, MoEConfig, build_configs, check_step_memory
+from dsmoe.config import MoEConfig
+from dsmoe.memory import check_step_memory
 from dsmoe.moe import MoE
 from dsmoe.plots import plot_layer_sweep
+from dsmoe.presets import PRESETS, build_configs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

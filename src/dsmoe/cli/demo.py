@@ -16,8 +16,8 @@ import torch
 from dsmoe import plots
 from dsmoe.checkpoint import load_checkpoint
 from dsmoe.cli.format import check_at_least
-from dsmoe.config import build_configs
 from dsmoe.generate import generate_text
+from dsmoe.presets import build_configs
 from dsmoe.train import train
 
 PROMPT = "def fibonacci(n):\n    "

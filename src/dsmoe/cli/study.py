@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from dsmoe.config import build_configs, check_step_memory
+from dsmoe.memory import check_step_memory
+from dsmoe.presets import build_configs
 from dsmoe.studies import DEFAULT_STEPS, STUDIES, study
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dsmoe import checkpoint
-from dsmoe.config import PRESETS, ModelConfig, TrainConfig, apply_sets, build_configs
+from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.presets import PRESETS, apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config
 from dsmoe.train import train
 
