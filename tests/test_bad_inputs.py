@@ -292,7 +292,7 @@ def test_memory_estimate_against_measured_training_steps():
     fresh processes: the estimate is meant to be within a factor of 2."""
     script = (
         "import resource, sys, torch\n"
-        "from dsmoe.config import build_configs\n"
+        "from dsmoe.presets import build_configs\n"
         "from dsmoe.model import MoETransformer\n"
         "from dsmoe.train import build_optimizer\n"
         "torch.set_num_threads(1); torch.manual_seed(0)\n"
