@@ -329,3 +329,35 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_perplexity_is_exp_loss(tmp_path):
     summary = run(tmp_path, "steps=2")
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+
+
+@pytest.mark.parametrize("threads,cpus,load,expect", [(2, 2, 0.1, 2), (2, 2, 0.9, 1), (2, 2, 4.0, 1), (8, 16, 3.4, 8),
+                                                      (16, 16, 3.6, 12), (4, 4, 1.4, 3)],
+                         ids=["quiet", "one-busy", "overloaded", "many-free", "some-busy", "rounding"])
+def test_threads_for_load(threads, cpus, load, expect):
+    from dsmoe.runtime import threads_for_load
+    assert threads_for_load(threads, cpus, load) == expect
+
+
+def test_cli_takes_fewer_threads_on_a_busy_machine(monkeypatch, capsys):
+    """`dsmoe train` under load: fewer torch threads, and it says so; --threads and OMP_NUM_THREADS win."""
+    import argparse
+    import os
+
+    from dsmoe.cli.format import apply_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1), 0.0, 0.0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_threads(argparse.Namespace(threads=None))
+        assert torch.get_num_threads() == 1
+        assert "training with 1 torch thread(s) instead of 2" in capsys.readouterr().out
+        apply_threads(argparse.Namespace(threads=2))
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        apply_threads(argparse.Namespace(threads=None))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

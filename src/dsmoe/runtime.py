@@ -1,14 +1,26 @@
-"""What a training run needs around its loop: the metrics log, the run directory's lock, the stop flag."""
+"""What a training run needs around its loop: the metrics log, the run directory's lock, the stop flag, and
+a thread count that fits a busy machine."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import math
+import os
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
+
+
+def threads_for_load(threads: int, cpus: int | None = None, load: float | None = None) -> int:
+    """Torch threads that fit the cores other processes leave free (at most `threads`, at least 1), from the
+    1-minute load average. On a 2-core machine beside one busy process, torch's 2 threads made a training
+    step about 100x slower (every parallel region of a small op waits a scheduler slice for the thread that
+    shares its core), while 1 thread kept its full speed."""
+    cpus = cpus or os.cpu_count() or 1
+    load = os.getloadavg()[0] if load is None else load
+    return max(1, min(threads, cpus - math.floor(load + 0.5)))
 
 
 class MetricsLog:

@@ -15,7 +15,7 @@ import torch
 
 from dsmoe import plots
 from dsmoe.checkpoint import load_checkpoint
-from dsmoe.cli.format import check_at_least
+from dsmoe.cli.format import add_threads_argument, apply_threads, check_at_least
 from dsmoe.generate import generate_text
 from dsmoe.presets import build_configs
 from dsmoe.train import train
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=PROMPT, help="text the trained model continues")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens to sample")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(p)
 
 
 def format_results(summary: dict, first_moe_block: int, plots: list[Path]) -> str:
@@ -60,6 +61,7 @@ def format_results(summary: dict, first_moe_block: int, plots: list[Path]) -> st
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     extra = [f"device={args.device}", f"out={args.out or f'runs/demo-{args.preset}'}", "overwrite=true"]
     if args.steps is not None:
         extra.append(f"steps={args.steps}")

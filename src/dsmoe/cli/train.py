@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dsmoe import checkpoint
+from dsmoe.cli.format import add_threads_argument, apply_threads
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.presets import PRESETS, apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; compiles once)")
+    add_threads_argument(p)
     p.add_argument("--expert-parallel", type=int, metavar="N",
                    help="shard the routed experts over N processes: torchrun --nproc_per_node N -m dsmoe train ...")
 
@@ -62,6 +64,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     model_cfg, train_cfg = configs_from_args(args)
     summary = train(model_cfg, train_cfg, progress=not args.quiet)
     if dist.is_initialized() and dist.get_rank() != 0:  # expert parallel: rank 0 reports
