@@ -353,7 +353,7 @@ def test_cli_takes_fewer_threads_on_a_busy_machine(monkeypatch, capsys):
         torch.set_num_threads(2)
         apply_threads(argparse.Namespace(threads=None))
         assert torch.get_num_threads() == 1
-        assert "training with 1 torch thread(s) instead of 2" in capsys.readouterr().out
+        assert "training with 1 torch thread(s) instead of 2" in capsys.readouterr().err  # stdout: results only
         apply_threads(argparse.Namespace(threads=2))
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -52,5 +53,5 @@ def apply_threads(args: argparse.Namespace) -> None:
     if threads < default:
         print(f"load average {load:.1f} on {os.cpu_count()} CPUs: training with {threads} torch thread(s) instead "
               f"of {default}, since threads that share a core with another busy process stall each other "
-              "(--threads to choose)")
+              "(--threads to choose)", file=sys.stderr)
         torch.set_num_threads(threads)
