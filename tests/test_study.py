@@ -59,6 +59,32 @@ def test_shared_study_constant_fine_experts(name):
                  v.model.moe.top_k + v.model.moe.n_shared_experts) for v in variants}) == 1
 
 
+def test_segmentation_core_reuses_the_full_studies_runs():
+    """Every run of the core subset is a run of segmentation or shared (same model config, same cache key)."""
+    base = preset("tiny")
+    full = [v.model for v in studies.segmentation_variants(base) + studies.shared_variants(base)]
+    core = studies.segmentation_core_variants(base)
+    assert [v.model in full for v in core] == [True] * len(core)
+    assert [(v.info["m"], v.info["shared"]) for v in core][:-1] == list(studies.SEGMENTATION_CORE)
+    assert core[-1].group == "dense"
+
+
+def test_run_key_follows_what_changes_the_run():
+    """The cache key changes with any field that changes the computation, not with where a run writes, its
+    runtime checks, or an option spelled out at its default (so new options keep old caches)."""
+    model, train_cfg = build_configs("debug", [])
+    key = studies.run_key(model, train_cfg, "corpus")
+    same = [(dataclasses.replace(model, moe=model.moe.replace(check_inputs=False)), train_cfg),
+            (model, dataclasses.replace(train_cfg, out="elsewhere", tensorboard=True)),
+            (dataclasses.replace(model, rope_scaling=None, mtp_layers=0), train_cfg)]
+    other = [(dataclasses.replace(model, n_layers=model.n_layers + 1), train_cfg),
+             (dataclasses.replace(model, moe=model.moe.replace(top_k=model.moe.top_k + 1)), train_cfg),
+             (model, dataclasses.replace(train_cfg, seed=train_cfg.seed + 1))]
+    assert [studies.run_key(m, t, "corpus") for m, t in same] == [key] * len(same)
+    assert len({key, studies.run_key(model, train_cfg, "other corpus")} |
+               {studies.run_key(m, t, "corpus") for m, t in other}) == 2 + len(other)
+
+
 def test_dense_references_match_moe_sizes():
     """Dense same-active equals the MoE's active params up to the router; same-total within 2%."""
     base = preset("debug")
@@ -191,7 +217,8 @@ def test_all_studies_write_complete_results(micro, tmp_path, monkeypatch):
     few = {"balance": lambda b: [studies.balance_variants(b)[i] for i in (0, 1, 3, 6, 15)],
            "balance-core": lambda b: studies.balance_core_variants(b)[:2],  # runs shared with balance's
            "shared": lambda b: studies.shared_variants(b)[:2],
-           "segmentation": lambda b: studies.segmentation_variants(b)[::4]}
+           "segmentation": lambda b: studies.segmentation_variants(b)[::4],
+           "segmentation-core": lambda b: studies.segmentation_core_variants(b)[:2]}
     for name, variants in few.items():
         monkeypatch.setitem(studies.VARIANTS, name, variants)
     _run(micro, tmp_path, list(studies.STUDIES))

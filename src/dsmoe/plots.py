@@ -340,7 +340,7 @@ def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for group in dict.fromkeys(r["group"] for r in rows):
-        pts = [r for r in rows if r["group"] == group]
+        pts = sorted((r for r in rows if r["group"] == group), key=lambda r: r[x_key])
         if group == "dense":
             for r, c in zip(pts, ("tab:gray", "black")):
                 ax.axhline(r["val_ppl"]["mean"], color=c, ls=":", label=r["label"])

@@ -8,6 +8,9 @@
     shared          0, 1, 2, 4 shared experts at constant total and active parameters (DeepSeekMoE ablations)
     segmentation    m = 1, 2, 4, 8 at constant total and active parameters, with and without a shared
                     expert, next to dense models of the same active and the same total size (DeepSeekMoE)
+    segmentation-core  the subset of segmentation + shared that answers DeepSeekMoE's claims
+                    (definitions.SEGMENTATION_CORE: m = 1, 2, 4 without a shared expert, m = 4 with 1 and 2,
+                    the dense model of the same active size), for the bigger presets; it shares their runs
     specialization  which kinds of token each routed expert takes, and the redundancy test: disable each
                     token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE)
     all             every study above
@@ -29,6 +32,7 @@ from dsmoe.studies.definitions import (
     DEFAULT_STEPS,
     DISABLE_SHARES,
     DISABLE_TOP,
+    SEGMENTATION_CORE,
     SEGMENTS,
     SHARED_COUNTS,
     SHARED_STUDY_M,
@@ -38,6 +42,7 @@ from dsmoe.studies.definitions import (
     balance_core_variants,
     balance_variants,
     dense_models,
+    segmentation_core_variants,
     segmentation_variants,
     segmented_model,
     shared_variants,
@@ -47,9 +52,10 @@ from dsmoe.studies.runner import Runner, aggregate, mean_std, run_key, run_study
 from dsmoe.studies.specialization import KINDS, char_kinds, disable_top_experts, mutual_information, token_kinds
 
 __all__ = [
-    "BALANCE_CORE", "BASE_TOP_K", "DEFAULT_STEPS", "DISABLE_SHARES", "DISABLE_TOP", "KINDS", "Runner", "SEGMENTS",
-    "SHARED_COUNTS", "SHARED_STUDY_M", "STUDIES", "VARIANTS", "Variant", "aggregate", "balance_core_variants",
-    "balance_variants", "char_kinds", "dense_models", "disable_top_experts", "mean_std", "mutual_information",
-    "run_key", "run_study", "run_variants", "segmentation_variants", "segmented_model", "shared_variants",
-    "specialization_variants", "study", "token_kinds",
+    "BALANCE_CORE", "BASE_TOP_K", "DEFAULT_STEPS", "DISABLE_SHARES", "DISABLE_TOP", "KINDS", "Runner",
+    "SEGMENTATION_CORE", "SEGMENTS", "SHARED_COUNTS", "SHARED_STUDY_M", "STUDIES", "VARIANTS", "Variant",
+    "aggregate", "balance_core_variants", "balance_variants", "char_kinds", "dense_models", "disable_top_experts",
+    "mean_std", "mutual_information", "run_key", "run_study", "run_variants", "segmentation_core_variants",
+    "segmentation_variants", "segmented_model", "shared_variants", "specialization_variants", "study",
+    "token_kinds",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 from dsmoe.config import ModelConfig, MoEConfig
 
-STUDIES = ("balance", "balance-core", "shared", "segmentation", "specialization")
+STUDIES = ("balance", "balance-core", "shared", "segmentation", "segmentation-core", "specialization")
 
 # Training steps per run when --steps is not given. debug: the whole `study all` (58 runs at 2 seeds)
 # takes ~15-25 minutes on 2 shared CPU cores; tiny: a longer, more convincing run (hours on a CPU).
@@ -110,7 +110,8 @@ def segmented_model(base: ModelConfig, m: int, n_shared: int) -> Variant:
     info = {"m": m, "shared": n_shared, "routed": seg.n_routed_experts, "top_k": seg.top_k,
             "expert_dim": seg.expert_dim}
     return Variant(f"m={m}, {n_shared} shared + {seg.n_routed_experts} routed, top-{seg.top_k}",
-                   "with a shared expert" if n_shared else "no shared expert", model, info)
+                   {0: "no shared expert", 1: "with a shared expert"}.get(n_shared, f"with {n_shared} shared experts"),
+                   model, info)
 
 
 def dense_models(base: ModelConfig) -> list[Variant]:
@@ -127,6 +128,17 @@ def dense_models(base: ModelConfig) -> list[Variant]:
 
 def segmentation_variants(base: ModelConfig) -> list[Variant]:
     return [segmented_model(base, m, s) for s in (0, 1) for m in SEGMENTS] + dense_models(base)
+
+
+# The subset of segmentation + shared that answers DeepSeekMoE's claims at the bigger presets
+# (`dsmoe study segmentation-core`): (m, shared experts), most important first, then the dense model of the
+# same active size. Left out: m=8 (at tiny, 128 experts of width 16, top-16: the slowest runs) and 4 shared
+# experts, and the dense model of the same total size.
+SEGMENTATION_CORE = ((1, 0), (4, 0), (4, 1), (2, 0), (4, 2))
+
+
+def segmentation_core_variants(base: ModelConfig) -> list[Variant]:
+    return [segmented_model(base, m, s) for m, s in SEGMENTATION_CORE] + dense_models(base)[:1]
 
 
 def shared_variants(base: ModelConfig) -> list[Variant]:
@@ -149,4 +161,5 @@ def specialization_variants(base: ModelConfig) -> list[Variant]:
 
 # study name -> its variants of a base model (the specialization study examines its checkpoints after training)
 VARIANTS = {"balance": balance_variants, "balance-core": balance_core_variants, "shared": shared_variants,
-            "segmentation": segmentation_variants, "specialization": specialization_variants}
+            "segmentation": segmentation_variants, "segmentation-core": segmentation_core_variants,
+            "specialization": specialization_variants}

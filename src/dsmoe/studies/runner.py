@@ -34,12 +34,35 @@ BALANCE_METRICS = ("maxvio_global_mean", "maxvio_global_train", "maxvio_batch_me
 # ---- one run ------------------------------------------------------------------------------------------
 
 
+# fields that do not change what a run computes: where it writes, what it reports, runtime checks
+NOT_IN_KEY = {"out", "resume", "tensorboard", "overwrite", "check_inputs"}
+
+
 def run_key(model: ModelConfig, train_cfg: TrainConfig, corpus: str) -> str:
     """Content hash of everything that decides a run's result (not where it is written); `corpus` is the
-    corpus' fingerprint (dsmoe.data.corpus_fingerprint), so a changed corpus or split trains again."""
-    fields = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("out", "resume", "tensorboard")}
-    blob = json.dumps({"model": model.to_dict(), "train": fields, "corpus": corpus}, sort_keys=True, default=str)
+    corpus' fingerprint (dsmoe.data.corpus_fingerprint), so a changed corpus or split trains again. Fields
+    at their defaults are left out, so a new option that defaults to the old behaviour keeps the cache."""
+    blob = json.dumps({"model": _changed(model), "train": _changed(train_cfg), "corpus": corpus},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _changed(cfg) -> dict:
+    """The fields of a config dataclass that differ from their defaults (nested configs recursively)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in NOT_IN_KEY:
+            continue
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _changed(value)
+        elif f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        elif f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
+        else:
+            out[f.name] = value
+    return out
 
 
 def run_train_config(base_train: TrainConfig, steps: int, seed: int, out: Path) -> TrainConfig:
@@ -224,7 +247,7 @@ def run_study(name: str, base: ModelConfig, runner: Runner, out: Path, meta: dic
         plots.plot_shape(rows, out / "shared.png", "shared", "shared experts (of the fine experts)",
                          "shared experts at constant total and active parameters")
         payload, md = {"rows": rows}, shape_table(rows)
-    elif name == "segmentation":
+    elif name in ("segmentation", "segmentation-core"):
         rows = run_variants(runner, VARIANTS[name](base))
         plots.plot_shape(rows, out / "segmentation.png", "m", "segmentation factor m",
                          "fine-grained segmentation at constant total and active parameters", log2_ticks=SEGMENTS)
