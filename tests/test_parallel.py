@@ -27,13 +27,15 @@ from torch import nn
 
 from dsmoe import MoE, MoEConfig, balancing
 from dsmoe.parallel import (
-    ExpertParallelContext,
+    MeshContext,
     apply_expert_parallel,
     comm_stats,
     expert_parallel_modules,
     full_state_dict,
+    global_view,
     load_full_state_dict,
 )
+from dsmoe.parallel.fsdp import expert_names
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: the slow tier
 
@@ -258,29 +260,39 @@ def check_checkpoint_reshard(rank, world):
         load_full_state_dict(back2, bad)
 
 
-def check_reduce_grads(rank, world):
-    """Mean-loss data parallel + the context's reduce_grads == one process on the whole batch, every parameter."""
+def check_mesh_grads(rank, world):
+    """dp 2 x ep 2: FSDP2 + expert parallelism on each rank's share of the batch, then the context's reduce_grads,
+    give every parameter (as its whole tensor) the gradient of one process on the whole batch; the clipped norm is
+    the whole model's; each non-expert parameter is a quarter on each rank."""
+    assert world == 4
     torch.manual_seed(0)
-    cfg = make_cfg(world, n_groups=world, topk_groups=1, top_k=2)
+    cfg = make_cfg(world, n_groups=2, topk_groups=1, top_k=2)
     ref = nn.Sequential(nn.Linear(D, D), MoE(cfg))
-    ep = apply_expert_parallel(copy.deepcopy(ref))
+    ctx = MeshContext(2, 2)
+    sharded = ctx.shard(copy.deepcopy(ref))
     x = torch.randn(8 * world, D, generator=torch.Generator().manual_seed(3))
     ref(x).square().mean().backward()
-    ep(x[8 * rank: 8 * rank + 8]).square().mean().backward()
-    ExpertParallelContext().reduce_grads(ep)
+    sharded(x[8 * rank: 8 * rank + 8]).square().mean().backward()
+    ctx.reduce_grads(sharded)
+    experts = expert_names(sharded)
     ref_params = dict(ref.named_parameters())
-    for name, p in ep.named_parameters():
-        expected = ref_params[name].grad
-        if name.endswith(("experts.w_gate", "experts.w_up", "experts.w_down")):
-            block = ep[1].experts.expert_range
-            expected = expected[block.start:block.stop]
-        torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    assert set(expert_parallel_modules(ep)) == {"1.experts"}
+    for name, p in sharded.named_parameters():
+        whole = global_view(p.grad, experts.get(name), ctx.mesh).full_tensor()
+        torch.testing.assert_close(whole, ref_params[name].grad, atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        if name not in experts:  # FSDP2 over every rank: at most a quarter of the rows here
+            assert p.to_local().shape[0] <= -(-p.shape[0] // world), name
+    assert set(experts) == {f"1.experts.{w}" for w in ("w_gate", "w_up", "w_down")}
+    expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    torch.testing.assert_close(ctx.clip_grad_norm_(sharded, 0.5), expected)
+    for name, p in sharded.named_parameters():
+        whole = global_view(p.grad, experts.get(name), ctx.mesh).full_tensor()
+        torch.testing.assert_close(whole, ref_params[name].grad, atol=1e-6, rtol=1e-5)
 
 
 def check_local_batch(rank, world):
     """Each rank takes its contiguous slice of the global batch; a batch the ranks cannot share is refused."""
-    local_batch = ExpertParallelContext().local_batch
+    local_batch = MeshContext(world // 2, 2).local_batch
     (x,) = local_batch(torch.arange(2 * world))
     assert x.tolist() == [2 * rank, 2 * rank + 1]
     try:
@@ -292,7 +304,7 @@ def check_local_batch(rank, world):
 
 
 def misc_worker(rank, world):
-    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "reduce-grads": check_reduce_grads,
+    cases = {"checkpoint-2-to-4-to-1-and-4-to-2": check_checkpoint_reshard, "mesh-grads": check_mesh_grads,
              "local-batch": check_local_batch}
     return run_cases(cases, rank, world)
 
@@ -343,7 +355,7 @@ def test_expert_parallel_layer(world, case, tmp_path_factory):
     assert not error, error
 
 
-@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "reduce-grads", "local-batch"])
+@pytest.mark.parametrize("case", ["checkpoint-2-to-4-to-1-and-4-to-2", "mesh-grads", "local-batch"])
 def test_checkpoints_and_grads(case, tmp_path_factory):
     error = _results("misc", 4, tmp_path_factory)[case]
     assert not error, error

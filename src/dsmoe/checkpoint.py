@@ -7,6 +7,11 @@ Layout of a checkpoint directory:
                         "weights_sha256": the SHA-256 of model.safetensors, verified on load}
     state.pt            optimizer, scheduler, torch / data RNG states, step, and loop bookkeeping
     tokenizer.json      which tokenizer (plus bpe.json for a trained BPE)
+
+A run on several processes writes a sharded checkpoint instead: `shards/` (torch.distributed.checkpoint:
+each rank's own file of model and AdamW tensors under their global names and shapes, so it loads at any
+(dp, ep) layout or in one process; dsmoe.parallel.fsdp.training_tensors), config.json with the SHA-256
+of every shard file, state.pt without the optimizer's tensors, and the tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +34,7 @@ from dsmoe.model import MoETransformer
 from dsmoe.pretrained import from_pretrained
 
 FILES = ("model.safetensors", "config.json", "state.pt")
+SHARDS = "shards"  # a sharded checkpoint's DCP folder, in place of model.safetensors
 TIED = "head.weight"  # dropped from the file when tied: safetensors refuses tensors that share memory
 
 
@@ -36,13 +44,19 @@ class CheckpointError(ValueError):
 
 def _is_checkpoint(directory: Path) -> bool:
     """Every file a checkpoint needs is there."""
-    return all((directory / f).is_file() for f in FILES)
+    weights = (directory / FILES[0]).is_file() or is_sharded(directory)
+    return weights and all((directory / f).is_file() for f in FILES[1:])
+
+
+def is_sharded(directory) -> bool:
+    """A checkpoint written by several processes (DCP shards)."""
+    return (Path(directory) / SHARDS / ".metadata").is_file()
 
 
 def _looks_like_checkpoint(directory: Path) -> bool:
     """A (possibly damaged) checkpoint: its weights, or a config.json that names a step (a run directory's
     config.json has none)."""
-    if (directory / "model.safetensors").exists():
+    if (directory / "model.safetensors").exists() or (directory / SHARDS).exists():
         return True
     try:
         return "step" in json.loads((directory / "config.json").read_text())
@@ -94,10 +108,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def save(directory, model, config: dict, state: dict, tokenizer=None, tensors: dict | None = None) -> Path:
+def save(directory, model, config: dict, state: dict, tokenizer=None) -> Path:
     """Write the checkpoint to a temporary directory, then swap it in, so a crash never leaves half a file.
 
-    `tensors`: the weights to write instead of model.state_dict() (expert parallel: the gathered experts).
     config.json records the weights' SHA-256, which load_weights verifies. A write that fails (a full disk)
     removes its temporary folder and raises a CheckpointError; the previous checkpoint is kept.
     """
@@ -106,7 +119,7 @@ def save(directory, model, config: dict, state: dict, tokenizer=None, tensors: d
     _remove_stale_temporaries(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tensors = dict(model.state_dict() if tensors is None else tensors)
+    tensors = dict(model.state_dict())
     if model.cfg.tie_embeddings:
         tensors.pop(TIED)
     try:
@@ -120,17 +133,88 @@ def save(directory, model, config: dict, state: dict, tokenizer=None, tensors: d
             tokenizer.save(tmp)
     except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = "the previous checkpoint is kept" if _is_checkpoint(directory) else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write the checkpoint in {str(directory.parent)!r} ({e}); {previous}. "
-                              "Is the disk full?") from None
-    # os.replace cannot overwrite a non-empty directory: move the old one aside, swap, then delete it
+        raise _write_failed(directory, e) from None
+    _swap(tmp, directory)
+    return directory
+
+
+def _write_failed(directory: Path, e: BaseException) -> CheckpointError:
+    previous = "the previous checkpoint is kept" if _is_checkpoint(directory) else "no earlier checkpoint exists"
+    return CheckpointError(f"could not write the checkpoint in {str(directory.parent)!r} ({e}); {previous}. "
+                           "Is the disk full?")
+
+
+def _swap(tmp: Path, directory: Path) -> None:
+    """Put the finished `tmp` in place of `directory`. os.replace cannot overwrite a non-empty directory: move
+    the old one aside, swap, then delete it."""
     old = directory.with_name(directory.name + ".old")
     if directory.exists():  # else `old` may be the only checkpoint left by a crash mid-swap: keep it until now
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded(directory, tensors: dict[str, torch.Tensor], config: dict, state: dict, tokenizer=None) -> Path:
+    """A collective of every rank: each writes its own shards of `tensors` (global views, dsmoe.parallel.fsdp
+    .training_tensors) with DCP into a temporary folder on the shared filesystem, rank 0 the SHA-256 of every
+    shard, config.json, state.pt and the tokenizer; then rank 0 swaps it in. A failed write on any rank
+    removes the temporary folder and raises a CheckpointError on every rank; the previous checkpoint is kept."""
+    directory = Path(directory)
+    main = dist.get_rank() == 0
+    pid = [os.getpid()]
+    dist.broadcast_object_list(pid, src=0)  # every rank writes into rank 0's temporary folder
+    tmp = directory.with_name(f".{directory.name}.tmp{pid[0]}")
+    if main:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+    error: BaseException | None = None
+    try:
+        dcp.save(tensors, checkpoint_id=tmp / SHARDS)  # a collective: a failure on one rank raises on all
+        if main:
+            shards = sorted(f for f in (tmp / SHARDS).iterdir() if f.is_file())
+            config = {**config, "shards_sha256": {f.name: _sha256(f) for f in shards}}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            torch.save(state, tmp / "state.pt")
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+    except Exception as e:  # DCP wraps a rank's OSError in a CheckpointException
+        error = e
+    failed = torch.tensor(float(error is not None))
+    dist.all_reduce(failed)
+    if failed.item():
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(directory, error or RuntimeError("another rank failed to write its shards"))
+    if main:
+        _swap(tmp, directory)
+    dist.barrier()  # nobody goes on (to a next save, or to read it) before the swap
     return directory
+
+
+def load_sharded(directory, tensors: dict[str, torch.Tensor], alone: bool = False) -> None:
+    """Load a sharded checkpoint into `tensors` (global views of a model and optimizer, or plain tensors in
+    one process), in place, whatever layout wrote it. Its shards' SHA-256 are verified first (by rank 0).
+    A collective in a process group, unless `alone` (this process reads whole tensors on its own)."""
+    directory = resolve(directory)
+    distributed = dist.is_available() and dist.is_initialized() and not alone
+    bad = ""
+    if not distributed or dist.get_rank() == 0:
+        recorded = _read_json_quietly(directory / "config.json").get("shards_sha256", {})
+        bad = ", ".join(name for name, sha in recorded.items()
+                        if not (directory / SHARDS / name).is_file() or _sha256(directory / SHARDS / name) != sha)
+    if distributed:
+        box = [bad]
+        dist.broadcast_object_list(box, src=0)
+        bad = box[0]
+    if bad:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: shard files {bad} are missing or corrupt (their "
+                              "SHA-256 differs from the one config.json recorded when they were written)")
+    try:
+        dcp.load(tensors, checkpoint_id=directory / SHARDS, no_dist=not distributed)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {str(directory)!r} does not match the model config: {e}") from None
 
 
 def read_config(directory) -> dict:
@@ -147,9 +231,13 @@ def read_config(directory) -> dict:
     return config
 
 
-def load_weights(directory, model) -> None:
-    """Load model.safetensors into `model`, every tensor checked for presence and shape."""
+def load_weights(directory, model, alone: bool = False) -> None:
+    """Load model.safetensors (or a sharded checkpoint's model tensors: see load_sharded for `alone`) into
+    `model`, every tensor checked for presence and shape."""
     directory = resolve(directory)
+    if is_sharded(directory):
+        load_sharded(directory, {f"model.{k}": v for k, v in model.state_dict().items()}, alone)
+        return
     path = directory / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: model.safetensors is missing")

@@ -336,7 +336,9 @@ class TrainConfig:
     overwrite: bool = False           # start a new run in a folder that already holds one (its metrics are replaced)
     compile: str = ""                  # torch.compile backend for the model ("inductor"); "" = eager
     tensorboard: bool = True          # also log to TensorBoard when it is installed
-    expert_parallel: int = 0          # shard the routed experts over N ranks (torchrun --nproc_per_node N); 0 = off
+    expert_parallel: int = 0          # shard the routed experts over E ranks (of N = torchrun --nproc_per_node);
+                                      # data parallel over N / E; 0 = no expert parallelism
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -362,6 +364,7 @@ class TrainConfig:
                    "must be a path (a non-empty string) or None")
         _boolean(self, "tensorboard")
         _boolean(self, "overwrite")
+        _boolean(self, "activation_checkpointing")
         _check(isinstance(self.compile, str), "compile", self.compile,
                "must be a torch.compile backend name ('inductor', 'aot_eager', ...) or '' for eager")
         _check(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")

@@ -22,6 +22,8 @@ def step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[int, in
       plus weight, id and token index) + 4*N_s*F (the shared experts), and the output layer 2*D + 4*V
       (final norm; logits, their log-softmax, and in backward the gradients of both); times
       ACTIVATION_OVERHEAD for backward's other temporaries, at 4 bytes a number (2 on cuda, under bf16 autocast).
+    With activation checkpointing a block keeps only its input (D) and recomputes the rest in backward,
+    where one block's activations live at a time.
     Micro-batches run one after the other, so grad_accum does not add; attention is the fused kernel, whose
     memory is linear in seq_len. Against the peak RSS of CPU training steps (debug and tiny presets, vocabularies
     of 260 and 2048, batch 4 to 68) the activation estimate is within 10%: good enough to refuse a batch that
@@ -31,13 +33,14 @@ def step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[int, in
     trains_bpe = train_cfg.tokenizer == "bpe" and not (train_cfg.resume or train_cfg.init)  # else model_cfg's is right
     V = train_cfg.bpe_vocab_size if trains_bpe else model_cfg.vocab_size
     attn, dense = 10 * D, 3 * D + 4 * model_cfg.dense_hidden
-    per_token = L * attn + 2 * D + 4 * V + D  # + the embedding's output
-    moe = model_cfg.moe
-    n_moe = model_cfg.n_moe_layers
-    per_token += (L - n_moe) * dense
+    moe, n_moe = model_cfg.moe, model_cfg.n_moe_layers
+    blocks = [attn + dense] * (L - n_moe)
     if moe is not None:
-        per_token += n_moe * (3 * D + 2 * moe.n_routed_experts + moe.top_k * (2 * moe.expert_dim + 3)
-                              + 4 * moe.n_shared_experts * moe.expert_dim)
+        blocks += [attn + 3 * D + 2 * moe.n_routed_experts + moe.top_k * (2 * moe.expert_dim + 3)
+                   + 4 * moe.n_shared_experts * moe.expert_dim] * n_moe
+    # activation checkpointing keeps each block's input, and one block's activations at a time in backward
+    kept = L * D + max(blocks, default=0) if train_cfg.activation_checkpointing else sum(blocks)
+    per_token = kept + 2 * D + 4 * V + D  # + the output layer and the embedding's output
     number = 2 if train_cfg.device == "cuda" else 4
     params = model_cfg.num_params() + (V - model_cfg.vocab_size) * D * (1 if model_cfg.tie_embeddings else 2)
     return 16 * params, int(ACTIVATION_OVERHEAD * per_token * S * number)

@@ -51,6 +51,7 @@ class MoE(nn.Module):
         # GroupedExperts, or a module with the same call (apply_expert_parallel swaps in ExpertParallel)
         self.experts: nn.Module = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_dim)
         self.shared_experts = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts else None
+        self.recomputing = False  # set while activation checkpointing recomputes this forward in backward
         self.register_buffer("counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.aux_loss = torch.zeros(())
         self.losses: dict[str, torch.Tensor] = {}
@@ -124,7 +125,7 @@ class MoE(nn.Module):
             self._check_values(x_TD, logits_TE, y_TD)
 
         # decided here: inside _record (no_grad) is_grad_enabled() would always be False
-        self._record(ids_TK, keep_A, count=self.training and torch.is_grad_enabled())
+        self._record(ids_TK, keep_A, count=self.training and torch.is_grad_enabled() and not self.recomputing)
         self._compute_losses(x.shape, scores_TE, ids_TK, logits_TE)
         return y_TD.view(x.shape)
 

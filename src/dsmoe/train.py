@@ -10,15 +10,19 @@ MaxVio_global), atomic checkpoints, a clean stop on Ctrl-C or SIGTERM, exact res
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from dsmoe import checkpoint
@@ -26,8 +30,10 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory
-from dsmoe.model import MoETransformer
+from dsmoe.model import Block, MoETransformer
+from dsmoe.moe import moe_layers
 from dsmoe.parallel.context import SingleProcess, init_context
+from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
 from dsmoe.pretrained import load_hf_weights, save_pretrained
 from dsmoe.runtime import MetricsLog, RunLock, StopFlag
 
@@ -61,6 +67,27 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Activation checkpointing, in place: each block keeps only its input and recomputes its activations in
+    backward (torch.utils.checkpoint, non-reentrant). The recomputation does not count tokens for the
+    balancing bias a second time. Parameter names stay those of the model."""
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        layers = moe_layers(block)
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False,
+                                          context_fn=lambda layers=layers: (nullcontext(), _recomputing(layers)))
+
+
+@contextmanager
+def _recomputing(layers: list) -> Iterator[None]:
+    for m in layers:
+        m.recomputing = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.recomputing = False
+
+
 # ---- the run -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -72,6 +99,7 @@ class Run:
     ctx: SingleProcess            # the distributed context (SingleProcess does nothing)
     device: str
     run_dir: Path                 # this rank's: the run directory on rank 0
+    checkpoint_dir: Path          # the run's checkpoint (every rank writes its shards there under a mesh)
     tokenizer: Tokenizer
     corpus: Corpus
     seq_len: int
@@ -94,26 +122,29 @@ class Run:
 
     def save(self) -> None:
         """Checkpoint this step, never with non-finite weights or biases (every rank agrees before anyone
-        writes)."""
-        floats = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if t.is_floating_point()]
+        writes): whole tensors in one process, each rank's DCP shards under a mesh."""
+        floats = [local(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())
+                  if t.is_floating_point()]
         bad = torch.stack([t.detach().isfinite().all() for t in floats]).logical_not().any()  # the biases too
         if self.ctx.all_reduce_(bad.float()).item():
             raise TrainingDiverged(f"the weights at step {self.step} are not finite; not saving them. "
                                    + self.kept())
-        state = {"step": self.step, "optimizer": self.ctx.full_optimizer_state_dict(self.model, self.optimizer),
-                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "data_rng": self.data_rng.get_state(), "init_eval": self.init_eval,
                  "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None}
-        tensors = self.ctx.full_state_dict(self.model)  # every expert once, gathered from the ranks
-        if self.ctx.is_main:
-            config = {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(), "step": self.step}
-            checkpoint.save(self.run_dir / "checkpoint", self.model, config, state, self.tokenizer, tensors)
+        config = {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(), "step": self.step}
+        if self.ctx.sharded:
+            checkpoint.save_sharded(self.checkpoint_dir, training_tensors(self.model, self.optimizer, self.ctx.mesh),
+                                    config, state, self.tokenizer)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            checkpoint.save(self.checkpoint_dir, self.model, config, state, self.tokenizer)
         self.last_good = self.step
 
     def kept(self) -> str:
         if self.last_good is None:
             return "No checkpoint had been written yet (lower lr, or set save_every)."
-        return f"The last good checkpoint (step {self.last_good}) is kept in {self.run_dir / 'checkpoint'}"
+        return f"The last good checkpoint (step {self.last_good}) is kept in {self.checkpoint_dir}"
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -131,25 +162,26 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
     check_step_memory(model_cfg, cfg)  # refused here, not killed by the OOM killer later
-    ctx = init_context(cfg.expert_parallel, cfg.batch_size)
+    ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device)
     device = checkpoint.resolve_device(cfg.device)
-    run_dir = ctx.run_dir(Path(cfg.out or f"runs/{cfg.preset}"))
+    out = Path(cfg.out or f"runs/{cfg.preset}")
+    run_dir = ctx.run_dir(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     try:
-        return _build_run(model_cfg, cfg, ctx, device, run_dir, lock)
+        return _build_run(model_cfg, cfg, ctx, device, out, run_dir, lock)
     except BaseException:
         lock.release()
         raise
 
 
-def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, device: str, run_dir: Path,
+def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, device: str, out: Path, run_dir: Path,
                lock: RunLock) -> Run:
     if model_cfg.moe is not None:  # the per-forward NaN check is a host sync; the loop checks the loss instead
         model_cfg = dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(check_inputs=False))
-    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoint").exists()
+    holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()  # every rank sees the same
     if holds_run and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, choose another --out, "
+        raise ValueError(f"{out} already holds a run: continue it with --resume {run_dir}, choose another --out, "
                          "or --set overwrite=true to replace it")
 
     state, tokenizer = None, None
@@ -184,10 +216,13 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, dev
 
     torch.manual_seed(cfg.seed)
     model = MoETransformer(model_cfg).to(device)
-    if state is not None:
+    sharded_ckpt = state is not None and checkpoint.is_sharded(ckpt)
+    if state is not None and not sharded_ckpt:
         checkpoint.load_weights(ckpt, model)  # the full weights, before sharding
     elif cfg.init:
         load_hf_weights(model, cfg.init)
+    if cfg.activation_checkpointing:
+        checkpoint_activations(model)
     model = ctx.shard(model)
     if cfg.compile:  # in place, so parameter names and checkpoints stay those of the eager model
         model.compile(backend=cfg.compile)
@@ -196,11 +231,15 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, dev
     data_rng = torch.Generator().manual_seed(cfg.seed)
     (run_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}, indent=2))
     log = MetricsLog(run_dir, state["step"] if state else None, cfg.tensorboard)
-    run = Run(cfg, model_cfg, ctx, device, run_dir, tokenizer, corpus, seq_len, model, optimizer, scheduler,
-              data_rng, log, lock)
+    run = Run(cfg, model_cfg, ctx, device, run_dir, out / "checkpoint", tokenizer, corpus, seq_len, model, optimizer,
+              scheduler, data_rng, log, lock)
     if state is not None:
         hyper = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
-        ctx.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+        if sharded_ckpt:  # weights and moments, each rank its own pieces, whatever layout wrote them
+            init_optimizer_state(optimizer)
+            checkpoint.load_sharded(ckpt, training_tensors(model, optimizer, ctx.mesh))
+        else:
+            ctx.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         # this run's lr, betas and weight decay (--set on resume) win over the ones saved with the optimizer
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
@@ -335,27 +374,31 @@ def _loop(run: Run, progress: bool) -> dict:
             bar.close()
         if stopped and run.step < cfg.steps:  # a stop during the last interval just finishes the run
             if run.ctx.is_main:
-                print(f"\ninterrupted: checkpoint of step {run.step} saved in {run.run_dir / 'checkpoint'}; "
+                print(f"\ninterrupted: checkpoint of step {run.step} saved in {run.checkpoint_dir}; "
                       f"continue with --resume {run.run_dir}")
             run.log.close()
             raise KeyboardInterrupt
         run.save()
     ev = run.evaluate()
     run.log.close()
-    if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.world == 1:
+    if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main:
         _export(run)
     return _summary(run, ev)
 
 
 def _export(run: Run) -> None:
-    """RUN/hf: the DeepSeek-format folder transformers loads. A model the format cannot hold keeps its dsmoe
-    checkpoint and says why; the run itself has succeeded."""
+    """RUN/hf (on rank 0): the DeepSeek-format folder transformers loads (per-expert safetensors keys). A model
+    the format cannot hold keeps its dsmoe checkpoint and says why; the run itself has succeeded."""
+    model = run.model
+    if run.ctx.sharded:  # rank 0 alone reads the whole model back from the shards the ranks just wrote
+        model = MoETransformer(run.model_cfg)
+        checkpoint.load_weights(run.checkpoint_dir, model, alone=True)
     try:
-        save_pretrained(run.model, run.run_dir / "hf")
+        save_pretrained(model, run.run_dir / "hf")
         run.tokenizer.save(run.run_dir / "hf")
     except ValueError as e:
         shutil.rmtree(run.run_dir / "hf", ignore_errors=True)
-        print(f"note: no HuggingFace folder written ({e}); the dsmoe checkpoint is in {run.run_dir / 'checkpoint'}")
+        print(f"note: no HuggingFace folder written ({e}); the dsmoe checkpoint is in {run.checkpoint_dir}")
 
 
 def _summary(run: Run, ev: dict) -> dict:

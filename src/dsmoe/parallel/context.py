@@ -1,9 +1,9 @@
 """The distributed context of a run: one object that the training loop and evaluation talk to.
 
 `SingleProcess` does nothing (every method is the identity or the plain single-device call), so the loop
-has no `if distributed:` branches; `ExpertParallelContext` shards the routed experts over every process
-of a torchrun launch (dsmoe.parallel.expert_parallel), averages the replicated gradients, clips by the
-whole model's norm, splits batches over the ranks and gathers checkpoints whole.
+has no `if distributed:` branches; `MeshContext` lays the model out on a (dp, ep) DeviceMesh with expert
+parallelism and FSDP2 (dsmoe.parallel.fsdp), scales the experts' gradients, clips by the whole model's
+norm, splits batches over the ranks, and loads a single-process checkpoint's optimizer state piecewise.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dsmoe.parallel import state
+from dsmoe.model import Block
 from dsmoe.parallel.comm import init_distributed
-from dsmoe.parallel.expert_parallel import apply_expert_parallel, expert_parameter_names
+from dsmoe.parallel.fsdp import build_meshes, expert_names, global_view, init_optimizer_state, local, shard_model
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -30,6 +32,8 @@ class SingleProcess:
     """One process holds the whole model: nothing to split, reduce or gather."""
 
     rank, world = 0, 1
+    sharded = False  # checkpoints: whole tensors (safetensors) here, DCP shards under a mesh
+    mesh: DeviceMesh | None = None  # the (dp, ep) mesh
 
     @property
     def is_main(self) -> bool:
@@ -53,17 +57,8 @@ class SingleProcess:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's tensors, for a checkpoint (a collective under expert parallelism)."""
-        return model.state_dict()
-
-    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(sd)
-
-    def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
-
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+        """A single-process checkpoint's optimizer state (whole tensors, by parameter index)."""
         optimizer.load_state_dict(check_optimizer_state(optimizer, full))
 
     def run_dir(self, run_dir: Path) -> Path:
@@ -71,16 +66,21 @@ class SingleProcess:
         return run_dir
 
 
-class ExpertParallelContext(SingleProcess):
-    """Every process of the default group holds 1/world of each MoE layer's routed experts and a replica of
-    everything else; each rank trains on its contiguous share of the global batch."""
+class MeshContext(SingleProcess):
+    """N = dp x ep processes of a torchrun launch on a (dp, ep) DeviceMesh (dsmoe.parallel.fsdp): routed experts
+    split over ep and FSDP2-sharded over dp, everything else FSDP2-sharded over all N; each rank trains on its
+    contiguous share of the global batch. Checkpoints are DCP: each rank writes its own shards."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+    sharded = True
+
+    def __init__(self, dp: int, ep: int, device_type: str = "cpu"):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp, self.ep = dp, ep
+        self.mesh, self.flat = build_meshes(dp, ep, device_type)
 
     def shard(self, model: _M) -> _M:
-        return apply_expert_parallel(model, self.group)
+        blocks = [m for m in model.modules() if isinstance(m, Block)]  # each transformer block, MTP's too
+        return shard_model(model, self.mesh, self.flat, blocks)
 
     def local_batch(self, *tensors_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B = len(tensors_B[0])
@@ -89,61 +89,45 @@ class ExpertParallelContext(SingleProcess):
         return tuple(t.chunk(self.world)[self.rank] for t in tensors_B)
 
     def all_reduce_(self, tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
-        dist.all_reduce(tensor, group=self.group)
+        dist.all_reduce(tensor)
         return tensor.div_(self.world) if mean else tensor
 
     @torch.no_grad()
     def reduce_grads(self, model: nn.Module) -> None:
-        """Replicated parameters: gradients averaged over the group (one flat all-reduce per dtype). Expert
-        parameters: their gradient already sums every rank's loss (the combine's backward brings it home),
-        so it is divided by the world size to match the mean of the ranks' losses; no communication."""
-        experts = expert_parameter_names(model)
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        """FSDP2 reduce-scattered every gradient during backward, averaged over its mesh: over all N ranks for
+        the non-expert weights, the mean loss already. An expert's gradient arrives summed over the ep ranks
+        whose tokens it computed (the combine's backward brings them home), then averaged over dp: divided
+        here by ep, it is the gradient of the mean loss too. No communication."""
+        names = expert_names(model)
         for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name in experts:
-                if p.grad is not None:
-                    p.grad.div_(self.world)
-                continue
-            if p.grad is None:  # every rank must contribute the same buffers
-                p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p)
-        for params in by_dtype.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-            self.all_reduce_(flat, mean=True)
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p))  # type: ignore[union-attr]
+            if name in names and p.grad is not None:
+                p.grad.div_(self.ep)
 
     @torch.no_grad()
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip by the norm of the whole model's gradient: replicated parameters once, every rank's experts
-        (call after reduce_grads, which makes the replicated gradients equal on every rank)."""
-        experts = expert_parameter_names(model)
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        device = next(iter(grads.values())).device
-
-        def sq(names) -> torch.Tensor:
-            return sum((grads[n].float().square().sum() for n in names), torch.zeros((), device=device))
-
-        expert_sq = self.all_reduce_(sq([n for n in grads if n in experts]))
-        total = (sq([n for n in grads if n not in experts]) + expert_sq).sqrt()
+        """Clip by the norm of the whole model's gradient: every element lives on exactly one rank (FSDP2
+        shards, experts split over ep), so one all-reduce of the local sums of squares gives it."""
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+        total = self.all_reduce_(torch.stack([g.float().square().sum() for g in grads]).sum()).sqrt()
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads.values():
+        for g in grads:
             g.mul_(scale.to(g.dtype))
         return total
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return state.full_state_dict(model)
-
-    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-        state.load_full_state_dict(model, sd)
-
-    def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return state.full_optimizer_state_dict(model, optimizer)
-
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-        optimizer.load_state_dict(check_optimizer_state(optimizer, state.shard_optimizer_state(model, optimizer, full)))
+        """A single-process checkpoint's optimizer state (whole tensors, by parameter index): each rank copies
+        its own piece of every moment, no communication."""
+        check_optimizer_state(optimizer, full)
+        init_optimizer_state(optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        experts = expert_names(model)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for key, whole in full["state"].get(i, {}).items():
+                view = global_view(optimizer.state[p][key], experts.get(names[id(p)]), self.mesh)
+                if isinstance(view, DTensor):
+                    whole = distribute_tensor(whole, view.device_mesh, view.placements, src_data_rank=None).to_local()
+                local(view).copy_(whole)
 
     def run_dir(self, run_dir: Path) -> Path:
         if self.is_main:
@@ -169,24 +153,25 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
     return sd
 
 
-def init_context(expert_parallel: int, global_batch: int, timeout_s: float = 300.0) -> SingleProcess:
-    """The context of a run: SingleProcess, or for `--expert-parallel N` (launched by
-    `torchrun --nproc_per_node N`) the process group and an ExpertParallelContext over it."""
+def init_context(expert_parallel: int, global_batch: int, device: str = "cpu",
+                 timeout_s: float = 300.0) -> SingleProcess:
+    """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
+    ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not expert_parallel and world > 1:  # each process would train its own copy into the same folder
-        raise ValueError(f"{world} processes were launched (torchrun) but --expert-parallel is not set: plain data "
-                         "parallelism is not supported yet; run one process, or shard the experts with "
-                         f"--expert-parallel {world}")
-    if not expert_parallel:
+    if world == 1 and not dist.is_initialized():
+        if expert_parallel > 1:
+            raise ValueError(f"--expert-parallel {expert_parallel} needs one process per rank: launch with "
+                             f"`torchrun --nproc_per_node {expert_parallel} -m dsmoe train ...`")
         return SingleProcess()
-    if "RANK" not in os.environ and not dist.is_initialized():
-        raise ValueError(f"--expert-parallel {expert_parallel} needs one process per rank: launch with "
-                         f"`torchrun --nproc_per_node {expert_parallel} -m dsmoe train ...`")
     init_distributed(timeout_s=timeout_s)
     world = dist.get_world_size()
-    if world != expert_parallel:
-        raise ValueError(f"--expert-parallel {expert_parallel} does not match the {world} processes launched; "
-                         "expert parallelism spans every process")
+    ep = expert_parallel or 1
+    if world % ep:
+        raise ValueError(f"--expert-parallel {ep} must divide the {world} processes launched "
+                         f"(dp = processes / expert-parallel); choose one of "
+                         f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0)}")
     if global_batch % world:
-        raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by --expert-parallel {world}")
-    return ExpertParallelContext()
+        raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by the {world} processes")
+    if world == 1:
+        return SingleProcess()
+    return MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")
