@@ -156,11 +156,15 @@ def test_flipped_bits_in_the_weights_are_caught(tmp_path):
         checkpoint.load_checkpoint(tmp_path / "run")
 
 
-def test_torchrun_without_expert_parallel_is_refused(tmp_path, monkeypatch):
-    """Two processes without --expert-parallel used to train two copies into one folder."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="2 processes were launched.*--expert-parallel 2"):
-        run(tmp_path / "run", "steps=2")
+@pytest.mark.parametrize("sets,message", [
+    (["expert_parallel=3"], "--expert-parallel 3 must divide the 4 processes.*choose one of 1, 2, 4"),
+    (["batch_size=6"], "batch_size=6 .* divisible by the 4 processes")])
+def test_a_bad_layout_fails_before_any_process_group(sets, message, tmp_path, monkeypatch):
+    """torchrun's 4 processes with an expert-parallel degree or a batch they cannot share: a clear error on every
+    rank before any collective (no rank left waiting for the others)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "run", "steps=2", *sets)
 
 
 def test_a_stop_during_the_last_interval_finishes_the_run(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -30,7 +31,6 @@ from dsmoe.parallel import (
     MeshContext,
     apply_expert_parallel,
     comm_stats,
-    expert_parallel_modules,
     full_state_dict,
     global_view,
     load_full_state_dict,
@@ -394,34 +394,37 @@ TRAIN_SETS = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "s
 
 
 def train_worker(rank, world):
-    """`dsmoe train --expert-parallel 2` in this process group; returns the losses and every layer's bias."""
+    """`dsmoe train` in this process group (--expert-parallel from DSMOE_EP, 0 = plain data parallel; more
+    settings from DSMOE_SETS); returns every layer's bias and this rank's share of the non-expert weights."""
     from dsmoe.parallel import context
     from dsmoe.presets import build_configs
     from dsmoe.train import train
 
     models = []
-    apply = context.apply_expert_parallel
-    context.apply_expert_parallel = lambda model, *a, **k: models.append(model) or apply(model, *a, **k)
-    model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}",
-                                                                f"expert_parallel={world}"])
-    train(model_cfg, train_cfg, progress=False)
-    return {"bias": [layer.gate.bias.tolist() for layer in models[0].moe_layers()]}
+    shard = context.MeshContext.shard
+    context.MeshContext.shard = lambda self, model: models.append(shard(self, model)) or models[-1]
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={os.environ.get('DSMOE_EP', world)}"]
+    train(*build_configs("debug", sets + os.environ.get("DSMOE_SETS", "").split()), progress=False)
+    model = models[0]
+    experts = expert_names(model)
+    non_expert = [p for name, p in model.named_parameters() if name not in experts]
+    return {"bias": [layer.gate.bias.tolist() for layer in model.moe_layers()],
+            "local_numel": sum(p.to_local().numel() for p in non_expert), "numel": sum(p.numel() for p in non_expert)}
 
 
 def eval_worker(rank, world):
-    """The 2-rank checkpoint, loaded whole, sharded over this world, evaluated like the training run."""
+    """The checkpoint in DSMOE_RUN, loaded whole, laid out over ep = world, evaluated like the training run."""
     from dsmoe.checkpoint import load_checkpoint
     from dsmoe.data import load_corpus
     from dsmoe.evaluate import evaluate
-    from dsmoe.parallel import ExpertParallelContext
 
     model, _, train_cfg, tokenizer = load_checkpoint(os.environ["DSMOE_RUN"])
-    apply_expert_parallel(model)
+    ctx = MeshContext(1, world)
+    model = ctx.shard(model)
     corpus = load_corpus(None, tokenizer)
     windows = []
     model.register_forward_pre_hook(lambda module, args: windows.append(len(args[0])))
-    ev = evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches,
-                  ctx=ExpertParallelContext())
+    ev = evaluate(model, corpus, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches, ctx=ctx)
     return {**ev, "windows": sum(windows), "all_windows": train_cfg.batch_size * train_cfg.eval_batches}
 
 
@@ -445,12 +448,12 @@ def _cut_at_step_3():
 
 
 def resume_worker(rank, world):
-    """Resume the run in DSMOE_RUN with `world` expert-parallel ranks; with DSMOE_CUT set, train it from scratch
-    and stop at step 3 instead."""
+    """Resume the run in DSMOE_RUN on `world` ranks (--expert-parallel DSMOE_EP, default world); with DSMOE_CUT set,
+    train it from scratch and stop at step 3 instead."""
     from dsmoe.presets import build_configs
     from dsmoe.train import train
 
-    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={world}"]
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={os.environ.get('DSMOE_EP', world)}"]
     if not os.environ.get("DSMOE_CUT"):
         train(*build_configs("debug", sets + [f"resume={os.environ['DSMOE_RUN']}"]), progress=False)
         return {}
@@ -493,50 +496,84 @@ def _train_rows(run_dir):
     return [r["loss"] for r in rows if r["kind"] == "train"], [r["val_loss"] for r in rows if r["kind"] == "eval"]
 
 
-def test_train_expert_parallel_equals_single_process(tmp_path, monkeypatch):
-    """Same global batch: the losses of 2 expert-parallel ranks equal one process's; the biases agree on
-    every rank; the checkpoint written at 2 ranks gives the same validation loss at 1 and at 4."""
+def _single_biases(run_dir):
     from safetensors.torch import load_file
 
+    weights = load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+    return [weights[k] for k in sorted((k for k in weights if k.endswith(".gate.bias")),
+                                       key=lambda k: int(k.split(".")[1]))]
+
+
+@pytest.mark.parametrize("layout", ["dp2xep2", "dp2", "dp2xep2-activation-checkpointing"])
+def test_mesh_training_equals_single_process(layout, tmp_path, monkeypatch):
+    """Same global batch, 6 steps: dp 2 x ep 2 (4 processes, also with activation checkpointing) and dp 2 (2
+    processes) give the single-process losses and biases, the same on every rank; each rank holds a 1/N shard of
+    the non-expert weights; the sharded checkpoint evaluates alike in one process and at ep 4."""
     from dsmoe.checkpoint import load_checkpoint
     from dsmoe.data import load_corpus
     from dsmoe.evaluate import evaluate
     from dsmoe.presets import build_configs
     from dsmoe.train import train
 
+    world, ep = {"dp2xep2": (4, 2), "dp2": (2, 0), "dp2xep2-activation-checkpointing": (4, 2)}[layout]
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
-    model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'single'}"])
+    model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + ["steps=6", f"out={tmp_path / 'single'}"])
     train(model_cfg, train_cfg, progress=False)
-    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "ep2"))
-    per_rank = launch(train_worker, 2, tmp_path / "results")
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "mesh"))
+    monkeypatch.setenv("DSMOE_EP", str(ep))
+    monkeypatch.setenv("DSMOE_SETS", "steps=6" + (" activation_checkpointing=true" if "activation" in layout else ""))
+    per_rank = launch(train_worker, world, tmp_path / "results")
+    assert None not in per_rank, "a rank crashed"
 
     single_loss, single_val = _train_rows(tmp_path / "single")
-    ep_loss, ep_val = _train_rows(tmp_path / "ep2")
-    assert len(ep_loss) == len(single_loss) == 4
-    torch.testing.assert_close(torch.tensor(ep_loss), torch.tensor(single_loss), atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.tensor(ep_val), torch.tensor(single_val), atol=1e-4, rtol=0)
-    assert per_rank[0]["bias"] == per_rank[1]["bias"], "every rank must hold the same balancing bias"
-    weights = load_file(str(tmp_path / "single" / "checkpoint" / "model.safetensors"))
-    single_bias = [weights[k] for k in sorted((k for k in weights if k.endswith(".gate.bias")),
-                                              key=lambda k: int(k.split(".")[1]))]
+    mesh_loss, mesh_val = _train_rows(tmp_path / "mesh")
+    assert len(mesh_loss) == len(single_loss) == 6
+    torch.testing.assert_close(torch.tensor(mesh_loss), torch.tensor(single_loss), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(mesh_val), torch.tensor(single_val), atol=1e-4, rtol=0)
+    assert all(r["bias"] == per_rank[0]["bias"] for r in per_rank), "every rank must hold the same balancing bias"
+    single_bias = _single_biases(tmp_path / "single")
     assert len(single_bias) == len(per_rank[0]["bias"])
-    for ep_bias, bias in zip(per_rank[0]["bias"], single_bias):
-        torch.testing.assert_close(torch.tensor(ep_bias), bias)
+    for mesh_bias, bias in zip(per_rank[0]["bias"], single_bias):
+        torch.testing.assert_close(torch.tensor(mesh_bias), bias)
     assert any(v != 0 for layer in per_rank[0]["bias"] for v in layer), "the bias must have moved"
+    for r in per_rank:  # FSDP2 over all N ranks: 1/N of the replicated layout, up to the padding of odd rows
+        assert r["local_numel"] <= 1.05 * r["numel"] / world, r
 
-    model, _, cfg, tokenizer = load_checkpoint(tmp_path / "ep2")  # 2 ranks -> 1 process
+    if layout != "dp2xep2":
+        return
+    model, _, cfg, tokenizer = load_checkpoint(tmp_path / "mesh")  # 4 ranks -> 1 process
     at1 = evaluate(model, load_corpus(None, tokenizer), cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    assert abs(at1["loss"] - ep_val[-1]) < 1e-5
-    at4 = launch(eval_worker, 4, tmp_path / "at4")  # 2 ranks -> 4
-    assert all(abs(r["loss"] - ep_val[-1]) < 1e-5 for r in at4), (at4, ep_val)
+    assert abs(at1["loss"] - mesh_val[-1]) < 1e-5
+    at4 = launch(eval_worker, 4, tmp_path / "at4")  # dp 2 x ep 2 -> ep 4
+    assert all(abs(r["loss"] - mesh_val[-1]) < 1e-5 for r in at4), (at4, mesh_val)
     assert all(r["windows"] * 4 == r["all_windows"] for r in at4), "each rank evaluates its quarter of the windows"
     assert all(r["load"] == at1["load"] and r["maxvio_global"] == at1["maxvio_global"] for r in at4), \
         "the load is summed over the ranks' shares"
 
 
-def test_resume_at_another_rank_count(tmp_path, monkeypatch):
-    """A run stopped at step 3 resumes at another rank count (1 -> 2 and 2 -> 1), optimizer state included:
-    the loss of step 4 is the uninterrupted single-process run's."""
+def _moments(run_dir) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's AdamW moments in a run's checkpoint, by name, read in this process whatever wrote it."""
+    from dsmoe import checkpoint
+    from dsmoe.model import MoETransformer
+    from dsmoe.parallel import init_optimizer_state, training_tensors
+    from dsmoe.train import build_optimizer
+
+    ckpt = checkpoint.resolve(run_dir)
+    model_cfg, train_cfg = checkpoint.configs_from_checkpoint(ckpt)
+    model = MoETransformer(model_cfg)
+    optimizer = build_optimizer(model, train_cfg)
+    if checkpoint.is_sharded(ckpt):
+        init_optimizer_state(optimizer)
+        checkpoint.load_sharded(ckpt, training_tensors(model, optimizer))
+    else:
+        optimizer.load_state_dict(checkpoint.load_state(ckpt)["optimizer"])
+    return {name: {k: optimizer.state[p][k] for k in ("exp_avg", "exp_avg_sq")} for name, p in model.named_parameters()}
+
+
+def test_resume_at_another_layout(tmp_path, monkeypatch):
+    """A run stopped at step 3 resumes at another layout, optimizer moments included: dp 2 x ep 2 (sharded
+    checkpoint) -> ep 2 on 2 processes and -> 1 process; 1 process -> dp 2 on 2 processes. The losses of step 4
+    and the final moments are the uninterrupted single-process run's."""
     from dsmoe.data import Corpus
     from dsmoe.presets import build_configs
     from dsmoe.train import train
@@ -544,30 +581,39 @@ def test_resume_at_another_rank_count(tmp_path, monkeypatch):
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
     train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'full'}"]), progress=False)
     full = torch.tensor(_train_rows(tmp_path / "full")[0])
+    full_moments = _moments(tmp_path / "full")
 
-    real = _cut_at_step_3()  # 1 process to step 3, then 2 ranks
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "mesh"))  # dp 2 x ep 2 to step 3 ...
+    monkeypatch.setenv("DSMOE_CUT", "1")
+    monkeypatch.setenv("DSMOE_EP", "2")
+    assert launch(resume_worker, 4, tmp_path / "results-mesh") == [{"interrupted": True}] * 4
+    monkeypatch.delenv("DSMOE_CUT")
+    for name in ("at2", "at1"):
+        shutil.copytree(tmp_path / "mesh", tmp_path / name)
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "at2"))  # ... then ep 2 on 2 processes
+    assert launch(resume_worker, 2, tmp_path / "results-at2") == [{}, {}]
+    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'at1'}", f"resume={tmp_path / 'at1'}"]),
+          progress=False)  # ... and 1 process
+
+    real = _cut_at_step_3()  # 1 process to step 3, then dp 2
     try:
         with pytest.raises(KeyboardInterrupt):
             train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'one'}"]), progress=False)
     finally:
         Corpus.batch = real
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "one"))
+    monkeypatch.setenv("DSMOE_EP", "0")
     assert launch(resume_worker, 2, tmp_path / "results-one") == [{}, {}]
-    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "one")[0]), full, atol=1e-4, rtol=0)
 
-    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "two"))  # 2 ranks to step 3, then 1 process
-    monkeypatch.setenv("DSMOE_CUT", "1")
-    assert launch(resume_worker, 2, tmp_path / "results-two") == [{"interrupted": True}] * 2
-    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'two'}", f"resume={tmp_path / 'two'}"]),
-          progress=False)
-    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "two")[0]), full, atol=1e-4, rtol=0)
-    final = {d: torch.load(tmp_path / d / "checkpoint" / "state.pt", weights_only=True)["optimizer"]["state"]
-             for d in ("full", "one", "two")}
-    for d in ("one", "two"):  # the AdamW moments of every parameter, the experts' gathered whole
-        assert final[d].keys() == final["full"].keys()
-        for i, state in final["full"].items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(final[d][i][key], state[key], atol=1e-6, rtol=1e-4)
+    for name in ("at2", "at1", "one"):
+        torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / name)[0]), full, atol=1e-4, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        moments = _moments(tmp_path / name)
+        assert moments.keys() == full_moments.keys()
+        for param, state in full_moments.items():
+            for key, value in state.items():
+                torch.testing.assert_close(moments[param][key], value, atol=1e-6, rtol=1e-4,
+                                           msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch):

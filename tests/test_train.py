@@ -216,6 +216,39 @@ def test_bias_updates_once_per_optimizer_step(tmp_path, monkeypatch, grad_accum)
     assert counted == [tokens_per_step] * 5  # every micro-batch counted, evaluation never
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2], ids=["accum1", "accum2"])
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, monkeypatch, grad_accum):
+    """Recomputing each block in backward gives the same losses (1e-5), the same bias counts (the recomputation
+    is not counted again) and the same biases; the step-memory estimate keeps one block's activations."""
+    from safetensors.torch import load_file
+
+    from dsmoe.memory import step_memory
+
+    counted: dict[str, list[int]] = {}
+    real_update = MoE.update_bias
+
+    def spy(self):
+        counted[name].append(int(self.counts.sum()))
+        real_update(self)
+
+    monkeypatch.setattr(MoE, "update_bias", spy)
+    runs = {}
+    for name, ac in (("plain", "false"), ("recomputed", "true")):
+        counted[name] = []
+        runs[name] = run(tmp_path, "steps=6", f"grad_accum={grad_accum}", f"activation_checkpointing={ac}", name=name)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "recomputed")), torch.tensor(losses(tmp_path / "plain")),
+                               atol=1e-5, rtol=0)
+    assert counted["recomputed"] == counted["plain"] == [4 * 16 * grad_accum * 2] * 6  # batch*seq*accum*top_k
+    weights = {n: load_file(str(tmp_path / n / "checkpoint" / "model.safetensors")) for n in runs}
+    biases = [k for k in weights["plain"] if k.endswith("gate.bias")]
+    assert biases and all(torch.equal(weights["recomputed"][k], weights["plain"][k]) for k in biases)
+
+    model_cfg, train_cfg = build_configs("small", [])
+    _, per_seq = step_memory(model_cfg, train_cfg)
+    _, per_seq_ac = step_memory(model_cfg, dataclasses.replace(train_cfg, activation_checkpointing=True))
+    assert per_seq_ac < 0.6 * per_seq
+
+
 @pytest.mark.slow
 def test_aux_loss_scaled_like_main_loss(tmp_path):
     summary = run(tmp_path, "steps=3", "grad_accum=2", "moe.aux_loss_alpha=0.01", "moe.score_func=softmax")

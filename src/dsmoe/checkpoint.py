@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -212,7 +213,9 @@ def load_sharded(directory, tensors: dict[str, torch.Tensor], alone: bool = Fals
         raise CheckpointError(f"checkpoint {str(directory)!r}: shard files {bad} are missing or corrupt (their "
                               "SHA-256 differs from the one config.json recorded when they were written)")
     try:
-        dcp.load(tensors, checkpoint_id=directory / SHARDS, no_dist=not distributed)
+        with warnings.catch_warnings():  # one process reading on its own is what no_dist says
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(tensors, checkpoint_id=directory / SHARDS, no_dist=not distributed)
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(directory)!r} does not match the model config: {e}") from None
 

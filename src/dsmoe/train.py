@@ -29,7 +29,7 @@ from dsmoe import checkpoint
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
-from dsmoe.memory import check_step_memory
+from dsmoe.memory import check_step_memory, step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import moe_layers
 from dsmoe.parallel.context import SingleProcess, init_context
@@ -72,9 +72,9 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
     backward (torch.utils.checkpoint, non-reentrant). The recomputation does not count tokens for the
     balancing bias a second time. Parameter names stay those of the model."""
     for block in [m for m in model.modules() if isinstance(m, Block)]:
-        layers = moe_layers(block)
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False,
-                                          context_fn=lambda layers=layers: (nullcontext(), _recomputing(layers)))
+        contexts = functools.partial(lambda layers: (nullcontext(), _recomputing(layers)), moe_layers(block))
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,  # type: ignore[method-assign]
+                                          use_reentrant=False, context_fn=contexts)
 
 
 @contextmanager
@@ -116,6 +116,7 @@ class Run:
     def evaluate(self) -> dict:
         ev = evaluate(self.model, self.corpus, self.cfg.batch_size, self.seq_len, self.cfg.eval_batches,
                       self.device, ctx=self.ctx)
+        self.ctx.reshard(self.model)
         self.log.write({"kind": "eval", "step": self.step, "val_loss": ev["loss"], "val_ppl": ev["ppl"],
                         "maxvio_global": ev["maxvio_global"], "load": ev["load"]})
         return ev
@@ -335,6 +336,12 @@ def _loop(run: Run, progress: bool) -> dict:
         f"({len(run.model.moe_layers())} MoE layers) | data: {run.corpus.info['train_tokens']:,} train / "
         f"{run.corpus.info['val_tokens']:,} val tokens ({run.tokenizer.kind}) | device {run.device} | "
         f"run dir {run.run_dir}")
+    if cfg.activation_checkpointing:
+        B = cfg.batch_size // run.ctx.world
+        with_ac, without = (step_memory(run.model_cfg, dataclasses.replace(cfg, activation_checkpointing=on))[1] * B
+                            for on in (True, False))
+        say(f"activation checkpointing: ~{with_ac / 2**20:.0f} MiB of activations per micro-batch instead of "
+            f"~{without / 2**20:.0f} MiB (estimated), for one more forward per step")
     if run.init_eval is None:
         ev = run.evaluate()
         run.init_eval = {"loss": ev["loss"], "ppl": ev["ppl"]}

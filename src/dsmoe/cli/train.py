@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; compiles once)")
     add_threads_argument(p)
-    p.add_argument("--expert-parallel", type=int, metavar="N",
-                   help="shard the routed experts over N processes: torchrun --nproc_per_node N -m dsmoe train ...")
+    p.add_argument("--expert-parallel", type=int, metavar="E",
+                   help="split the routed experts over E processes; under `torchrun --nproc_per_node N -m dsmoe "
+                        "train`, data parallel over N / E (without this flag: plain data parallel over N)")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dsmoe.model import Block
@@ -42,6 +43,10 @@ class SingleProcess:
     def shard(self, model: _M) -> _M:
         """Apply this context's parallelism to a built model (with its full weights loaded)."""
         return model
+
+    def reshard(self, model: nn.Module) -> None:
+        """After a forward without backward (evaluation): give back the gathered weights, so that the parameters
+        are the shards again (what the optimizer and checkpoints hold)."""
 
     def local_batch(self, *tensors_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's share of a global batch that every rank drew alike (same seed)."""
@@ -76,11 +81,17 @@ class MeshContext(SingleProcess):
     def __init__(self, dp: int, ep: int, device_type: str = "cpu"):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp, self.ep = dp, ep
+        self.mesh: DeviceMesh
         self.mesh, self.flat = build_meshes(dp, ep, device_type)
 
     def shard(self, model: _M) -> _M:
-        blocks = [m for m in model.modules() if isinstance(m, Block)]  # each transformer block, MTP's too
+        blocks: list[nn.Module] = [m for m in model.modules() if isinstance(m, Block)]  # MTP's blocks too
         return shard_model(model, self.mesh, self.flat, blocks)
+
+    def reshard(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def local_batch(self, *tensors_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B = len(tensors_B[0])
@@ -156,22 +167,20 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
 def init_context(expert_parallel: int, global_batch: int, device: str = "cpu",
                  timeout_s: float = 300.0) -> SingleProcess:
     """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
-    ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and not dist.is_initialized():
-        if expert_parallel > 1:
-            raise ValueError(f"--expert-parallel {expert_parallel} needs one process per rank: launch with "
-                             f"`torchrun --nproc_per_node {expert_parallel} -m dsmoe train ...`")
-        return SingleProcess()
-    init_distributed(timeout_s=timeout_s)
-    world = dist.get_world_size()
+    ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep. The layout is checked against
+    torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     ep = expert_parallel or 1
+    if world == 1 and ep > 1:
+        raise ValueError(f"--expert-parallel {ep} needs one process per rank: launch with "
+                         f"`torchrun --nproc_per_node {ep} -m dsmoe train ...` (or a multiple of {ep} processes)")
     if world % ep:
-        raise ValueError(f"--expert-parallel {ep} must divide the {world} processes launched "
-                         f"(dp = processes / expert-parallel); choose one of "
+        raise ValueError(f"--expert-parallel {ep} must divide the {world} processes launched (data parallel over "
+                         f"processes / expert-parallel); choose one of "
                          f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0)}")
     if global_batch % world:
         raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by the {world} processes")
     if world == 1:
         return SingleProcess()
+    init_distributed(timeout_s=timeout_s)
     return MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")

@@ -26,9 +26,9 @@ Overlap: the forward dispatch runs with async_op=True while the shared experts c
 on its own thread, NCCL on its own stream); the backward all-to-alls are synchronous, since autograd
 orders the backward and gives no place to slot the shared experts' backward between start and wait.
 
-Replicated parameters (attention, embeddings, router, shared experts) are data parallel:
-`ExpertParallelContext.reduce_grads` (dsmoe.parallel.context) averages them over the group; expert
-gradients stay local.
+The other parameters (attention, embeddings, router, shared experts) are data parallel: in training,
+FSDP2 shards them and averages their gradients (dsmoe.parallel.fsdp); expert gradients stay on the
+expert's rank.
 """
 
 from __future__ import annotations
