@@ -404,7 +404,8 @@ def train_worker(rank, world):
     shard = context.MeshContext.shard
     context.MeshContext.shard = lambda self, model: models.append(shard(self, model)) or models[-1]
     sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={os.environ.get('DSMOE_EP', world)}"]
-    train(*build_configs("debug", sets + os.environ.get("DSMOE_SETS", "").split()), progress=False)
+    preset = os.environ.get("DSMOE_PRESET", "debug")
+    train(*build_configs(preset, sets + os.environ.get("DSMOE_SETS", "").split()), progress=False)
     model = models[0]
     experts = expert_names(model)
     non_expert = [p for name, p in model.named_parameters() if name not in experts]
@@ -507,8 +508,9 @@ def _single_biases(run_dir):
 @pytest.mark.parametrize("layout", ["dp2xep2", "dp2", "dp2xep2-activation-checkpointing"])
 def test_mesh_training_equals_single_process(layout, tmp_path, monkeypatch):
     """Same global batch, 6 steps: dp 2 x ep 2 (4 processes, also with activation checkpointing) and dp 2 (2
-    processes) give the single-process losses and biases, the same on every rank; each rank holds a 1/N shard of
-    the non-expert weights; the sharded checkpoint evaluates alike in one process and at ep 4."""
+    processes, an MLA model) give the single-process losses and biases, the same on every rank; each rank holds a
+    1/N shard of the non-expert weights; the sharded checkpoint evaluates alike in one process and at ep 4, and
+    the MLA run ends as a HuggingFace folder with its weights."""
     from dsmoe.checkpoint import load_checkpoint
     from dsmoe.data import load_corpus
     from dsmoe.evaluate import evaluate
@@ -516,12 +518,16 @@ def test_mesh_training_equals_single_process(layout, tmp_path, monkeypatch):
     from dsmoe.train import train
 
     world, ep = {"dp2xep2": (4, 2), "dp2": (2, 0), "dp2xep2-activation-checkpointing": (4, 2)}[layout]
+    # dp 2 trains an MLA model with V3's group scores: its run ends as a HuggingFace folder
+    preset, extra = ("debug-mla", ["moe.group_score=top2"]) if layout == "dp2" else ("debug", [])
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
-    model_cfg, train_cfg = build_configs("debug", TRAIN_SETS + ["steps=6", f"out={tmp_path / 'single'}"])
+    monkeypatch.setenv("DSMOE_PRESET", preset)
+    model_cfg, train_cfg = build_configs(preset, TRAIN_SETS + extra + ["steps=6", f"out={tmp_path / 'single'}"])
     train(model_cfg, train_cfg, progress=False)
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "mesh"))
     monkeypatch.setenv("DSMOE_EP", str(ep))
-    monkeypatch.setenv("DSMOE_SETS", "steps=6" + (" activation_checkpointing=true" if "activation" in layout else ""))
+    monkeypatch.setenv("DSMOE_SETS", " ".join(["steps=6", *extra] + (["activation_checkpointing=true"]
+                                                                   if "activation" in layout else [])))
     per_rank = launch(train_worker, world, tmp_path / "results")
     assert None not in per_rank, "a rank crashed"
 
@@ -539,6 +545,14 @@ def test_mesh_training_equals_single_process(layout, tmp_path, monkeypatch):
     for r in per_rank:  # FSDP2 over all N ranks: 1/N of the replicated layout, up to the padding of odd rows
         assert r["local_numel"] <= 1.05 * r["numel"] / world, r
 
+    if layout == "dp2":  # rank 0 exported the sharded checkpoint: transformers gives its logits
+        import transformers
+
+        ours = load_checkpoint(tmp_path / "mesh")[0]
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mesh" / "hf", dtype=torch.float32)
+        ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs.eval()(ids).logits, ours(ids)[0], atol=1e-5, rtol=1e-5)
     if layout != "dp2xep2":
         return
     model, _, cfg, tokenizer = load_checkpoint(tmp_path / "mesh")  # 4 ranks -> 1 process
@@ -573,7 +587,8 @@ def _moments(run_dir) -> dict[str, dict[str, torch.Tensor]]:
 def test_resume_at_another_layout(tmp_path, monkeypatch):
     """A run stopped at step 3 resumes at another layout, optimizer moments included: dp 2 x ep 2 (sharded
     checkpoint) -> ep 2 on 2 processes and -> 1 process; 1 process -> dp 2 on 2 processes. The losses of step 4
-    and the final moments are the uninterrupted single-process run's."""
+    and the final moments are the uninterrupted single-process run's. A bit flipped in a shard is refused."""
+    from dsmoe.checkpoint import CheckpointError, load_checkpoint
     from dsmoe.data import Corpus
     from dsmoe.presets import build_configs
     from dsmoe.train import train
@@ -588,8 +603,14 @@ def test_resume_at_another_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("DSMOE_EP", "2")
     assert launch(resume_worker, 4, tmp_path / "results-mesh") == [{"interrupted": True}] * 4
     monkeypatch.delenv("DSMOE_CUT")
-    for name in ("at2", "at1"):
+    for name in ("at2", "at1", "flipped"):
         shutil.copytree(tmp_path / "mesh", tmp_path / name)
+    shard = sorted((tmp_path / "flipped" / "checkpoint" / "shards").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit in the middle of a rank's shard
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{shard.name} .*corrupt.*SHA-256"):
+        load_checkpoint(tmp_path / "flipped")
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "at2"))  # ... then ep 2 on 2 processes
     assert launch(resume_worker, 2, tmp_path / "results-at2") == [{}, {}]
     train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'at1'}", f"resume={tmp_path / 'at1'}"]),
@@ -632,3 +653,51 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monke
           progress=False)
     torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "ep")[0]),
                                torch.tensor(_train_rows(tmp_path / "full")[0]), atol=1e-4, rtol=0)
+
+
+def mesh_fault_worker(rank, world):
+    """dp 2 x ep 2 training, checkpoint every 2 steps; in step 3 rank 1 dies or hangs (DSMOE_FAULT). Returns how
+    the others ended and how long after the fault."""
+    from dsmoe.data import Corpus
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    real, calls, fault = Corpus.batch, [], {}
+
+    def batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            fault["at"] = time.monotonic()
+            if rank == 1 and os.environ["DSMOE_FAULT"] == "die":
+                os._exit(1)
+            if rank == 1:
+                time.sleep(6 * FAULT_TIMEOUT_S)
+        return real(self, *args, **kwargs)
+
+    Corpus.batch = batch
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", "expert_parallel=2", "steps=6"]
+    try:
+        train(*build_configs("debug", sets), progress=False)
+    except Exception as e:
+        return {"error": str(e), "type": type(e).__name__, "seconds": time.monotonic() - fault["at"]}
+    return {"error": None}
+
+
+@pytest.mark.parametrize("mode", ["hang", "die"])
+def test_a_dead_or_hung_rank_stops_the_mesh_and_keeps_the_checkpoint(mode, tmp_path, monkeypatch):
+    """A rank dies or hangs in step 3 of a dp 2 x ep 2 run: every other rank stops with a clear error within the
+    process-group timeout (plus the collectives already in flight), naming the last good checkpoint (step 2),
+    which is whole and resumes."""
+    from dsmoe.checkpoint import load_checkpoint, read_config
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "run"))
+    monkeypatch.setenv("DSMOE_FAULT", mode)
+    per_rank = launch(mesh_fault_worker, 4, tmp_path / "results", timeout_s=FAULT_TIMEOUT_S)
+    others = [r for i, r in enumerate(per_rank) if i != 1]
+    assert all(r is not None and r["error"] for r in others), per_rank
+    for r in others:
+        assert "a collective failed" in r["error"] and "step 2" in r["error"], r
+        assert r["seconds"] < 4 * FAULT_TIMEOUT_S + 10, r
+    assert read_config(tmp_path / "run")["step"] == 2
+    load_checkpoint(tmp_path / "run")

@@ -339,6 +339,7 @@ class TrainConfig:
     expert_parallel: int = 0          # shard the routed experts over E ranks (of N = torchrun --nproc_per_node);
                                       # data parallel over N / E; 0 = no expert parallelism
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
+    dist_timeout_s: float = 120.0     # several processes: a rank that died or hung fails the others after this long
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -367,6 +368,8 @@ class TrainConfig:
         _boolean(self, "activation_checkpointing")
         _check(isinstance(self.compile, str), "compile", self.compile,
                "must be a torch.compile backend name ('inductor', 'aot_eager', ...) or '' for eager")
+        _check(_is_number(self.dist_timeout_s) and self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s,
+               "must be a finite number of seconds > 0")
         _check(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
         _check(_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
                f"must be a number in [0, lr={self.lr}]")

@@ -163,7 +163,7 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
     check_step_memory(model_cfg, cfg)  # refused here, not killed by the OOM killer later
-    ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device)
+    ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s)
     device = checkpoint.resolve_device(cfg.device)
     out = Path(cfg.out or f"runs/{cfg.preset}")
     run_dir = ctx.run_dir(out)
@@ -325,8 +325,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
     run = build_run(model_cfg, cfg)
     try:
         return _loop(run, progress and run.ctx.is_main)
+    except RuntimeError as e:
+        if not _is_peer_failure(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"rank {run.ctx.rank}: a collective failed: another process died, or did not answer "
+                           f"within dist_timeout_s={cfg.dist_timeout_s:g} s ({detail}). " + run.kept()) from None
     finally:
         run.lock.release()
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another process died or hung: NCCL raises a DistError, gloo a
+    RuntimeError from its transport ("Timed out waiting ...", "Connection closed by peer")."""
+    return isinstance(e, torch.distributed.DistError) or "gloo/transport" in str(e)
 
 
 def _loop(run: Run, progress: bool) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dsmoe.bench import ep, layer, model, train
+from dsmoe.bench import ep, layer, mesh, model, train
 from dsmoe.cli.format import HelpFormatter, check_at_least
 from dsmoe.config import MoEConfig
 from dsmoe.memory import check_step_memory
@@ -171,13 +171,40 @@ def _ep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-func", default="sigmoid", choices=["softmax", "sigmoid"])
     p.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--preset", default="tiny", help="the model trained on the mesh at 4 processes (default tiny)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch of the mesh part (default 16)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence of the mesh part (default 64)")
+    p.add_argument("--no-mesh", action="store_true", help="only the layer's all-to-all part")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
+def _mesh(args: argparse.Namespace) -> dict:
+    """The second part of `bench ep`: training layouts and checkpoint formats at 4 processes (bench.mesh)."""
+    if args.batch_size % mesh.WORLD:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {mesh.WORLD} processes")
+    layouts, formats = mesh.measure(args)
+    print(f"\n{args.preset} model on a (dp, ep) mesh of {mesh.WORLD} processes: global batch {args.batch_size} x "
+          f"{args.seq_len} tokens, whole training steps, median of {args.repeats}; per rank: the largest over ranks")
+    base = layouts[0]
+    print(f"{'layout':>12} {'step ms':>8} {'vs dp 4':>7} {'params+grads+AdamW MiB':>22} {'vs dp 4':>7} "
+          f"{'peak RSS MiB':>12}")
+    for r in layouts:
+        print(f"{r['layout']:>12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} {r['state_mb']:>22.1f} "
+              f"{r['state_mb'] / base['state_mb']:>7.2f} {r['peak_rss_mb']:>12.0f}")
+    gathered, dcp = formats
+    print(f"\ncheckpoint of the {args.preset} model + AdamW state at ep {mesh.WORLD}: gathered onto every rank "
+          "(expert parallelism alone) vs DCP shards (FSDP2 + expert parallelism)")
+    print(f"{'format':>9} {'save s':>7} {'load s':>7} {'RSS rise in save MiB':>20} {'in load MiB':>11}")
+    for r in formats:
+        print(f"{r['format']:>9} {r['save_s']:>7.2f} {r['load_s']:>7.2f} {r['save_rss_mb']:>20.0f} "
+              f"{r['load_rss_mb']:>11.0f}")
+    print(f"dcp / gathered: save time {dcp['save_s'] / gathered['save_s']:.2f}x, load time "
+          f"{dcp['load_s'] / gathered['load_s']:.2f}x")
+    return {"layouts": layouts, "checkpoints": formats}
 
 
 def _ep(args: argparse.Namespace) -> int:
-    check_at_least(args, 1, "tokens", "dim", "expert_dim", "experts", "top_k", "repeats")
+    check_at_least(args, 1, "tokens", "dim", "expert_dim", "experts", "top_k", "repeats", "batch_size", "seq_len")
     check_at_least(args, 0, "warmup")
     ep.check(args)
     print(f"MoE layer: T={args.tokens} tokens/rank, D={args.dim}, E={args.experts}, K={args.top_k}, "
@@ -193,9 +220,10 @@ def _ep(args: argparse.Namespace) -> int:
                   f"{r['tokens_sent_per_rank']:>11.0f} {r['a2a_kb_per_rank']:>8.1f} {r['volume_vs_unlimited']:>7.2f} "
                   f"{r['max_ranks_per_token']:>15}")
     print("tokens sent and a2a KB are per rank per forward (a2a: to other ranks; backward sends as much again)")
+    result = {"layer": rows, **({} if args.no_mesh else _mesh(args))}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(result, f, indent=2)
     return 0
 
 
