@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dsmoe.bench import layer
+from dsmoe.cli import main
 from dsmoe.config import MoEConfig
 from dsmoe.moe import MoE
 
@@ -83,7 +84,6 @@ def test_cpu_forward_memory_counts_saved_activations():
 
 
 def test_cli_prints_table_and_json(tmp_path, capsys):
-    from dsmoe.cli import main
 
     out = tmp_path / "layer.json"
     assert main(["bench", "layer", "--dim", "16", "--experts", "4", "--expert-dim", "8", "--shared", "1",
@@ -97,7 +97,6 @@ def test_cli_prints_table_and_json(tmp_path, capsys):
 
 
 def test_bf16_on_cpu_is_refused(capsys):
-    from dsmoe.cli import main
 
     assert main(["bench", "layer", "--dtype", "bf16", "--tokens", "8", "--repeats", "1"]) == 1
     assert "--dtype bf16 is only benchmarked on --device cuda" in capsys.readouterr().out
@@ -126,3 +125,21 @@ def test_gpu_check_says_no_gpu_and_succeeds():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("no GPU"), out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_bench_ep_measures_layer_layouts_and_checkpoints(tmp_path, capsys):
+    """`dsmoe bench ep` end to end at micro sizes: the all-to-all rows, a row per mesh layout with each rank's
+    share of the state, and both checkpoint formats timed."""
+    out = tmp_path / "ep.json"
+    assert main(["bench", "ep", "--worlds", "2", "--repeats", "1", "--warmup", "0", "--tokens", "16", "--preset",
+                 "debug", "--batch-size", "4", "--seq-len", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["limit"] for r in result["layer"]] == ["M=1", "unlimited"]
+    assert [r["layout"] for r in result["layouts"]] == ["dp 4", "dp 2 x ep 2", "ep 4"]
+    assert [r["format"] for r in result["checkpoints"]] == ["gathered", "dcp"]
+    for r in result["layouts"] + result["checkpoints"]:
+        assert all(math.isfinite(v) and v >= 0 for k, v in r.items() if k not in ("layout", "format")), r
+    replicated, sharded = result["checkpoints"][0]["state_mb"], result["layouts"][0]["state_mb"]
+    assert sharded < replicated  # FSDP2 shards what expert parallelism alone replicates
+    assert "dcp / gathered" in capsys.readouterr().out

@@ -8,7 +8,16 @@ here, where the functions would hide them). The command line is `dsmoe.cli` (the
 """
 
 from dsmoe.checkpoint import load_checkpoint
-from dsmoe.config import BiasRule, GroupScore, ModelConfig, MoEConfig, ScoreFunc, TrainConfig
+from dsmoe.config import (
+    AuxLossScores,
+    BiasRule,
+    GroupScore,
+    ModelConfig,
+    MoEConfig,
+    ScoreFunc,
+    SeqAuxExperts,
+    TrainConfig,
+)
 from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
 from dsmoe.hf import hf_state_dict, load_hf_state_dict, moe_config_from_hf, moe_config_to_hf
 from dsmoe.model import MoETransformer
@@ -18,9 +27,9 @@ from dsmoe.pretrained import from_pretrained, save_pretrained
 from dsmoe.router import Router, route
 
 __all__ = [
-    "PRESETS", "BiasRule", "GroupScore", "GroupedExperts", "ModelConfig", "MoE", "MoEConfig", "MoETransformer",
-    "Router", "ScoreFunc", "SwiGLU", "TrainConfig", "build_configs", "from_pretrained", "hf_state_dict",
-    "load_checkpoint", "load_hf_state_dict", "moe_config_from_hf", "moe_config_to_hf", "moe_layers",
-    "reference_experts", "route", "save_pretrained", "update_biases",
+    "PRESETS", "AuxLossScores", "BiasRule", "GroupScore", "GroupedExperts", "ModelConfig", "MoE", "MoEConfig",
+    "MoETransformer", "Router", "ScoreFunc", "SeqAuxExperts", "SwiGLU", "TrainConfig", "build_configs",
+    "from_pretrained", "hf_state_dict", "load_checkpoint", "load_hf_state_dict", "moe_config_from_hf",
+    "moe_config_to_hf", "moe_layers", "reference_experts", "route", "save_pretrained", "update_biases",
 ]
 __version__ = "0.1.0"

@@ -101,6 +101,7 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
         shard_optimizer_state,
         training_tensors,
     )
+    from dsmoe.parallel.fsdp import local
     from dsmoe.train import build_optimizer
 
     model, _, train_cfg = _model(args)
@@ -108,6 +109,7 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
     model = ctx.shard(model) if ctx else apply_expert_parallel(model)
     optimizer = build_optimizer(model, train_cfg)
     init_optimizer_state(optimizer)
+    state_bytes = sum(local(p).numel() * local(p).element_size() for p in model.parameters()) * 4  # p, grad, 2 moments
     before = _peak_rss()
     dist.barrier()
     t0 = time.perf_counter()
@@ -135,7 +137,7 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
         optimizer.load_state_dict(shard_optimizer_state(model, optimizer, full))
     load_s = _slowest(time.perf_counter() - t0)
     return {"save_s": save_s, "load_s": load_s, "save_rss_mb": (after_save - before) / 2**20,
-            "load_rss_mb": (_peak_rss() - after_save) / 2**20}
+            "load_rss_mb": (_peak_rss() - after_save) / 2**20, "state_mb": state_bytes / 2**20}
 
 
 def _worker(rank: int, world: int, port: int, args, job: tuple, out_path: str) -> None:

@@ -192,6 +192,9 @@ def _mesh(args: argparse.Namespace) -> dict:
         print(f"{r['layout']:>12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} {r['state_mb']:>22.1f} "
               f"{r['state_mb'] / base['state_mb']:>7.2f} {r['peak_rss_mb']:>12.0f}")
     gathered, dcp = formats
+    print(f"expert parallelism alone at ep {mesh.WORLD} (the other weights replicated on every rank): "
+          f"{gathered['state_mb']:.1f} MiB of params+grads+AdamW per rank, "
+          f"{gathered['state_mb'] / base['state_mb']:.2f}x the mesh layouts'")
     print(f"\ncheckpoint of the {args.preset} model + AdamW state at ep {mesh.WORLD}: gathered onto every rank "
           "(expert parallelism alone) vs DCP shards (FSDP2 + expert parallelism)")
     print(f"{'format':>9} {'save s':>7} {'load s':>7} {'RSS rise in save MiB':>20} {'in load MiB':>11}")
