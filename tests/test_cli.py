@@ -105,14 +105,18 @@ def test_demo(corpus, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_train(tmp_path, capsys):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "eager-and-compiled"])
+def test_bench_train(compiled, tmp_path, capsys):
     argv = ["bench", "train", "--preset", "debug", "--steps", "2", "--chunk", "1", "--warmup", "0",
-            "--batch-size", "2", "--seq-len", "16", "--json", str(tmp_path / "bench.json")]
+            "--batch-size", "2", "--seq-len", "16", "--json", str(tmp_path / "bench.json")] + ["--compile"] * compiled
     assert cli.main(argv) == 0
-    assert "MoE / dense: tokens/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MoE / dense: tokens/s" in out and ("compiled / eager" in out) == compiled
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["name"] for r in results] == ["debug", "debug-dense"]
+    assert [(r["name"], r["compiled"]) for r in results] == [("debug", False), ("debug-dense", False)] + [
+        ("debug", True), ("debug-dense", True)] * compiled
     assert all(r["tokens_per_s"] > 0 for r in results)
+    assert all(r["warmup_s"] > 0 for r in results if r["compiled"])  # a compiled model's warm-up compiles it
 
 
 # ----------------------------------------------------------------------------- errors

@@ -223,15 +223,19 @@ def test_chunked_plan_covers_assignments_in_order(monkeypatch, counts, chunk_byt
     assert plan.used == [e for e, n in enumerate(counts) if n]
 
 
-@pytest.mark.parametrize("D,force,want", [
-    (8, None, ChunkedPlan), (8, True, GroupedMMPlan), (8, False, ChunkedPlan), (6, True, ChunkedPlan),
-], ids=["cpu-default", "forced-grouped", "forced-chunked", "unaligned-falls-back"])
-def test_plan_choice(D, force, want):
-    """On CPU the default is the chunked plan; forcing grouped_mm needs aligned shapes."""
+@pytest.mark.parametrize("D,force,assignments,want", [
+    (8, None, 12, GroupedMMPlan), (8, None, 2**21, ChunkedPlan), (8, True, 2**21, GroupedMMPlan),
+    (8, False, 12, ChunkedPlan), (6, True, 12, ChunkedPlan), (6, None, 12, ChunkedPlan),
+], ids=["cpu-small-experts", "cpu-large-experts", "forced-grouped", "forced-chunked", "unaligned-falls-back",
+        "unaligned-default"])
+def test_plan_choice(D, force, assignments, want):
+    """On CPU the default is grouped_mm while each expert's matmul is small (assignments / E * D * F up to
+    2^24 multiply-adds), the chunked plan above; forcing grouped_mm needs aligned shapes."""
     if want is GroupedMMPlan and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch has no _grouped_mm")
     experts = GroupedExperts(4, D, 8)
-    assert type(make_plan(torch.zeros(3, D), experts.w_gate, experts.w_down, torch.tensor([1, 0, 2, 0]), force)) is want
+    plan = make_plan(torch.zeros(3, D), experts.w_gate, experts.w_down, torch.tensor([1, 0, 2, 0]), force, assignments)
+    assert type(plan) is want
 
 
 def test_contiguous_grad():

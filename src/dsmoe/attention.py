@@ -27,8 +27,9 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rotary_table(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """(max_len, head_dim/2) complex rotations e^{i * pos * freq_j} (RoFormer), with yarn's frequencies and
-    attention factor (YaRN, arXiv 2309.00071) when `scaling` says rope_type yarn."""
+    """(max_len, head_dim/2, 2) rotations (m cos, m sin)(pos * freq_j) (RoFormer; m = 1), with yarn's frequencies
+    and attention factor m (YaRN, arXiv 2309.00071) when `scaling` says rope_type yarn. Real numbers, not
+    complex ones: torch.compile's inductor generates code for the real rotation, not the complex product."""
     freqs = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
     magnitude = 1.0
     if scaling is not None:
@@ -46,7 +47,7 @@ def rotary_table(head_dim: int, max_len: int, theta: float, scaling: dict | None
         magnitude = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
                      else _yarn_mscale(factor))
     angles = torch.outer(torch.arange(max_len).float(), freqs)
-    return torch.polar(torch.full_like(angles, magnitude), angles)
+    return magnitude * torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def softmax_scale(head_dim: int, scaling: dict | None) -> float:
@@ -57,10 +58,12 @@ def softmax_scale(head_dim: int, scaling: dict | None) -> float:
     return scale
 
 
-def apply_rotary(x_SR: torch.Tensor, rot_SR: torch.Tensor) -> torch.Tensor:
-    """Rotate (x0, x1) pairs of the last dim by the complex table (broadcast over leading dims)."""
-    x = torch.view_as_complex(x_SR.float().reshape(*x_SR.shape[:-1], -1, 2))
-    return torch.view_as_real(x * rot_SR).flatten(-2).type_as(x_SR)
+def apply_rotary(x_SR: torch.Tensor, rot_SR2: torch.Tensor) -> torch.Tensor:
+    """Rotate (x0, x1) pairs of the last dim by the table's (cos, sin) (broadcast over leading dims): the complex
+    product (x0 + i x1)(cos + i sin), in real arithmetic."""
+    x0, x1 = x_SR.float().reshape(*x_SR.shape[:-1], -1, 2).unbind(-1)
+    cos, sin = rot_SR2.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x_SR)
 
 
 def _causal_mask(start: int, S: int, T: int, device: torch.device) -> torch.Tensor | None:

@@ -13,7 +13,8 @@ Routing weights are `weights_A`; expert weight matrices are `w_gate_EFD`, `w_up_
 assignments by expert. A hand-written autograd function then gathers each expert's tokens, runs its SwiGLU (the
 routing weight scales the hidden activation, before the down projection) and adds the results back into the T
 outputs, following a plan: `GroupedMMPlan` (CUDA) runs one torch grouped_mm per projection over all A rows;
-`ChunkedPlan` (CPU) one matmul per expert over chunks of a few experts, so that temporaries stay small. It saves
+`ChunkedPlan` one matmul per expert over chunks of a few experts, so that temporaries stay small (CPU, where
+each expert's matmul is large enough; make_plan chooses). It saves
 only the gate and up pre-activations for backward. `reference_experts` is the plain per-expert loop it must equal.
 """
 
@@ -243,7 +244,7 @@ def routed_swiglu_op(x_TD: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tenso
                      weights_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
                      use_grouped_mm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_TD, gate_AF, up_AF): the routed experts' output and the pre-activations backward needs."""
-    plan = make_plan(x_TD, w_gate, w_down, counts_E, _KERNEL[use_grouped_mm])
+    plan = make_plan(x_TD, w_gate, w_down, counts_E, _KERNEL[use_grouped_mm], token_A.shape[0])
     return _forward(plan, x_TD, w_gate, w_up, w_down, weights_A, token_A)
 
 
@@ -262,7 +263,7 @@ def routed_swiglu_backward_op(grad_TD: torch.Tensor, x_TD: torch.Tensor, w_gate:
                               use_grouped_mm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                             torch.Tensor]:
     """Gradients of x, w_gate, w_up, w_down and the routing weights."""
-    plan = make_plan(x_TD, w_gate, w_down, counts_E, _KERNEL[use_grouped_mm])
+    plan = make_plan(x_TD, w_gate, w_down, counts_E, _KERNEL[use_grouped_mm], token_A.shape[0])
     return _backward(plan, grad_TD, x_TD, w_gate, w_up, w_down, weights_A, token_A, gate_AF, up_AF)
 
 
@@ -329,16 +330,25 @@ class GroupedExperts(nn.Module):
                              self.use_grouped_mm)
 
 
+# On CPU, grouped_mm's own loop over experts beats the chunked plan's Python loop while each expert's matmul is
+# small (the loop's overhead per matmul dominates): 1.09-1.11x at 1M-6M multiply-adds per expert and projection
+# (the tiny and small presets' layers, the benchmark shape at 512 tokens), 0.69x at 50M (the benchmark shape at
+# 4096 tokens), forward + backward on one thread.
+_CPU_GROUPED_MAX_MACS = 2**24
+
+
 def make_plan(x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_down_EDF: torch.Tensor, counts_E: torch.Tensor,
-              use_grouped_mm: bool | None = None) -> GroupedMMPlan | ChunkedPlan:
+              use_grouped_mm: bool | None = None, assignments: int = 0) -> GroupedMMPlan | ChunkedPlan:
     """GroupedMMPlan where torch's grouped_mm applies and is wanted, else ChunkedPlan (one host sync).
 
-    use_grouped_mm None picks by device: on CPU torch's grouped_mm is itself a loop over experts, but over the
-    whole gathered [A, D] input, and the chunked per-expert loop measures faster (benchmarks/bench_layer.py);
-    on CUDA one kernel per projection avoids a host sync.
+    use_grouped_mm None picks by device and size: on CUDA grouped_mm (one kernel per projection, no host sync);
+    on CPU grouped_mm while an expert's mean matmul, `assignments` / E rows by D by F, is under
+    _CPU_GROUPED_MAX_MACS, else the chunked per-expert loop, which keeps the gathered rows in cache.
     """
+    E, F_, D = w_gate_EFD.shape
+    small = assignments / max(E, 1) * D * F_ <= _CPU_GROUPED_MAX_MACS
     grouped = _grouped_mm_ok(x_TD, w_gate_EFD, w_down_EDF) and (
-        x_TD.device.type == "cuda" if use_grouped_mm is None else use_grouped_mm)
+        (x_TD.device.type == "cuda" or small) if use_grouped_mm is None else use_grouped_mm)
     if grouped:
         return GroupedMMPlan(counts_E)
     return ChunkedPlan(counts_E.tolist(), x_TD.shape[1] * x_TD.element_size())

@@ -55,7 +55,7 @@ class MTPModule(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    rot: torch.Tensor  # [max_seq_len, head_dim] rotary table, a non-persistent buffer
+    rot: torch.Tensor  # [max_seq_len, R/2, 2] rotary table (cos, sin), a non-persistent buffer
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -72,10 +72,16 @@ class MoETransformer(nn.Module):
         self.reset_parameters()
 
     def rotary(self) -> torch.Tensor:
-        """The rotary table [max_seq_len, R/2] (complex), yarn-scaled when the config says so."""
+        """The rotary table [max_seq_len, R/2, 2] (cos, sin), yarn-scaled when the config says so."""
         cfg = self.cfg
         R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
         return rotary_table(R, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) and friends cast the weights; the rotary table stays fp32 (bf16 angles would blur positions)."""
+        super()._apply(fn, recurse)
+        self.rot = self.rotary().to(self.rot.device)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self):

@@ -7,13 +7,20 @@ so that load from other processes hits both alike; tokens/s is the median over c
 (`ModelConfig.dense_twin()`, presets "<name>-dense") makes every block a SwiGLU as wide as the MoE's
 active experts, so a token costs both models the same matmul FLOPs except the router: the ratio of
 tokens/s is the price of routing, dispatch and combine, and the params ratio what it buys.
+
+With `compile`, both models also train under torch.compile (inductor), interleaved with the eager ones:
+four trainees side by side. A compiled trainee's warm-up time (its first steps: tracing and code
+generation, from an empty inductor cache) is reported as compile warm-up.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,15 +40,19 @@ class Result:
     tokens_per_s_spread: tuple   # (min, max) over timed chunks
     step_ms: float               # median milliseconds per optimizer step
     final_loss: float
+    compiled: bool = False
+    warmup_s: float = 0.0        # seconds of the untimed warm-up steps (compilation included, when compiled)
 
 
 class Trainee:
     """A model, its optimizer and one timed training step."""
 
-    def __init__(self, name: str, cfg: ModelConfig, device: torch.device, seed: int):
+    def __init__(self, name: str, cfg: ModelConfig, device: torch.device, seed: int, compiled: bool = False):
         torch.manual_seed(seed)
-        self.name, self.cfg, self.device = name, cfg, device
+        self.name, self.cfg, self.device, self.compiled = name, cfg, device, compiled
         self.model = MoETransformer(cfg).to(device).train()
+        if compiled:
+            self.model.compile()  # in place: parameter names and the optimizer are the eager model's
         # fused AdamW: one pass over each tensor for the whole update. The foreach version costs ~8x longer on
         # CPU, and it scales with total parameters (~5x the dense twin's), so it would time the optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
@@ -90,8 +101,9 @@ def default_shape(name: str) -> tuple[int, int]:
 
 
 def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, batch_size: int | None = None,
-                seq_len: int | None = None, device="cpu", seed: int = 0) -> list[Result]:
-    """Results for the MoE preset `name` and its dense twin, interleaved in chunks of `chunk` steps.
+                seq_len: int | None = None, device="cpu", seed: int = 0, compile: bool = False) -> list[Result]:
+    """Results for the MoE preset `name` and its dense twin (eager, then compiled when `compile`), interleaved
+    in chunks of `chunk` steps.
 
     batch_size and seq_len default to the preset's training shape.
     """
@@ -107,20 +119,24 @@ def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, bat
         raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     if steps < chunk or warmup < 0:
         raise ValueError(f"--steps must be >= the chunk of {chunk} steps and warmup >= 0")
-    models = [Trainee(name, cfg, device, seed), Trainee(f"{name}-dense", cfg.dense_twin(), device, seed)]
+    if compile:  # a cold start: inductor's on-disk cache would otherwise hold earlier runs' generated code
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="dsmoe-inductor-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        torch._dynamo.reset()
+    models = [Trainee(n, c, device, seed, compiled) for compiled in ((False, True) if compile else (False,))
+              for n, c in ((name, cfg), (f"{name}-dense", cfg.dense_twin()))]
     gen = torch.Generator().manual_seed(seed)
     batches = random_batches(chunk, batch_size, seq_len, cfg.vocab_size, device, gen)
-    for m in models:  # warmup: allocator, autotuning, first-call overheads
-        m.timed(batches[:1] * warmup)
-    times: dict[str, list[float]] = {m.name: [] for m in models}
+    warmup_s = {id(m): m.timed(batches[:1] * max(warmup, 1 if m.compiled else 0)) for m in models}  # compiles
+    times: dict[int, list[float]] = {id(m): [] for m in models}
     for r in range(steps // chunk):
         for m in (models if r % 2 == 0 else models[::-1]):
-            times[m.name].append(m.timed(batches))
+            times[id(m)].append(m.timed(batches))
     tokens = chunk * batch_size * seq_len
     return [Result(m.name, m.cfg.num_params(), m.cfg.num_active_params(),
-                   tokens / statistics.median(times[m.name]),
-                   (tokens / max(times[m.name]), tokens / min(times[m.name])),
-                   1e3 * statistics.median(times[m.name]) / chunk, m.last_loss.item())
+                   tokens / statistics.median(times[id(m)]),
+                   (tokens / max(times[id(m)]), tokens / min(times[id(m)])),
+                   1e3 * statistics.median(times[id(m)]) / chunk, m.last_loss.item(), m.compiled, warmup_s[id(m)])
             for m in models]
 
 
@@ -132,13 +148,19 @@ def loadavg() -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    moe, dense = results
-    lines = [f"{'model':<14} {'params':>10} {'active':>10} {'tokens/s':>10} {'(min-max)':>17} {'ms/step':>8}"]
+    lines = [f"{'model':<14} {'mode':<8} {'params':>10} {'active':>10} {'tokens/s':>10} {'(min-max)':>17} "
+             f"{'ms/step':>8} {'warm-up s':>9}"]
     for r in results:
         lo, hi = r.tokens_per_s_spread
-        lines.append(f"{r.name:<14} {r.params:>10,} {r.active_params:>10,} {r.tokens_per_s:>10,.0f} "
-                     f"{f'{lo:,.0f}-{hi:,.0f}':>17} {r.step_ms:>8.1f}")
-    lines.append(f"\nMoE / dense: tokens/s {moe.tokens_per_s / dense.tokens_per_s:.3f}x, "
-                 f"params {moe.params / dense.params:.2f}x, active params "
+        lines.append(f"{r.name:<14} {'compiled' if r.compiled else 'eager':<8} {r.params:>10,} {r.active_params:>10,} "
+                     f"{r.tokens_per_s:>10,.0f} {f'{lo:,.0f}-{hi:,.0f}':>17} {r.step_ms:>8.1f} {r.warmup_s:>9.1f}")
+    moe, dense = results[:2]
+    lines.append(f"\nMoE / dense: tokens/s {moe.tokens_per_s / dense.tokens_per_s:.3f}x eager"
+                 + (f", {results[2].tokens_per_s / results[3].tokens_per_s:.3f}x compiled" if len(results) == 4 else "")
+                 + f"; params {moe.params / dense.params:.2f}x, active params "
                  f"{moe.active_params / dense.active_params:.3f}x")
+    if len(results) == 4:
+        lines.append(f"compiled / eager: tokens/s {results[2].tokens_per_s / moe.tokens_per_s:.3f}x MoE, "
+                     f"{results[3].tokens_per_s / dense.tokens_per_s:.3f}x dense; compile warm-up "
+                     f"{results[2].warmup_s:.0f} s MoE, {results[3].warmup_s:.0f} s dense")
     return "\n".join(lines)

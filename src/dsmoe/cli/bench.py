@@ -126,6 +126,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda trains under bf16 autocast)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seeds both models' initialization and the token batches")
+    p.add_argument("--compile", action="store_true",
+                   help="also train both models under torch.compile (inductor), side by side with eager")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
@@ -142,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
     load_before = train.loadavg()
     try:
         results = train.bench_train(args.preset, args.steps, args.chunk, args.warmup, args.batch_size, args.seq_len,
-                                    device, args.seed)
+                                    device, args.seed, args.compile)
     except ValueError as e:
         raise ValueError(f"dsmoe bench train: {e}") from None
     default_batch, default_seq = train.default_shape(args.preset)
