@@ -9,8 +9,8 @@
     segmentation    m = 1, 2, 4, 8 at constant total and active parameters, with and without a shared
                     expert, next to dense models of the same active and the same total size (DeepSeekMoE)
     segmentation-core  the subset of segmentation + shared that answers DeepSeekMoE's claims
-                    (definitions.SEGMENTATION_CORE: m = 1, 2, 4 without a shared expert, m = 4 with 1 and 2,
-                    the dense model of the same active size), for the bigger presets; it shares their runs
+                    (definitions.SEGMENTATION_CORE: m = 1, 2, 4 without a shared expert, m = 4 with 1 and 2
+                    shared, the dense model of the same active size), for the bigger presets; it shares their runs
     specialization  which kinds of token each routed expert takes, and the redundancy test: disable each
                     token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE)
     all             every study above

@@ -131,14 +131,15 @@ def segmentation_variants(base: ModelConfig) -> list[Variant]:
 
 
 # The subset of segmentation + shared that answers DeepSeekMoE's claims at the bigger presets
-# (`dsmoe study segmentation-core`): (m, shared experts), most important first, then the dense model of the
-# same active size. Left out: m=8 (at tiny, 128 experts of width 16, top-16: the slowest runs) and 4 shared
-# experts, and the dense model of the same total size.
-SEGMENTATION_CORE = ((1, 0), (4, 0), (4, 1), (2, 0), (4, 2))
+# (`dsmoe study segmentation-core`): (m, shared experts), most important first (runs train in this order);
+# m=0 is the dense model of the same active size. Left out: m=8 (at tiny, 128 experts of width 16, top-16: the
+# slowest runs), 4 shared experts, and the dense model of the same total size.
+SEGMENTATION_CORE = ((1, 0), (4, 0), (4, 1), (0, 0), (2, 0), (4, 2))
 
 
 def segmentation_core_variants(base: ModelConfig) -> list[Variant]:
-    return [segmented_model(base, m, s) for m, s in SEGMENTATION_CORE] + dense_models(base)[:1]
+    dense = dense_models(base)[0]  # same active parameters
+    return [dense if m == 0 else segmented_model(base, m, s) for m, s in SEGMENTATION_CORE]
 
 
 def shared_variants(base: ModelConfig) -> list[Variant]:
