@@ -586,7 +586,7 @@ def _moments(run_dir) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_resume_at_another_layout(tmp_path, monkeypatch):
     """A run stopped at step 3 resumes at another layout, optimizer moments included: dp 2 x ep 2 (sharded
-    checkpoint) -> ep 2 on 2 processes and -> 1 process; 1 process -> dp 2 on 2 processes. The losses of step 4
+    checkpoint) -> ep 2 on 2 processes and -> 1 process; 1 process (whole tensors) -> ep 2. The losses of step 4
     and the final moments are the uninterrupted single-process run's. A bit flipped in a shard is refused."""
     from dsmoe.checkpoint import CheckpointError, load_checkpoint
     from dsmoe.data import Corpus
@@ -616,14 +616,14 @@ def test_resume_at_another_layout(tmp_path, monkeypatch):
     train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'at1'}", f"resume={tmp_path / 'at1'}"]),
           progress=False)  # ... and 1 process
 
-    real = _cut_at_step_3()  # 1 process to step 3, then dp 2
+    real = _cut_at_step_3()  # 1 process to step 3, then ep 2
     try:
         with pytest.raises(KeyboardInterrupt):
             train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'one'}"]), progress=False)
     finally:
         Corpus.batch = real
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "one"))
-    monkeypatch.setenv("DSMOE_EP", "0")
+    monkeypatch.setenv("DSMOE_EP", "2")
     assert launch(resume_worker, 2, tmp_path / "results-one") == [{}, {}]
 
     for name in ("at2", "at1", "one"):

@@ -128,11 +128,12 @@ class MeshContext(SingleProcess):
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
         """A single-process checkpoint's optimizer state (whole tensors, by parameter index): each rank copies
         its own piece of every moment, no communication."""
-        check_optimizer_state(optimizer, full)
-        init_optimizer_state(optimizer)
         names = {id(p): n for n, p in model.named_parameters()}
         experts = expert_names(model)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        wholes = [global_view(p, experts.get(names[id(p)]), self.mesh).shape for p in params]
+        check_optimizer_state(optimizer, full, wholes)
+        init_optimizer_state(optimizer)
         for i, p in enumerate(params):
             for key, whole in full["state"].get(i, {}).items():
                 view = global_view(optimizer.state[p][key], experts.get(names[id(p)]), self.mesh)
@@ -148,19 +149,21 @@ class MeshContext(SingleProcess):
         return Path(scratch)
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: list | None = None) -> dict:
     """The optimizer state to load, refused with the first parameter whose moments do not fit it (fused AdamW
-    would read past the end of a smaller tensor instead of raising)."""
+    would read past the end of a smaller tensor instead of raising). `shapes`: each parameter's whole shape,
+    where it differs from the parameter's own (an expert block of a layer)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    shapes = shapes or [p.shape for p in params]
     saved = sd.get("state", {})
     if len(sd.get("param_groups", [])) != len(optimizer.param_groups) or \
             sum(len(g["params"]) for g in sd["param_groups"]) != len(params):
         raise ValueError("state.pt's optimizer state holds another set of parameters than this model")
-    for i, p in enumerate(params):
+    for i, shape in enumerate(shapes):
         for key, value in saved.get(i, {}).items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != shape:
                 raise ValueError(f"state.pt's optimizer {key} of parameter {i} has shape {tuple(value.shape)}, "
-                                 f"the model's parameter {tuple(p.shape)}: the state belongs to another model")
+                                 f"the model's parameter {tuple(shape)}: the state belongs to another model")
     return sd
 
 
