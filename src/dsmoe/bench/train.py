@@ -21,6 +21,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -143,9 +144,9 @@ def cold_compile_seconds(cfg: ModelConfig, batch, device: torch.device, seed: in
     """Seconds of a compiled model's first training step in a fresh process with an empty inductor cache:
     tracing and code generation from scratch, nothing reused from this process or earlier runs."""
     with tempfile.TemporaryDirectory(prefix="dsmoe-inductor-") as cache:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(1) as pool:
-            return pool.apply(_first_step_seconds, (cfg, batch, str(device), seed, torch.get_num_threads(), cache))
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            job = pool.submit(_first_step_seconds, cfg, batch, str(device), seed, torch.get_num_threads(), cache)
+            return job.result()
 
 
 def _first_step_seconds(cfg: ModelConfig, batch, device: str, seed: int, threads: int, cache: str) -> float:
