@@ -153,6 +153,7 @@ def _worker(rank: int, world: int, port: int, args, job: tuple, out_path: str) -
     dist.all_gather_object(rows, row)
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows))
+    dist.barrier()  # nobody tears the group down while another rank still talks in it
     dist.destroy_process_group()
 
 
