@@ -87,7 +87,8 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the spawned ranks' rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -98,7 +99,7 @@ def measure(args, world: int) -> list[dict]:
     args = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        mp.spawn(_worker, args=(world, _free_port(), args, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), args, out), nprocs=world, join=True)
         with open(out) as f:
             rows = json.load(f)
     base = next(r for r in rows if r["limit"] == "unlimited")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -31,6 +30,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dsmoe.bench.ep import free_port
 
 LAYOUTS = {"dp 4": (4, 1), "dp 2 x ep 2": (2, 2), "ep 4": (1, 4)}
 WORLD = 4
@@ -157,16 +158,10 @@ def _worker(rank: int, world: int, port: int, args, job: tuple, out_path: str) -
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(args, job: tuple) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        mp.spawn(_worker, args=(WORLD, _free_port(), args, job, out), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(WORLD, free_port(), args, job, out), nprocs=WORLD, join=True)
         return json.loads(Path(out).read_text())
 
 
