@@ -182,7 +182,7 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, dev
         model_cfg = dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(check_inputs=False))
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()  # every rank sees the same
     if holds_run and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run: continue it with --resume {run_dir}, choose another --out, "
+        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, choose another --out, "
                          "or --set overwrite=true to replace it")
 
     state, tokenizer = None, None
