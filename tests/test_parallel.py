@@ -31,11 +31,11 @@ from dsmoe.parallel import (
     MeshContext,
     apply_expert_parallel,
     comm_stats,
+    expert_parameter_names,
     full_state_dict,
     global_view,
     load_full_state_dict,
 )
-from dsmoe.parallel.fsdp import expert_names
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: the slow tier
 
@@ -274,7 +274,7 @@ def check_mesh_grads(rank, world):
     ref(x).square().mean().backward()
     sharded(x[8 * rank: 8 * rank + 8]).square().mean().backward()
     ctx.reduce_grads(sharded)
-    experts = expert_names(sharded)
+    experts = expert_parameter_names(sharded)
     ref_params = dict(ref.named_parameters())
     for name, p in sharded.named_parameters():
         whole = global_view(p.grad, experts.get(name), ctx.mesh).full_tensor()
@@ -407,7 +407,7 @@ def train_worker(rank, world):
     preset = os.environ.get("DSMOE_PRESET", "debug")
     train(*build_configs(preset, sets + os.environ.get("DSMOE_SETS", "").split()), progress=False)
     model = models[0]
-    experts = expert_names(model)
+    experts = expert_parameter_names(model)
     non_expert = [p for name, p in model.named_parameters() if name not in experts]
     return {"bias": [layer.gate.bias.tolist() for layer in model.moe_layers()],
             "local_numel": sum(p.to_local().numel() for p in non_expert), "numel": sum(p.numel() for p in non_expert)}

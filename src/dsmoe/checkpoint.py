@@ -127,16 +127,20 @@ def save(directory, model, config: dict, state: dict, tokenizer=None) -> Path:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        config = {**config, "weights_sha256": _sha256(tmp / "model.safetensors")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        torch.save(state, tmp / "state.pt")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        _write_beside(tmp, {**config, "weights_sha256": _sha256(tmp / "model.safetensors")}, state, tokenizer)
     except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(directory, e) from None
     _swap(tmp, directory)
     return directory
+
+
+def _write_beside(tmp: Path, config: dict, state: dict, tokenizer) -> None:
+    """What a checkpoint holds beside its tensors: config.json, state.pt, the tokenizer."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save(state, tmp / "state.pt")
+    if tokenizer is not None:
+        tokenizer.save(tmp)
 
 
 def _write_failed(directory: Path, e: BaseException) -> CheckpointError:
@@ -175,11 +179,7 @@ def save_sharded(directory, tensors: dict[str, torch.Tensor], config: dict, stat
         dcp.save(tensors, checkpoint_id=tmp / SHARDS)  # a collective: a failure on one rank raises on all
         if main:
             shards = sorted(f for f in (tmp / SHARDS).iterdir() if f.is_file())
-            config = {**config, "shards_sha256": {f.name: _sha256(f) for f in shards}}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            torch.save(state, tmp / "state.pt")
-            if tokenizer is not None:
-                tokenizer.save(tmp)
+            _write_beside(tmp, {**config, "shards_sha256": {f.name: _sha256(f) for f in shards}}, state, tokenizer)
     except Exception as e:  # DCP wraps a rank's OSError in a CheckpointException
         error = e
     failed = torch.tensor(float(error is not None))

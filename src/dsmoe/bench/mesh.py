@@ -41,6 +41,13 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _state_mb(model) -> float:
+    """This rank's parameters, gradients and AdamW's two moments, in MiB (4 copies of its pieces)."""
+    from dsmoe.parallel.fsdp import local
+
+    return 4 * sum(local(p).numel() * local(p).element_size() for p in model.parameters()) / 2**20
+
+
 def _slowest(seconds: float) -> float:
     t = torch.tensor(seconds)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -58,7 +65,6 @@ def _model(args):
 
 def _train_layout(rank: int, args, dp: int, ep: int) -> dict:
     from dsmoe.parallel import MeshContext
-    from dsmoe.parallel.fsdp import local
     from dsmoe.train import build_optimizer
 
     model, model_cfg, train_cfg = _model(args)
@@ -83,8 +89,7 @@ def _train_layout(rank: int, args, dp: int, ep: int) -> dict:
         seconds = _slowest(time.perf_counter() - t0)
         if step >= args.warmup:
             times.append(seconds)
-    state_bytes = sum(local(p).numel() * local(p).element_size() for p in model.parameters()) * 4  # p, grad, 2 moments
-    return {"step_ms": 1e3 * statistics.median(times), "state_mb": state_bytes / 2**20,
+    return {"step_ms": 1e3 * statistics.median(times), "state_mb": _state_mb(model),
             "peak_rss_mb": _peak_rss() / 2**20}
 
 
@@ -102,7 +107,6 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
         shard_optimizer_state,
         training_tensors,
     )
-    from dsmoe.parallel.fsdp import local
     from dsmoe.train import build_optimizer
 
     model, _, train_cfg = _model(args)
@@ -110,7 +114,6 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
     model = ctx.shard(model) if ctx else apply_expert_parallel(model)
     optimizer = build_optimizer(model, train_cfg)
     init_optimizer_state(optimizer)
-    state_bytes = sum(local(p).numel() * local(p).element_size() for p in model.parameters()) * 4  # p, grad, 2 moments
     before = _peak_rss()
     dist.barrier()
     t0 = time.perf_counter()
@@ -138,7 +141,7 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
         optimizer.load_state_dict(shard_optimizer_state(model, optimizer, full))
     load_s = _slowest(time.perf_counter() - t0)
     return {"save_s": save_s, "load_s": load_s, "save_rss_mb": (after_save - before) / 2**20,
-            "load_rss_mb": (_peak_rss() - after_save) / 2**20, "state_mb": state_bytes / 2**20}
+            "load_rss_mb": (_peak_rss() - after_save) / 2**20, "state_mb": _state_mb(model)}
 
 
 def _worker(rank: int, world: int, port: int, args, job: tuple, out_path: str) -> None:

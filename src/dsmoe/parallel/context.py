@@ -24,7 +24,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dsmoe.model import Block
 from dsmoe.parallel.comm import init_distributed
-from dsmoe.parallel.fsdp import build_meshes, expert_names, global_view, init_optimizer_state, local, shard_model
+from dsmoe.parallel.expert_parallel import expert_parameter_names
+from dsmoe.parallel.fsdp import build_meshes, global_view, init_optimizer_state, local, shard_model
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -109,7 +110,7 @@ class MeshContext(SingleProcess):
         the non-expert weights, the mean loss already. An expert's gradient arrives summed over the ep ranks
         whose tokens it computed (the combine's backward brings them home), then averaged over dp: divided
         here by ep, it is the gradient of the mean loss too. No communication."""
-        names = expert_names(model)
+        names = expert_parameter_names(model)
         for name, p in model.named_parameters():
             if name in names and p.grad is not None:
                 p.grad.div_(self.ep)
@@ -129,7 +130,7 @@ class MeshContext(SingleProcess):
         """A single-process checkpoint's optimizer state (whole tensors, by parameter index): each rank copies
         its own piece of every moment, no communication."""
         names = {id(p): n for n, p in model.named_parameters()}
-        experts = expert_names(model)
+        experts = expert_parameter_names(model)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         wholes = [global_view(p, experts.get(names[id(p)]), self.mesh).shape for p in params]
         check_optimizer_state(optimizer, full, wholes)

@@ -238,5 +238,7 @@ def comm_stats(model: nn.Module) -> dict[str, float]:
     }
 
 
-def expert_parameter_names(model: nn.Module) -> set[str]:
-    return {f"{prefix}.{w}" if prefix else w for prefix in expert_parallel_modules(model) for w in EXPERT_WEIGHTS}
+def expert_parameter_names(model: nn.Module) -> dict[str, int]:
+    """{parameter name: experts in the whole layer} for every expert-parallel weight."""
+    return {f"{prefix}.{w}" if prefix else w: m.n_experts
+            for prefix, m in expert_parallel_modules(model).items() for w in EXPERT_WEIGHTS}

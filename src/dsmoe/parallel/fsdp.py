@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from dsmoe.parallel.expert_parallel import EXPERT_WEIGHTS, apply_expert_parallel, expert_parallel_modules
+from dsmoe.parallel.expert_parallel import apply_expert_parallel, expert_parallel_modules, expert_parameter_names
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -51,22 +51,15 @@ def shard_model(model: _M, mesh: DeviceMesh, flat: DeviceMesh, blocks: list[nn.M
     return model
 
 
-def expert_names(model: nn.Module) -> dict[str, int]:
-    """{parameter name: experts in the whole layer} for every expert-parallel weight."""
-    return {f"{prefix}.{w}" if prefix else w: m.n_experts
-            for prefix, m in expert_parallel_modules(model).items() for w in EXPERT_WEIGHTS}
-
-
 def global_view(t: torch.Tensor, n_experts: int | None, mesh: DeviceMesh | None) -> torch.Tensor:
     """The tensor a checkpoint stores for `t` (a parameter or a per-parameter optimizer state): itself, or for an
     expert weight (n_experts given) the DTensor of all n_experts on the 2-D mesh whose local piece is t's.
     It shares t's storage, so loading into it loads into t."""
     if n_experts is None or mesh is None or t.dim() == 0:
         return t
-    local = t.to_local() if isinstance(t, DTensor) else t
     shape = torch.Size((n_experts, *t.shape[1:]))
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, (Shard(1), Shard(0)), run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(local(t), mesh, (Shard(1), Shard(0)), run_check=False, shape=shape, stride=stride)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -80,7 +73,7 @@ def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: D
     `optimizer.<parameter name>.<state>` (AdamW's step, exp_avg, exp_avg_sq). Plain tensors in one process;
     on a mesh, DTensors whose global shapes do not depend on the layout, which is what lets a checkpoint
     written at one (dp, ep) load at another, or in one process. Shares storage with the model and optimizer."""
-    experts = expert_names(model)
+    experts = expert_parameter_names(model)
     out = {f"model.{k}": global_view(v, experts.get(k), mesh) for k, v in model.state_dict().items()}
     for name, p in model.named_parameters():
         for key, value in optimizer.state[p].items():
