@@ -372,6 +372,44 @@ def test_threads_for_load(threads, cpus, load, expect):
     assert threads_for_load(threads, cpus, load) == expect
 
 
+_HEAP_AFTER_FREE = """
+import ctypes, sys, torch
+from dsmoe.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t counters, fordblks the free heap bytes
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+x = torch.zeros(24 << 20, dtype=torch.uint8)  # a step's activations, freed at its end
+del x
+print(kept, libc.mallinfo2().fordblks >= 24 << 20)
+"""
+
+
+def test_keep_freed_memory_keeps_freed_tensors_in_the_heap():
+    """With the `dsmoe` command's allocator setting, a freed 24 MiB tensor stays in glibc's heap for the next step;
+    by default glibc maps it apart and unmaps it on free (and later trims what it keeps), so its pages fault in
+    again. The user's MALLOC_* settings opt out."""
+    import platform
+    import subprocess
+    import sys
+    libc, version = platform.libc_ver()
+    if libc != "glibc" or tuple(map(int, version.split("."))) < (2, 33):
+        pytest.skip("needs glibc 2.33 or later (mallinfo2)")
+
+    def run(mode, **env):
+        out = subprocess.run([sys.executable, "-c", _HEAP_AFTER_FREE, mode], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout
+        return out.split()
+
+    assert run("keep") == ["True", "True"]  # the freed 24 MiB stay in the heap for the next step
+    assert run("default") == ["False", "False"]  # glibc's default gives it back: the next step faults it in
+    assert run("keep", MALLOC_ARENA_MAX="2")[0] == "False"  # the user's own malloc settings win
+
+
 def test_cli_takes_fewer_threads_on_a_busy_machine(monkeypatch, capsys):
     """`dsmoe train` under load: fewer torch threads, and it says so; --threads and OMP_NUM_THREADS win."""
     import argparse

@@ -176,10 +176,17 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
         raise
 
 
+def as_trained(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config a training run builds: the MoE layers' per-forward NaN check is a host sync per layer,
+    so training turns it off and checks the loss at its log points instead."""
+    if model_cfg.moe is None:
+        return model_cfg
+    return dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(check_inputs=False))
+
+
 def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, device: str, out: Path, run_dir: Path,
                lock: RunLock) -> Run:
-    if model_cfg.moe is not None:  # the per-forward NaN check is a host sync; the loop checks the loss instead
-        model_cfg = dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(check_inputs=False))
+    model_cfg = as_trained(model_cfg)
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()  # every rank sees the same
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, choose another --out, "

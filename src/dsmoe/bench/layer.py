@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from dsmoe import runtime
 from dsmoe.config import MoEConfig
 from dsmoe.experts import SwiGLU
 from dsmoe.moe import MoE
@@ -268,7 +269,8 @@ def machine(device) -> str:
         where = torch.cuda.get_device_name(device)
     else:
         where = _cpu_model() + f", {torch.get_num_threads()} threads"
-    return f"{where}; torch {torch.__version__}; python {platform.python_version()}"
+    allocator = "; glibc malloc keeps freed memory" if runtime.freed_memory_kept and device.type == "cpu" else ""
+    return f"{where}; torch {torch.__version__}; python {platform.python_version()}{allocator}"
 
 
 def _cpu_model() -> str:

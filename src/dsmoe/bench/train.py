@@ -2,8 +2,9 @@
 
 Both models train side by side in one process: a full optimizer step each (forward, cross-entropy +
 auxiliary loss, backward, AdamW, and for the MoE the loss-free bias update), on the same random token
-batches. Timed chunks of `chunk` steps alternate between the two models (the order flips every round)
-so that load from other processes hits both alike; tokens/s is the median over chunks. The dense twin
+batches, built as `dsmoe train` builds them (`dsmoe.train.as_trained`). Timed chunks of `chunk` steps
+alternate between the two models (the order flips every round) so that load from other processes hits both
+alike; tokens/s is the median over chunks. The dense twin
 (`ModelConfig.dense_twin()`, presets "<name>-dense") makes every block a SwiGLU as wide as the MoE's
 active experts, so a token costs both models the same matmul FLOPs except the router: the ratio of
 tokens/s is the price of routing, dispatch and combine, and the params ratio what it buys.
@@ -29,6 +30,7 @@ import torch
 from dsmoe.config import ModelConfig
 from dsmoe.model import MoETransformer
 from dsmoe.presets import PRESETS, build_configs, preset
+from dsmoe.train import as_trained
 
 
 @dataclass
@@ -108,7 +110,7 @@ def bench_train(name: str, steps: int = 40, chunk: int = 4, warmup: int = 3, bat
     batch_size and seq_len default to the preset's training shape.
     """
     device = torch.device(device)
-    cfg = preset(name)
+    cfg = as_trained(preset(name))
     default_batch, default_seq = default_shape(name)
     batch_size = batch_size or default_batch
     if cfg.moe is None:

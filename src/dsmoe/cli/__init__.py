@@ -1,7 +1,9 @@
 """The `dsmoe` command: the only place that parses arguments. Each subcommand is a module here with
 `add_arguments(parser)` and `run(args) -> exit code`; the library functions they call take config
 objects and return results. A ValueError, OSError or RuntimeError from the library (bad input, a missing
-or unwritable file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130."""
+or unwritable file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130.
+The command also keeps freed memory in glibc's heap (dsmoe.runtime.keep_freed_memory), a process-wide
+choice that the library leaves to the program that imports it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 
 from dsmoe.cli import bench, demo, evaluate, export, generate, inspection, report, study, train
 from dsmoe.cli.format import HelpFormatter
+from dsmoe.runtime import keep_freed_memory
 
 # name -> (module, help)
 COMMANDS = {
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # CPU steps fault their activations' pages in again otherwise
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:
