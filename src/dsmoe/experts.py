@@ -171,13 +171,6 @@ class _PerExpertMM:
         return grad_EOI
 
 
-def _silu_and_grad(gate_nF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu(gate) and its derivative sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))."""
-    sig_nF = torch.sigmoid(gate_nF)
-    silu_nF = gate_nF * sig_nF
-    return silu_nF, (gate_nF - silu_nF).add_(1).mul_(sig_nF)  # = sig * (1 + gate * (1 - sig)), in fewer passes
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The routed SwiGLU as a registered custom op (torch.library): torch.compile sees one opaque op whatever the routing
 # counts (the chunked plan reads them on the host, which would otherwise break or re-specialize the graph), with a
@@ -222,7 +215,7 @@ def _backward(plan: GroupedMMPlan | ChunkedPlan, grad_TD: torch.Tensor, x_TD: to
         token_n = token_A[rows]
         x_nD, grad_y_nD = x_TD.index_select(0, token_n), grad_TD.index_select(0, token_n)  # contiguous, always
         gate_nF, up_nF, weights_n1 = gate_AF[rows], up_AF[rows], weights_A[rows, None]
-        silu_nF, dsilu_nF = _silu_and_grad(gate_nF)
+        silu_nF = F.silu(gate_nF)
         hidden_nF = silu_nF * up_nF
         grad_down_EDF = chunk.weight_grad(grad_y_nD, hidden_nF * weights_n1, grad_down_EDF)
         grad_hw_nF = chunk.project_back(grad_y_nD, w_down_EDF)  # gradient of the weighted hidden
@@ -230,7 +223,7 @@ def _backward(plan: GroupedMMPlan | ChunkedPlan, grad_TD: torch.Tensor, x_TD: to
         grad_weights_A[rows] = (grad_hw_nF * hidden_nF).sum(-1)
         grad_hidden_nF = grad_hw_nF.mul_(weights_n1)
         grad_up_nF = grad_hidden_nF * silu_nF
-        grad_gate_nF = grad_hidden_nF.mul_(up_nF).mul_(dsilu_nF)
+        grad_gate_nF = torch.ops.aten.silu_backward(grad_hidden_nF.mul_(up_nF), gate_nF)  # one pass
         grad_gate_EFD = chunk.weight_grad(grad_gate_nF, x_nD, grad_gate_EFD)
         grad_up_EFD = chunk.weight_grad(grad_up_nF, x_nD, grad_up_EFD)
         grad_x_TD.index_add_(0, token_n, chunk.project_back(grad_up_nF, w_up_EFD,

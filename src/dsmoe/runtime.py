@@ -30,7 +30,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 freed_memory_kept = False  # whether keep_freed_memory() changed this process's allocator (benchmarks report it)
 
 
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Make glibc's malloc reuse freed memory instead of returning it to the system: tensors up to
     `mmap_threshold` bytes come from the heap, and up to `trim_threshold` bytes of free heap stay mapped.
 
