@@ -324,9 +324,11 @@ class GroupedExperts(nn.Module):
 
 
 # On CPU, grouped_mm's own loop over experts beats the chunked plan's Python loop while each expert's matmul is
-# small (the loop's overhead per matmul dominates): 1.09-1.11x at 1M-6M multiply-adds per expert and projection
-# (the tiny and small presets' layers, the benchmark shape at 512 tokens), 0.69x at 50M (the benchmark shape at
-# 4096 tokens), forward + backward on one thread.
+# small (the loop's overhead per matmul dominates), and the chunked plan wins on large ones (its temporaries stay
+# in cache), forward + backward. With glibc's default allocator, which faults large temporaries in every step:
+# 1.09-1.11x at 1M-6M multiply-adds per expert and projection (the tiny and small presets' layers, the benchmark
+# shape at 512 tokens) and 0.69x at 50M (the benchmark shape at 4096 tokens), on one thread. With the heap kept
+# (the dsmoe command, dsmoe.runtime.keep_freed_memory) the two are within 4% everywhere at one and two threads.
 _CPU_GROUPED_MAX_MACS = 2**24
 
 

@@ -268,7 +268,8 @@ def machine(device) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = _cpu_model() + f", {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        where = _cpu_model() + f", {threads} thread{'s' if threads > 1 else ''}"
     allocator = "; glibc malloc keeps freed memory" if runtime.freed_memory_kept and device.type == "cpu" else ""
     return f"{where}; torch {torch.__version__}; python {platform.python_version()}{allocator}"
 
