@@ -123,23 +123,26 @@ def _time_fwd_bwd(module, x, grad_y):
     return time.perf_counter() - t
 
 
-def build(cfg: MoEConfig, device, dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """The three candidates; the reference layer shares the fast layer's weights."""
+def build(cfg: MoEConfig, device, dtype, seed: int = 0, reference: bool = True) -> dict[str, torch.nn.Module]:
+    """The candidates (the reference layer only when `reference`), sharing the fast layer's weights.
+
+    Built on the device itself: a DeepSeek-V3-sized layer is 45 GB of fp32 weights before the cast, too many to
+    build in host memory first."""
     torch.manual_seed(seed)
-    fast = MoE(cfg).to(device, dtype)
-    ref = MoE(cfg, reference=True).to(device, dtype)
-    ref.load_state_dict(fast.state_dict())
-    dense = SwiGLU(cfg.dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim).to(device, dtype)
-    return {"dsmoe": fast, "reference": ref, "dense": dense}
+    with torch.device(device):
+        models: dict[str, torch.nn.Module] = {"dsmoe": MoE(cfg).to(dtype)}
+        if reference:
+            models["reference"] = MoE(cfg, reference=True).to(dtype)
+            models["reference"].load_state_dict(models["dsmoe"].state_dict())
+        models["dense"] = SwiGLU(cfg.dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim).to(dtype)
+    return models
 
 
 def bench_layer(cfg: MoEConfig, tokens: int, device="cpu", dtype=torch.float32, repeats: int = 5,
                 warmup: int = 1, skip_reference: bool = False) -> list[Row]:
     """Rows for dsmoe, reference and dense: median times (ms), forward memory (MB), ratios to dense."""
     device = torch.device(device)
-    models = build(cfg, device, dtype)
-    if skip_reference:
-        del models["reference"]
+    models = build(cfg, device, dtype, reference=not skip_reference)
     x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, requires_grad=True)
     return compare(models, x, repeats, warmup)
 

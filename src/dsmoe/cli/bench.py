@@ -97,7 +97,7 @@ def _layer(args: argparse.Namespace) -> int:
     print(layer.format_table(rows))
     result: dict[str, Any] = {"machine": where, "shape": shape, "rows": [asdict(r) for r in rows]}
     if not args.no_floor and device.type == "cpu":  # on CUDA the layer runs one grouped_mm, not a loop of matmuls
-        fast = layer.build(cfg, device, layer.DTYPES[args.dtype])["dsmoe"]  # the benchmarked weights, hence its routing
+        fast = layer.build(cfg, device, layer.DTYPES[args.dtype], reference=False)["dsmoe"]  # the timed weights
         assert isinstance(fast, MoE)
         x = torch.randn(args.tokens, args.dim, device=device, dtype=layer.DTYPES[args.dtype])
         floor = result["matmul_floor"] = layer.matmul_floor(fast, x, args.repeats, args.warmup)
