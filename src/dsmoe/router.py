@@ -11,6 +11,8 @@ Shapes: T tokens, D model dim, E routed experts, G expert groups, K experts per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,15 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
         self.exclude_top = 0
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Router:
+        """.to(dtype) and friends cast the weight; the bias keeps its fp32 values (a loss-free step of 1e-3 is
+        below bf16's resolution at the bias's typical size) and follows the weight's device."""
+        bias = self.bias
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self.bias.dtype != torch.float32:
+            self.bias = self.bias.float() if bias.is_meta or self.bias.is_meta else bias.to(self.bias.device)
+        return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK, ids_TK, scores_TE, logits_TE); scores and logits are fp32."""
