@@ -3,7 +3,7 @@ M = 1, 2 and unlimited. The same as `dsmoe bench ep`; arguments pass through (se
 
 import sys
 
-from dsmoe.cli import main
+from dsmoe.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "ep", *sys.argv[1:]]))
+    sys.exit(command(["bench", "ep", *sys.argv[1:]]))

@@ -6,7 +6,7 @@
 
 import sys
 
-from dsmoe.cli import main
+from dsmoe.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "layer", *sys.argv[1:]]))
+    sys.exit(command(["bench", "layer", *sys.argv[1:]]))

@@ -2,10 +2,12 @@
 resident memory by about N (the weights, allocated once) plus a few tensors in flight, not 2N.
 
     python benchmarks/bench_load.py [--hidden 1024] [--layers 6] [--experts 32] [--dtype fp32|bf16]
+                                    [--keep-freed-memory]
 
 Builds a DeepSeek-V3-shaped model with transformers (random weights, nothing downloaded), saves it in
 shards, then loads it with dsmoe in a fresh process that reports its resident memory after the imports
-and its peak (VmHWM) after loading; the ratio (peak - before) / N is printed with the machine.
+and its peak (VmHWM) after loading; the ratio (peak - before) / N is printed with the machine. With
+--keep-freed-memory the loading process first sets the allocator as the `dsmoe` command does.
 """
 
 import argparse
@@ -18,6 +20,9 @@ from pathlib import Path
 CHILD = """
 import json, sys, torch
 import dsmoe
+from dsmoe.runtime import keep_freed_memory
+
+kept = keep_freed_memory() if sys.argv[2] == "keep" else False
 
 def status(field):  # /proc/self/status, in bytes: VmRSS now, VmHWM the peak of this process image
     for line in open("/proc/self/status"):
@@ -28,7 +33,7 @@ before = status("VmRSS")
 model = dsmoe.from_pretrained(sys.argv[1])
 after = status("VmHWM")
 nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"before": before, "after": after, "model_bytes": nbytes}))
+print(json.dumps({"before": before, "after": after, "model_bytes": nbytes, "kept": kept}))
 """
 
 
@@ -38,6 +43,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--keep-freed-memory", action="store_true", help="the dsmoe command's allocator setting")
     args = p.parse_args()
 
     import torch
@@ -57,10 +63,11 @@ def main() -> int:
         model.save_pretrained(tmp, max_shard_size="100MB")
         del model
         files = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
-        out = subprocess.run([sys.executable, "-c", CHILD, tmp], capture_output=True, text=True, check=True)
+        allocator = "keep" if args.keep_freed_memory else "default"
+        out = subprocess.run([sys.executable, "-c", CHILD, tmp, allocator], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
     raised = r["after"] - r["before"]
-    print(f"machine: {machine('cpu')}; {args.dtype}")
+    print(f"machine: {machine('cpu')}{'; glibc malloc keeps freed memory' if r['kept'] else ''}; {args.dtype}")
     print(f"checkpoint files {files / 2**20:.0f} MiB, model tensors {r['model_bytes'] / 2**20:.0f} MiB")
     print(f"RSS {r['before'] / 2**20:.0f} MiB after the imports, peak {r['after'] / 2**20:.0f} MiB after loading")
     print(f"peak RSS raised by loading: {raised / 2**20:.0f} MiB = {raised / r['model_bytes']:.2f}x the model's bytes")

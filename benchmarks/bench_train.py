@@ -2,7 +2,7 @@
 
 import sys
 
-from dsmoe.cli import main
+from dsmoe.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "train", *sys.argv[1:]]))
+    sys.exit(command(["bench", "train", *sys.argv[1:]]))

@@ -26,6 +26,7 @@ from dsmoe.bench import layer, train
 from dsmoe.config import MoEConfig
 from dsmoe.model import MoETransformer
 from dsmoe.presets import build_configs
+from dsmoe.train import as_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name -> (MoEConfig fields, tokens)
@@ -50,8 +51,8 @@ def layer_flops(cfg: MoEConfig, tokens: int) -> float:
 
 
 def layer_row(name: str, fields: dict, tokens: int, device: torch.device, dtype: torch.dtype) -> str:
-    cfg = MoEConfig(**fields, check_inputs=False)  # as trained: the NaN check's host sync would stall the GPU
-    moe, dense = layer.bench_layer(cfg, tokens, device, dtype, repeats=5, warmup=2, skip_reference=True)
+    cfg = MoEConfig(**fields)
+    moe, dense = layer.bench_layer(cfg, tokens, device, dtype, repeats=5, warmup=2, reference=False)
     flops = layer_flops(cfg, tokens)
     dense_flops = 3 * 2 * tokens * (cfg.top_k + cfg.n_shared_experts) * cfg.dim * cfg.expert_dim
     tflops = 3 * flops / (moe.fwd_bwd_ms / 1e3) / 1e12
@@ -69,7 +70,7 @@ def train_row(device: torch.device, smoke: bool) -> str:
 
 
 def compile_row(device: torch.device, smoke: bool) -> str:
-    model_cfg, _ = build_configs("debug" if smoke else "tiny", ["moe.check_inputs=false"])
+    model_cfg = as_trained(build_configs("debug" if smoke else "tiny")[0])
     torch.manual_seed(0)
     eager = MoETransformer(model_cfg).to(device)
     compiled = MoETransformer(model_cfg).to(device)

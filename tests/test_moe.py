@@ -295,7 +295,7 @@ def test_bias_is_an_fp32_buffer_saved_in_the_state_dict():
 
 def test_bias_stays_fp32_when_the_layer_is_cast():
     """.to(bf16) casts the weights but keeps the bias's fp32 values: a loss-free step of 1e-3 on a bias near 1
-    is below bf16's resolution (2^-7 there) and would vanish. Meta and to_empty keep fp32 too."""
+    is below bf16's resolution (2^-7 there) and would vanish. A layer built on meta and cast keeps it fp32 too."""
     moe = biased_moe()
     moe.gate.bias.copy_(torch.linspace(-1, 1, moe.cfg.n_routed_experts) + 1e-3)
     before = moe.gate.bias.clone()
@@ -304,8 +304,9 @@ def test_bias_stays_fp32_when_the_layer_is_cast():
     assert moe.gate.bias.dtype == torch.float32 and torch.equal(moe.gate.bias, before)
     moe.half()
     assert moe.gate.bias.dtype == torch.float32 and torch.equal(moe.gate.bias, before)
-    moe.to("meta").to_empty(device="cpu")
+    moe.to("meta", torch.bfloat16).to_empty(device="cpu")
     assert moe.gate.bias.dtype == torch.float32 and moe.gate.bias.device.type == "cpu"
+    assert moe.experts.w_up.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- losses held by the layer

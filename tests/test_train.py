@@ -413,6 +413,44 @@ def test_keep_freed_memory_keeps_freed_tensors_in_the_heap():
     assert run("keep", MALLOC_ARENA_MAX="2")[0] == "False"  # the user's own malloc settings win
 
 
+def test_keep_freed_memory_asks_glibc_for_less_where_it_refuses(monkeypatch):
+    """Older glibc refuses an mmap threshold above 32 MiB on 64-bit machines: the setting then asks for 32 MiB, and
+    reports failure only when glibc refuses that too."""
+    from dsmoe import runtime
+
+    class Libc:
+        def __init__(self, mmap_most):
+            self.mmap_most, self.calls = mmap_most, []
+
+        def mallopt(self, param, value):  # 1 where glibc takes the value, 0 where it refuses it
+            self.calls.append((param, value))
+            return int(param != -3 or value <= self.mmap_most)
+
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.17"))
+    for key in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(runtime, "freed_memory_kept", False)  # restored after the test
+    old = Libc(mmap_most=32 << 20)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda _: old)
+    assert runtime.keep_freed_memory() and runtime.freed_memory_kept
+    assert old.calls == [(-3, 256 << 20), (-3, 32 << 20), (-1, 1 << 30)]
+    refusing = Libc(mmap_most=0)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda _: refusing)
+    assert not runtime.keep_freed_memory() and not runtime.freed_memory_kept
+
+
+def test_only_the_dsmoe_executable_sets_the_allocator(monkeypatch):
+    """cli.main, which tests and scripts call in their own process, leaves that process's allocator alone; the
+    installed command (cli.command, also `python -m dsmoe`) sets it first."""
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    argv = ["train", "--preset", "debug", "--set", "learning_rate=1", "--out", "unused"]  # refused before training
+    assert cli.main(argv) == 1 and calls == []
+    monkeypatch.setattr("sys.argv", ["dsmoe", *argv])
+    assert cli.command() == 1 and calls == [1]
+
+
 def test_cli_takes_fewer_threads_on_a_busy_machine(monkeypatch, capsys):
     """`dsmoe train` under load: fewer torch threads, and it says so; --threads and OMP_NUM_THREADS win."""
     import argparse

@@ -1,5 +1,5 @@
 import sys
 
-from dsmoe.cli import main
+from dsmoe.cli import command
 
-sys.exit(main())
+sys.exit(command())

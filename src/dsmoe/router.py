@@ -86,7 +86,7 @@ class Router(nn.Module):
         bias = self.bias
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         if self.bias.dtype != torch.float32:
-            self.bias = self.bias.float() if bias.is_meta or self.bias.is_meta else bias.to(self.bias.device)
+            self.bias = bias.to(self.bias.device)
         return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

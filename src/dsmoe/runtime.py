@@ -37,7 +37,8 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     PyTorch has no caching allocator on CPU. By default glibc gives blocks of a few MB back to the kernel
     when they are freed (its trim threshold starts at 2x the largest freed block), so every training step
     faults the pages of its activations and gradients in again: 30% of an MoE layer's backward at the tiny
-    preset's shape. The limits must be set together (setting one fixes the other at its small default).
+    preset's shape. The limits must be set together (setting one fixes the other at its small default). Older
+    glibc refuses an mmap threshold above 32 MiB on 64-bit machines; then 32 MiB it is.
     A process-wide setting, so the `dsmoe` command calls this, never the library. Skipped, returning False,
     off glibc or where the environment already chooses (MALLOC_* or GLIBC_TUNABLES, or a preloaded allocator).
     """
@@ -48,8 +49,8 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
         return False
     global freed_memory_kept
     libc = ctypes.CDLL(None)
-    freed_memory_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-                             and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) or libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    freed_memory_kept = bool(mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return freed_memory_kept
 
 

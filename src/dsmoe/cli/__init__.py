@@ -2,8 +2,8 @@
 `add_arguments(parser)` and `run(args) -> exit code`; the library functions they call take config
 objects and return results. A ValueError, OSError or RuntimeError from the library (bad input, a missing
 or unwritable file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130.
-The command also keeps freed memory in glibc's heap (dsmoe.runtime.keep_freed_memory), a process-wide
-choice that the library leaves to the program that imports it."""
+The installed command (`command`) also keeps freed memory in glibc's heap (dsmoe.runtime.keep_freed_memory), a
+process-wide choice that `main`, which tests and scripts call in their own process, leaves alone."""
 
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # CPU steps fault their activations' pages in again otherwise
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:
@@ -51,5 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def command(argv: list[str] | None = None) -> int:
+    """The `dsmoe` executable (and the benchmarks/ scripts): main, in a process whose allocator keeps freed memory
+    (CPU steps would fault their activations' pages in again otherwise)."""
+    keep_freed_memory()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

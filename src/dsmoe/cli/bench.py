@@ -86,7 +86,7 @@ def _layer(args: argparse.Namespace) -> int:
     if args.sweep:
         return _layer_sweep(args, cfg, device)
     rows = layer.bench_layer(cfg, args.tokens, device, layer.DTYPES[args.dtype], args.repeats, args.warmup,
-                       skip_reference=args.no_reference)
+                       reference=not args.no_reference)
     where = layer.machine(device)
     shape = (f"T={args.tokens} D={args.dim} E={args.experts} F={args.expert_dim} N_s={args.shared} "
              f"K={args.top_k} {args.dtype} {device}{' uniform routing' if args.uniform else ''}")
