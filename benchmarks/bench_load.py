@@ -22,7 +22,8 @@ import json, sys, torch
 import dsmoe
 from dsmoe.runtime import keep_freed_memory
 
-kept = keep_freed_memory() if sys.argv[2] == "keep" else False
+if sys.argv[2] == "keep":
+    keep_freed_memory()
 
 def status(field):  # /proc/self/status, in bytes: VmRSS now, VmHWM the peak of this process image
     for line in open("/proc/self/status"):
@@ -33,7 +34,8 @@ before = status("VmRSS")
 model = dsmoe.from_pretrained(sys.argv[1])
 after = status("VmHWM")
 nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"before": before, "after": after, "model_bytes": nbytes, "kept": kept}))
+from dsmoe.bench.layer import machine  # after the measurement: it names this process's allocator setting
+print(json.dumps({"before": before, "after": after, "model_bytes": nbytes, "machine": machine("cpu")}))
 """
 
 
@@ -48,8 +50,6 @@ def main() -> int:
 
     import torch
     import transformers
-
-    from dsmoe.bench.layer import machine
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     config = transformers.DeepseekV3Config(
@@ -67,7 +67,7 @@ def main() -> int:
         out = subprocess.run([sys.executable, "-c", CHILD, tmp, allocator], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
     raised = r["after"] - r["before"]
-    print(f"machine: {machine('cpu')}{'; glibc malloc keeps freed memory' if r['kept'] else ''}; {args.dtype}")
+    print(f"machine: {r['machine']}; {args.dtype}")
     print(f"checkpoint files {files / 2**20:.0f} MiB, model tensors {r['model_bytes'] / 2**20:.0f} MiB")
     print(f"RSS {r['before'] / 2**20:.0f} MiB after the imports, peak {r['after'] / 2**20:.0f} MiB after loading")
     print(f"peak RSS raised by loading: {raised / 2**20:.0f} MiB = {raised / r['model_bytes']:.2f}x the model's bytes")

@@ -400,8 +400,8 @@ def test_keep_freed_memory_keeps_freed_tensors_in_the_heap():
     if libc != "glibc" or tuple(map(int, version.split("."))) < (2, 33):
         pytest.skip("needs glibc 2.33 or later (mallinfo2)")
 
-    own = {k: v for k, v in os.environ.items()  # without this machine's own allocator choices, if any
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    from dsmoe.runtime import chooses_allocator
+    own = {k: v for k, v in os.environ.items() if not chooses_allocator(k)}  # without this machine's own choices
 
     def run(mode, **env):
         out = subprocess.run([sys.executable, "-c", _HEAP_AFTER_FREE, mode], capture_output=True, text=True,
@@ -428,7 +428,7 @@ def test_keep_freed_memory_asks_glibc_for_less_where_it_refuses(monkeypatch):
 
     monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.17"))
-    for key in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+    for key in [k for k in os.environ if runtime.chooses_allocator(k)]:
         monkeypatch.delenv(key)
     monkeypatch.setattr(runtime, "freed_memory_kept", False)  # restored after the test
     old = Libc(mmap_most=32 << 20)

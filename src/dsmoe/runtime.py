@@ -30,6 +30,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 freed_memory_kept = False  # whether keep_freed_memory() changed this process's allocator (benchmarks report it)
 
 
+def chooses_allocator(env_var: str) -> bool:
+    """Whether an environment variable is the user's own malloc choice, which keep_freed_memory leaves alone."""
+    return env_var.startswith("MALLOC_") or env_var in ("GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Make glibc's malloc reuse freed memory instead of returning it to the system: tensors up to
     `mmap_threshold` bytes come from the heap, and up to `trim_threshold` bytes of free heap stay mapped.
@@ -44,8 +49,7 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if any(key.startswith("MALLOC_") for key in os.environ) or "GLIBC_TUNABLES" in os.environ \
-            or "LD_PRELOAD" in os.environ:
+    if any(map(chooses_allocator, os.environ)):
         return False
     global freed_memory_kept
     libc = ctypes.CDLL(None)
