@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dsmoe import MoE, MoEConfig, TrainConfig, checkpoint, cli, hf
@@ -463,6 +463,8 @@ MOE_FIELDS = {
 
 @settings(max_examples=100, deadline=None)
 @given(changes=st.fixed_dictionaries({}, optional=MOE_FIELDS), seed=st.integers(0, 2**31 - 1))
+@example(changes={"route_scale": 2, "bias_update_speed": 0, "capacity_factor": 1, "z_loss_beta": 0}, seed=0)
+@example(changes={"route_scale": True, "norm_topk_prob": 1}, seed=0)
 def test_any_moe_config_works_or_names_the_field(changes, seed):
     """Any value of any field: a layer that runs (a training forward, a bias update, a forward again) with a
     finite output, or a ValueError that names a field that was set."""
@@ -494,6 +496,10 @@ TRAIN_FIELDS = {
 
 @settings(max_examples=100, deadline=None)
 @given(changes=st.fixed_dictionaries({}, optional=TRAIN_FIELDS))
+@example(changes={"beta1": 0})  # found by hypothesis: an int beta passed validation, then AdamW refused it
+@example(changes={"beta1": 0, "beta2": 0, "lr": 1, "min_lr": 0, "weight_decay": 0, "grad_clip": 1,
+                  "dist_timeout_s": 60})
+@example(changes={"beta1": True})
 def test_any_train_config_works_or_names_the_field(changes):
     """Any value of any field: a config whose schedule, optimizer and config.json round trip work, or a
     ValueError that names a field that was set."""

@@ -1,10 +1,12 @@
 """MoEConfig (dsmoe.config): validation that names the bad field, parameter counting against a built MoE,
 and fine-grained segmentation keeping total and active expert parameters constant."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from dsmoe import MoE, MoEConfig
+from dsmoe import ModelConfig, MoE, MoEConfig, TrainConfig
 
 BASE = dict(dim=8, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=4)
 
@@ -114,3 +116,30 @@ def test_segmented_dense_baseline():
     assert cfg.num_active_params() - 8 * 3 == 3 * 8 * 32
     moe = MoE(cfg)
     assert moe(torch.randn(2, 8)).shape == (2, 8)
+
+
+def _float_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.type in ("float", "float | None")]
+
+
+@pytest.mark.parametrize("cls", [MoEConfig, ModelConfig, TrainConfig], ids=lambda c: c.__name__)
+def test_an_int_for_a_float_becomes_a_float_and_a_bool_is_refused(cls):
+    """Where values enter (the library, --set, config.json): `beta1=0` is 0.0, so torch never sees an int where it
+    takes a float (AdamW refused int betas); `lr=True` names the field instead of training at lr 1."""
+    base = {MoEConfig: BASE, ModelConfig: {"dense_hidden": 16}}.get(cls, {})
+    good = {"route_scale": 2, "capacity_factor": 1, "rope_theta": 10000, "norm_eps": 1, "lr": 1, "min_lr": 0,
+            "dist_timeout_s": 60}
+    for name in _float_fields(cls):
+        value = good.get(name, 0)
+        cfg = cls(**{**base, name: value})
+        assert type(getattr(cfg, name)) is float and getattr(cfg, name) == value, name
+        with pytest.raises(ValueError, match=name):
+            cls(**{**base, name: True})
+
+
+@pytest.mark.parametrize("changes", [dict(vocab_size=True), dict(rope_theta=0), dict(norm_eps=0.0),
+                                     dict(first_k_dense=1.5), dict(tie_embeddings="yes"), dict(rope_scaling=[1]),
+                                     dict(moe="big")], ids=lambda c: next(iter(c)))
+def test_bad_model_config_names_the_field(changes):
+    with pytest.raises(ValueError, match=next(iter(changes))):
+        ModelConfig(**{"dense_hidden": 16, **changes})

@@ -82,6 +82,16 @@ def _integer(obj: object, name: str, minimum: int) -> None:
     _check(_is_int(value) and value >= minimum, name, value, allowed)
 
 
+def _floats(obj: Any) -> None:
+    """Every field typed float (or float | None) holds a float: an int given for it (`beta1=0`, a JSON `1`) is
+    converted, so that torch never sees an int where it takes a float (AdamW refuses int betas). A bool stays
+    as it is, for the field's own check to refuse."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.type in ("float", "float | None") and _is_int(value):
+            setattr(obj, f.name, float(value))
+
+
 def _boolean(obj: object, name: str) -> None:
     value = getattr(obj, name)
     _check(isinstance(value, bool), name, value, "must be True or False")
@@ -123,6 +133,7 @@ class MoEConfig:
     check_inputs: bool = True           # reject NaN/inf inputs, a NaN/inf bias, an overflowing output (one host sync)
 
     def __post_init__(self) -> None:
+        _floats(self)
         self.score_func = _choice("score_func", self.score_func, ScoreFunc)
         self.group_score = _choice("group_score", self.group_score, GroupScore)
         self.bias_update_rule = _choice("bias_update_rule", self.bias_update_rule, BiasRule)
@@ -224,27 +235,33 @@ class ModelConfig:
         return self.kv_lora_rank > 0
 
     def __post_init__(self) -> None:
+        _floats(self)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        _check(self.moe is None or isinstance(self.moe, MoEConfig), "moe", self.moe, "must be a MoEConfig or None")
         for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                     "mtp_layers"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
-                   "must be an integer >= 0")
+                     "mtp_layers", "first_k_dense", "dense_hidden"):
+            _integer(self, name, 0)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            _integer(self, name, 1)
+        for name in ("tie_embeddings", "rope_interleave"):
+            _boolean(self, name)
+        for name in ("rope_theta", "norm_eps"):  # 0 makes the rotary table or the norms NaN, not an error
+            _check(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
+                   "must be a finite number > 0")
+        _check(_is_number(self.mtp_loss_weight) and self.mtp_loss_weight >= 0, "mtp_loss_weight",
+               self.mtp_loss_weight, "must be a finite number >= 0")
         if self.mla:
             for name in ("qk_rope_head_dim", "v_head_dim"):
                 _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0 with kv_lora_rank > 0")
             _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
         if self.rope_scaling is not None:
+            _check(isinstance(self.rope_scaling, dict), "rope_scaling", self.rope_scaling, "must be a dict or None")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             _check(kind == "yarn" and {"factor", "original_max_position_embeddings"} <= set(self.rope_scaling),
                    "rope_scaling", self.rope_scaling,
                    "only yarn is supported: {'rope_type': 'yarn', 'factor': ..., "
                    "'original_max_position_embeddings': ...}")
-        _check(self.mtp_loss_weight >= 0, "mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
         if not self.mla:  # MLA sizes its heads by qk_nope/qk_rope/v_head_dim instead
             _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
             _check((self.dim // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
@@ -253,7 +270,6 @@ class ModelConfig:
                    f"must divide n_heads={self.n_heads}")
         _check(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
                f"must be in [0, n_layers={self.n_layers}]")
-        _check(self.dense_hidden >= 0, "dense_hidden", self.dense_hidden, "must be >= 0")
         _check(self.moe is not None or self.dense_hidden > 0, "dense_hidden", self.dense_hidden,
                "must be > 0 when moe is None")
         if self.moe is not None:
@@ -342,6 +358,7 @@ class TrainConfig:
     dist_timeout_s: float = 120.0     # several processes: a rank that died or hung fails the others after this long
 
     def __post_init__(self) -> None:
+        _floats(self)
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
             _integer(self, name, 1)
         for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "topk_start", "topk_anneal_steps",
