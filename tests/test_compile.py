@@ -4,6 +4,8 @@ model compile with no graph break (fullgraph) and no recompile across steps whos
 compiled outputs and gradients equal eager ones. The aot_eager backend traces exactly what inductor would
 receive, without spending the test's time on C++ code generation."""
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -59,6 +61,30 @@ def test_layer_compiles_once_without_graph_breaks():
         for a, b in zip(grads, grads_ref):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert counter.frame_count == 1, "recompiled across steps"
+
+
+def test_default_layer_compiles_whole_and_still_refuses_nan():
+    """A layer as users build it (check_inputs on, the default) compiles with fullgraph=True, once: its value
+    checks are asserts inside the graph, which still refuse a NaN input with the eager message."""
+    cfg = MoEConfig(dim=16, n_routed_experts=8, top_k=2, expert_dim=8)
+    assert cfg.check_inputs
+    torch.manual_seed(0)
+    eager = MoE(cfg)
+    layer = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(24, 16, generator=torch.Generator().manual_seed(step))
+        eager.zero_grad(), layer.zero_grad()
+        y_ref, grads_ref = _step(eager, x)
+        y, grads = _step(compiled, x)
+        torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    x[3, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="router logits are not finite"):
+        compiled(x)
+    assert counter.frame_count == 1
 
 
 def test_model_training_steps_compile_once():
