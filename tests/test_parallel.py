@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dsmoe import MoE, MoEConfig, balancing
+from dsmoe import MoE, MoEConfig, balancing, cli
 from dsmoe.parallel import (
     MeshContext,
     apply_expert_parallel,
@@ -56,6 +56,7 @@ def _worker(rank, world, port, fn, out_dir, timeout_s):
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(result, f)
     if fn is not fault_worker:  # the fault cases leave a broken group behind on purpose
+        dist.barrier()  # then end the group on every rank (gloo's threads must not outlive the interpreter)
         dist.destroy_process_group()
 
 
@@ -584,9 +585,10 @@ def _moments(run_dir) -> dict[str, dict[str, torch.Tensor]]:
     return {name: {k: optimizer.state[p][k] for k in ("exp_avg", "exp_avg_sq")} for name, p in model.named_parameters()}
 
 
-def test_resume_at_another_layout(tmp_path, monkeypatch):
+def test_resume_at_another_layout(tmp_path, monkeypatch, capsys):
     """A run stopped at step 3 resumes at another layout, optimizer moments included: dp 2 x ep 2 (sharded
-    checkpoint) -> ep 2 on 2 processes and -> 1 process; 1 process (whole tensors) -> ep 2. The losses of step 4
+    checkpoint) -> ep 2 on 2 processes and -> 1 process (by the command line, which takes the launch's layout);
+    1 process (whole tensors) -> ep 2. The losses of step 4
     and the final moments are the uninterrupted single-process run's. A bit flipped in a shard is refused."""
     from dsmoe.checkpoint import CheckpointError, load_checkpoint
     from dsmoe.data import Corpus
@@ -613,8 +615,9 @@ def test_resume_at_another_layout(tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "flipped")
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "at2"))  # ... then ep 2 on 2 processes
     assert launch(resume_worker, 2, tmp_path / "results-at2") == [{}, {}]
-    train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'at1'}", f"resume={tmp_path / 'at1'}"]),
-          progress=False)  # ... and 1 process
+    # ... and 1 process, as a user resumes it: `dsmoe train --resume RUN`, no layout given, the launch's is taken
+    assert cli.main(["train", "--resume", str(tmp_path / "at1"), "--quiet"]) == 0
+    assert "expert_parallel=0 instead of the checkpoint's 2" in capsys.readouterr().out
 
     real = _cut_at_step_3()  # 1 process to step 3, then ep 2
     try:

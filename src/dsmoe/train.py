@@ -162,8 +162,8 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
-    check_step_memory(model_cfg, cfg)  # refused here, not killed by the OOM killer later
     ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s)
+    check_step_memory(model_cfg, cfg, world=ctx.world, ep=ctx.ep)  # refused here, not killed by the OOM killer later
     device = checkpoint.resolve_device(cfg.device)
     out = Path(cfg.out or f"runs/{cfg.preset}")
     run_dir = ctx.run_dir(out)
@@ -331,7 +331,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
     SIGTERM stops it at the next log point with a checkpoint, then raises KeyboardInterrupt."""
     run = build_run(model_cfg, cfg)
     try:
-        return _loop(run, progress and run.ctx.is_main)
+        summary = _loop(run, progress and run.ctx.is_main)
     except RuntimeError as e:
         if not _is_peer_failure(e):
             raise
@@ -340,6 +340,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
                            f"within dist_timeout_s={cfg.dist_timeout_s:g} s ({detail}). " + run.kept()) from None
     finally:
         run.lock.release()
+    run.ctx.close()  # the ranks' last collective was the final evaluation
+    if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main:
+        _export(run)
+    return summary
 
 
 def _is_peer_failure(e: BaseException) -> bool:
@@ -357,8 +361,8 @@ def _loop(run: Run, progress: bool) -> dict:
         f"run dir {run.run_dir}")
     if cfg.activation_checkpointing:
         B = cfg.batch_size // run.ctx.world
-        with_ac, without = (step_memory(run.model_cfg, dataclasses.replace(cfg, activation_checkpointing=on))[1] * B
-                            for on in (True, False))
+        with_ac, without = (step_memory(run.model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),
+                                        world=run.ctx.world, ep=run.ctx.ep)[1] * B for on in (True, False))
         say(f"activation checkpointing: ~{with_ac / 2**20:.0f} MiB of activations per micro-batch instead of "
             f"~{without / 2**20:.0f} MiB (estimated), for one more forward per step")
     if run.init_eval is None:
@@ -403,12 +407,11 @@ def _loop(run: Run, progress: bool) -> dict:
                 print(f"\ninterrupted: checkpoint of step {run.step} saved in {run.checkpoint_dir}; "
                       f"continue with --resume {run.run_dir}")
             run.log.close()
+            run.ctx.close()  # every rank stops after the same step (the flag travelled in an all-reduce)
             raise KeyboardInterrupt
         run.save()
     ev = run.evaluate()
     run.log.close()
-    if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main:
-        _export(run)
     return _summary(run, ev)
 
 

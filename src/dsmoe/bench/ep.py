@@ -84,6 +84,7 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
+    dist.barrier()  # nobody tears the group down while another rank still talks in it
     dist.destroy_process_group()
 
 

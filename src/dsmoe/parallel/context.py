@@ -9,6 +9,7 @@ norm, splits batches over the ranks, and loads a single-process checkpoint's opt
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import tempfile
@@ -33,7 +34,7 @@ _M = TypeVar("_M", bound=nn.Module)
 class SingleProcess:
     """One process holds the whole model: nothing to split, reduce or gather."""
 
-    rank, world = 0, 1
+    rank, world, ep = 0, 1, 1
     sharded = False  # checkpoints: whole tensors (safetensors) here, DCP shards under a mesh
     mesh: DeviceMesh | None = None  # the (dp, ep) mesh
 
@@ -71,6 +72,9 @@ class SingleProcess:
         """Where this rank writes: the run directory on rank 0, a scratch folder elsewhere."""
         return run_dir
 
+    def close(self) -> None:
+        """After a run's last collective, on every rank: end the process groups this context started."""
+
 
 class MeshContext(SingleProcess):
     """N = dp x ep processes of a torchrun launch on a (dp, ep) DeviceMesh (dsmoe.parallel.fsdp): routed experts
@@ -78,6 +82,7 @@ class MeshContext(SingleProcess):
     contiguous share of the global batch. Checkpoints are DCP: each rank writes its own shards."""
 
     sharded = True
+    owns_group = False  # whether close() ends the process groups (init_context started them)
 
     def __init__(self, dp: int, ep: int, device_type: str = "cpu"):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -149,6 +154,17 @@ class MeshContext(SingleProcess):
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         return Path(scratch)
 
+    def close(self) -> None:
+        """A barrier, so that no rank tears the groups down while another still talks in them, then
+        destroy_process_group, which joins gloo's worker threads. Without it they outlive the interpreter: a
+        worker that drops the last reference to a collective's tensor during interpreter shutdown needs the
+        GIL, which then ends the thread, and the C++ runtime aborts the process ("terminate called without
+        an active exception", SIGABRT after a good run). Only on success: after a failure another rank may
+        never reach the barrier."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: list | None = None) -> dict:
     """The optimizer state to load, refused with the first parameter whose moments do not fit it (fused AdamW
@@ -168,16 +184,32 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: li
     return sd
 
 
+def launch_world() -> int:
+    """The processes of this launch: torchrun's WORLD_SIZE (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def layout_for_launch(expert_parallel: int, world: int) -> int:
+    """The expert-parallel degree a resumed run takes when none is asked for: its checkpoint's where this launch's
+    processes can hold it, else the largest that divides both (1 process: no expert parallelism). Checkpoints
+    reshard to any layout, so a run never has to resume as it was launched."""
+    if world % max(expert_parallel, 1) == 0:
+        return expert_parallel
+    ep = math.gcd(expert_parallel, world)
+    return 0 if ep == 1 else ep
+
+
 def init_context(expert_parallel: int, global_batch: int, device: str = "cpu",
                  timeout_s: float = 300.0) -> SingleProcess:
     """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
     ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep. The layout is checked against
     torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank."""
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world()
     ep = expert_parallel or 1
     if world == 1 and ep > 1:
         raise ValueError(f"--expert-parallel {ep} needs one process per rank: launch with "
-                         f"`torchrun --nproc_per_node {ep} -m dsmoe train ...` (or a multiple of {ep} processes)")
+                         f"`torchrun --nproc_per_node {ep} -m dsmoe train ...` (or a multiple of {ep} processes); "
+                         "a checkpoint of any layout also resumes in one process with --expert-parallel 1")
     if world % ep:
         raise ValueError(f"--expert-parallel {ep} must divide the {world} processes launched (data parallel over "
                          f"processes / expert-parallel); choose one of "
@@ -186,5 +218,8 @@ def init_context(expert_parallel: int, global_batch: int, device: str = "cpu",
         raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by the {world} processes")
     if world == 1:
         return SingleProcess()
+    started = not dist.is_initialized()
     init_distributed(timeout_s=timeout_s)
-    return MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")
+    ctx = MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")
+    ctx.owns_group = started
+    return ctx
