@@ -167,6 +167,18 @@ def test_a_bad_layout_fails_before_any_process_group(sets, message, tmp_path, mo
         run(tmp_path / "run", "steps=2", *sets)
 
 
+def test_one_process_cannot_take_expert_parallel_and_says_how_to_resume(tmp_path):
+    with pytest.raises(ValueError, match="launch with `torchrun --nproc_per_node 2.*resumes in one process with "
+                                         "--expert-parallel 1"):
+        run(tmp_path / "run", "steps=2", "expert_parallel=2")
+
+
+@pytest.mark.parametrize("saved,world,taken", [(2, 1, 0), (2, 4, 2), (4, 2, 2), (4, 6, 2), (0, 4, 0), (3, 4, 0)])
+def test_a_resume_takes_a_layout_that_this_launch_can_hold(saved, world, taken):
+    from dsmoe.parallel.context import layout_for_launch
+    assert layout_for_launch(saved, world) == taken
+
+
 def test_a_stop_during_the_last_interval_finishes_the_run(tmp_path, monkeypatch):
     """Ctrl-C in the last step: the run ends as finished (summary, final evaluation), not as a checkpoint that
     a resume would then refuse as finished."""

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from dsmoe import checkpoint
 from dsmoe.cli.format import add_threads_argument, apply_threads
 from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.parallel.context import launch_world, layout_for_launch
 from dsmoe.presets import PRESETS, apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config
 from dsmoe.train import train
@@ -51,6 +52,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         run_dir = ckpt.parent if ckpt.name.startswith("checkpoint") else ckpt
         train_cfg = dataclasses.replace(train_cfg, out=str(run_dir))  # the resumed run's folder, wherever it moved
         model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, sets)
+        if args.expert_parallel is None:  # this launch's layout, not necessarily the checkpoint's
+            world, saved = launch_world(), train_cfg.expert_parallel
+            train_cfg = dataclasses.replace(train_cfg, expert_parallel=layout_for_launch(saved, world))
+            if train_cfg.expert_parallel != saved:
+                print(f"resuming on {world} process{'es' * (world > 1)} with expert_parallel="
+                      f"{train_cfg.expert_parallel} instead of the checkpoint's {saved} (it reshards to any layout; "
+                      "choose another with --expert-parallel)")
         print(f"resuming {ckpt} into {train_cfg.out}")
         return model_cfg, dataclasses.replace(train_cfg, resume=args.resume)
     if args.init:
