@@ -204,7 +204,8 @@ class MoEConfig:
 class ModelConfig:
     """A DeepSeek-V2/V3-style decoder: pre-RMSNorm blocks, rotary attention (MHA/GQA, or Multi-head Latent
     Attention when kv_lora_rank > 0), the first `first_k_dense` FFNs dense and the rest MoE, optional
-    multi-token prediction. Parameter counts leave the MTP modules out (they are dropped at inference)."""
+    multi-token prediction. Parameter counts include the MTP modules, as built and trained; `mtp=False` leaves them
+    out, as DeepSeek's published counts do (V3: 682.6B built here, 671.0B without its MTP module)."""
 
     vocab_size: int = 260               # bytes + 4 specials by default
     dim: int = 128                      # D, model width
@@ -292,20 +293,34 @@ class ModelConfig:
         kv = D * (C + self.qk_rope_head_dim) + C + C * H * (self.qk_nope_head_dim + self.v_head_dim)
         return q + kv + H * self.v_head_dim * D
 
-    def _count(self, moe_params: int) -> int:
+    def block_params(self, ffn_params: int) -> int:
+        """One block: attention, its two norms and an FFN of `ffn_params` parameters."""
+        return self._attention_params() + 2 * self.dim + ffn_params
+
+    def mtp_own_params(self) -> int:
+        """One multi-token-prediction module's parameters outside its block: enorm, hnorm, eh_proj [D, 2D] and its
+        norm. The embedding and output head it uses are the model's own."""
+        return 3 * self.dim + 2 * self.dim * self.dim
+
+    def _count(self, moe_params: int, mtp: bool) -> int:
         D = self.dim
         dense = 3 * D * self.dense_hidden
         n_dense = self.n_layers - self.n_moe_layers
         embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
-        norms = D * (2 * self.n_layers + 1)
-        attention = self.n_layers * self._attention_params()
-        return embed + norms + attention + n_dense * dense + self.n_moe_layers * moe_params
+        blocks = n_dense * self.block_params(dense) + self.n_moe_layers * self.block_params(moe_params)
+        # an MTP module's block is MoE whenever the model has MoE (its layer n_layers + depth is past first_k_dense)
+        mtp_block = self.block_params(moe_params if self.moe else dense)
+        mtp_modules = self.mtp_layers * (self.mtp_own_params() + mtp_block) if mtp else 0
+        return embed + blocks + D + mtp_modules  # + the final norm
 
-    def num_params(self) -> int:
-        return self._count(self.moe.num_params() if self.moe else 0)
+    def num_params(self, mtp: bool = True) -> int:
+        """Every parameter the model builds; mtp=False leaves the MTP modules out (DeepSeek's published counts)."""
+        return self._count(self.moe.num_params() if self.moe else 0, mtp)
 
-    def num_active_params(self) -> int:
-        return self._count(self.moe.num_active_params() if self.moe else 0)
+    def num_active_params(self, mtp: bool = True) -> int:
+        """Parameters one token touches in training: the routed experts' top-k of every MoE layer, the MTP
+        modules' included unless mtp=False (they run only in training)."""
+        return self._count(self.moe.num_active_params() if self.moe else 0, mtp)
 
     def dense_twin(self) -> ModelConfig:
         """Every block dense, FFN width = the MoE's active width: the same active parameters but the router."""
