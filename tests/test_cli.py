@@ -149,3 +149,19 @@ def test_missing_checkpoint(tmp_path, capsys):
 def test_bench_train_rejects_a_too_long_sequence(capsys):
     assert cli.main(["bench", "train", "--preset", "debug", "--seq-len", "999"]) == 1
     assert "--seq-len 999 exceeds the preset's max_seq_len=64" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module,argv,needed_for", [
+    ("matplotlib", ["report", "--run", "RUN"], "plotting"),
+    ("tokenizers", ["train", "--preset", "debug", "--steps", "2", "--quiet", *TINY, "--set", "tokenizer=bpe",
+                    "--set", "data=CORPUS", "--out", "OUT"], "the BPE tokenizer (tokenizer='bpe')"),
+], ids=["matplotlib", "tokenizers"])
+def test_a_missing_optional_package_names_the_extra(module, argv, needed_for, run_dir, corpus, tmp_path,
+                                                     monkeypatch, capsys):
+    """Installed without the `cli` extra: one line that names the package and the extra, not a traceback."""
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError, as if not installed
+    argv = [{"RUN": str(run_dir), "OUT": str(tmp_path / "out")}.get(a, a.replace("CORPUS", str(corpus)))
+            for a in argv]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert f"{needed_for} needs the {module} package" in out and "pip install 'dsmoe[cli]'" in out, out

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsmoe.runtime import optional_import
+
 CACHE_VERSION = 3
 # Reading and encoding all ~30 MB of the standard library would slow the first run down for no gain
 # (a 5-minute CPU run sees ~6M tokens); documents are taken in hash order up to this many bytes.
@@ -75,10 +77,8 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
-        try:
-            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        except ImportError:
-            raise ImportError("tokenizer='bpe' needs the tokenizers package: pip install 'dsmoe[cli]'") from None
+        optional_import("tokenizers", "the BPE tokenizer (tokenizer='bpe')")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -94,10 +94,7 @@ class BPETokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: a BPE tokenizer is saved there with the checkpoint "
                                     "(copy the whole checkpoint directory)")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError("a BPE tokenizer needs the tokenizers package: pip install 'dsmoe[cli]'") from None
+        Tokenizer = optional_import("tokenizers", "the BPE tokenizer (tokenizer='bpe')").Tokenizer
         try:
             tok = cls(Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
@@ -138,7 +135,7 @@ class HFTokenizer(BPETokenizer):
 
     @classmethod
     def load(cls, directory) -> HFTokenizer:
-        from tokenizers import Tokenizer
+        Tokenizer = optional_import("tokenizers", f"the tokenizer of {directory}").Tokenizer
 
         path, config = Path(directory, "tokenizer.json"), Path(directory, "tokenizer_config.json")
         try:

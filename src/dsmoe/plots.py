@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsmoe.runtime import optional_import
+
 SNAPSHOTS = 6  # panels in load_evolution.png
 
 
@@ -58,7 +60,7 @@ def layer_names(run_dir: str | Path, n_layers: int) -> list[str]:
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

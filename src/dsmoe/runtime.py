@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -13,6 +14,15 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+
+
+def optional_import(name: str, needed_for: str):
+    """A module of the `cli` extra (matplotlib, tokenizers), or an ImportError that says how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ImportError(f"{needed_for} needs the {name.split('.')[0]} package, which dsmoe's `cli` extra installs: "
+                          "pip install 'dsmoe[cli]'") from None
 
 
 def threads_for_load(threads: int, cpus: int | None = None, load: float | None = None) -> int:

@@ -1,7 +1,8 @@
 """The `dsmoe` command: the only place that parses arguments. Each subcommand is a module here with
 `add_arguments(parser)` and `run(args) -> exit code`; the library functions they call take config
-objects and return results. A ValueError, OSError or RuntimeError from the library (bad input, a missing
-or unwritable file, a device that is not there) is printed as one line and exits 1; Ctrl-C exits 130.
+objects and return results. A ValueError, OSError, RuntimeError or ImportError from the library (bad input, a
+missing or unwritable file, a device that is not there, an optional package not installed) is printed as one
+line and exits 1; Ctrl-C exits 130.
 The installed command (`command`) also keeps freed memory in glibc's heap (dsmoe.runtime.keep_freed_memory), a
 process-wide choice that `main`, which tests and scripts call in their own process, leaves alone."""
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return args._run(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"dsmoe {args.command}: error: {e}")
         return 1
 
