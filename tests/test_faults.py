@@ -5,6 +5,7 @@ block a resume; two trainings never write one run folder and a new run never emp
 past its steps, of a finished run or with another preset is refused; optimizer state that does not fit and
 flipped bits in the weights are clear errors."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -142,8 +143,46 @@ def test_optimizer_state_of_another_model_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 3)
     torch.save(state, path)
+    with pytest.raises(CheckpointError, match="state.pt is corrupt or missing"):  # changed after it was written
+        run(tmp_path / "run", "steps=4", f"resume={tmp_path / 'run'}")
+    _record_checksum(path)  # a state.pt written so, by another model's run
     with pytest.raises(ValueError, match=r"optimizer exp_avg of parameter 0 has shape \(3, 3\)"):
         run(tmp_path / "run", "steps=4", f"resume={tmp_path / 'run'}")
+
+
+def _record_checksum(path):
+    """Record `path`'s SHA-256 in its checkpoint's config.json, as if the checkpoint had been written with it."""
+    config_path = path.parent / "config.json"
+    config = json.loads(config_path.read_text())
+    config["files_sha256"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    config_path.write_text(json.dumps(config))
+
+
+def test_weights_with_a_nan_are_never_resumed_or_evaluated(tmp_path):
+    """A checkpoint whose weights hold a NaN (with a consistent checksum: written so) is refused by resume and
+    eval alike, naming the tensor; it is never trained on and later called the last good checkpoint."""
+    from safetensors.torch import save_file
+
+    run(tmp_path / "run", "steps=2")
+    path = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["norm.weight"][3] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _record_checksum(path)
+    with pytest.raises(CheckpointError, match="'norm.weight' holds NaN"):
+        run(tmp_path / "run", "steps=4", f"resume={tmp_path / 'run'}")
+    with pytest.raises(CheckpointError, match="'norm.weight' holds NaN"):
+        checkpoint.load_checkpoint(tmp_path / "run")
+
+
+def test_every_file_of_a_checkpoint_is_checksummed(tmp_path):
+    run(tmp_path / "run", "steps=2")
+    ckpt = tmp_path / "run" / "checkpoint"
+    recorded = json.loads((ckpt / "config.json").read_text())["files_sha256"]
+    assert set(recorded) == {f.name for f in ckpt.iterdir() if f.name != "config.json"}
+    (ckpt / "tokenizer.json").write_text('{"kind": "byte"} ')
+    with pytest.raises(CheckpointError, match="tokenizer.json is corrupt or missing"):
+        checkpoint.load_checkpoint(tmp_path / "run")
 
 
 def test_flipped_bits_in_the_weights_are_caught(tmp_path):

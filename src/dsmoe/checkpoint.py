@@ -4,14 +4,15 @@ Layout of a checkpoint directory:
     model.safetensors   every tensor of model.state_dict(), the fp32 balancing biases (gate.bias) included;
                         with tied embeddings the output matrix is stored once, as embed.weight
     config.json         {"model": ModelConfig dict, "train": TrainConfig dict, "step": int,
-                        "weights_sha256": the SHA-256 of model.safetensors, verified on load}
+                        "files_sha256": {file: SHA-256} of every other file, each verified when it is read}
     state.pt            optimizer, scheduler, torch / data RNG states, step, and loop bookkeeping
     tokenizer.json      which tokenizer (plus bpe.json for a trained BPE)
 
 A run on several processes writes a sharded checkpoint instead: `shards/` (torch.distributed.checkpoint:
 each rank's own file of model and AdamW tensors under their global names and shapes, so it loads at any
-(dp, ep) layout or in one process; dsmoe.parallel.fsdp.training_tensors), config.json with the SHA-256
-of every shard file, state.pt without the optimizer's tensors, and the tokenizer.
+(dp, ep) layout or in one process; dsmoe.parallel.fsdp.training_tensors), config.json, state.pt without the
+optimizer's tensors, and the tokenizer. Weights are checked finite when they are loaded: a checkpoint is
+never resumed, evaluated or sampled from with a NaN in it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
+from dsmoe.parallel.fsdp import local
 from dsmoe.pretrained import from_pretrained
 
 FILES = ("model.safetensors", "config.json", "state.pt")
@@ -127,7 +129,7 @@ def save(directory, model, config: dict, state: dict, tokenizer=None) -> Path:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        _write_beside(tmp, {**config, "weights_sha256": _sha256(tmp / "model.safetensors")}, state, tokenizer)
+        _write_beside(tmp, config, state, tokenizer)
     except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(directory, e) from None
@@ -136,11 +138,53 @@ def save(directory, model, config: dict, state: dict, tokenizer=None) -> Path:
 
 
 def _write_beside(tmp: Path, config: dict, state: dict, tokenizer) -> None:
-    """What a checkpoint holds beside its tensors: config.json, state.pt, the tokenizer."""
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    """What a checkpoint holds beside its tensors: state.pt, the tokenizer, and last config.json, with the
+    SHA-256 of every other file (the tensors' too)."""
     torch.save(state, tmp / "state.pt")
     if tokenizer is not None:
         tokenizer.save(tmp)
+    files = sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != "config.json")
+    sums = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
+    (tmp / "config.json").write_text(json.dumps({**config, "files_sha256": sums}, indent=2))
+
+
+def _recorded_sums(directory: Path) -> dict[str, str]:
+    """{file: SHA-256} as config.json recorded them (older checkpoints: the weights' or the shards' only)."""
+    config = _read_json_quietly(directory / "config.json")
+    sums = config.get("files_sha256")
+    if isinstance(sums, dict):
+        return sums
+    legacy = {f"{SHARDS}/{name}": sha for name, sha in (config.get("shards_sha256") or {}).items()}
+    if config.get("weights_sha256"):
+        legacy["model.safetensors"] = config["weights_sha256"]
+    return legacy
+
+
+def verify(directory, which=lambda name: True) -> None:
+    """Compare the files `which` selects with the SHA-256 config.json recorded when they were written; a
+    CheckpointError names every file that is missing or differs (a flipped bit, a truncated copy)."""
+    directory = Path(directory)
+    bad = [name for name, sha in _recorded_sums(directory).items() if which(name)
+           and (not (directory / name).is_file() or _sha256(directory / name) != sha)]
+    if bad:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: {', '.join(bad)} "
+                              f"{'is' if len(bad) == 1 else 'are'} corrupt or missing (the SHA-256 differs from the "
+                              "one config.json recorded when the checkpoint was written)")
+
+
+def _beside_tensors(name: str) -> bool:
+    """state.pt and the tokenizer's files: what a checkpoint holds besides its tensors."""
+    return name != "model.safetensors" and not name.startswith(f"{SHARDS}/")
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The key of the first floating-point tensor with a NaN or inf (one pass), or None."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def _non_finite_error(directory: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(directory)!r}: {what} holds NaN or inf; such weights cannot be trained, "
+                           "evaluated or sampled from (restore an earlier checkpoint)")
 
 
 def _write_failed(directory: Path, e: BaseException) -> CheckpointError:
@@ -178,8 +222,7 @@ def save_sharded(directory, tensors: dict[str, torch.Tensor], config: dict, stat
     try:
         dcp.save(tensors, checkpoint_id=tmp / SHARDS)  # a collective: a failure on one rank raises on all
         if main:
-            shards = sorted(f for f in (tmp / SHARDS).iterdir() if f.is_file())
-            _write_beside(tmp, {**config, "shards_sha256": {f.name: _sha256(f) for f in shards}}, state, tokenizer)
+            _write_beside(tmp, config, state, tokenizer)
     except Exception as e:  # DCP wraps a rank's OSError in a CheckpointException
         error = e
     failed = torch.tensor(float(error is not None))
@@ -200,24 +243,30 @@ def load_sharded(directory, tensors: dict[str, torch.Tensor], alone: bool = Fals
     A collective in a process group, unless `alone` (this process reads whole tensors on its own)."""
     directory = resolve(directory)
     distributed = dist.is_available() and dist.is_initialized() and not alone
-    bad = ""
+    error = ""
     if not distributed or dist.get_rank() == 0:
-        recorded = _read_json_quietly(directory / "config.json").get("shards_sha256", {})
-        bad = ", ".join(name for name, sha in recorded.items()
-                        if not (directory / SHARDS / name).is_file() or _sha256(directory / SHARDS / name) != sha)
+        try:
+            verify(directory, lambda name: name.startswith(f"{SHARDS}/"))
+        except CheckpointError as e:
+            error = str(e)
     if distributed:
-        box = [bad]
+        box = [error]
         dist.broadcast_object_list(box, src=0)
-        bad = box[0]
-    if bad:
-        raise CheckpointError(f"checkpoint {str(directory)!r}: shard files {bad} are missing or corrupt (their "
-                              "SHA-256 differs from the one config.json recorded when they were written)")
+        error = box[0]
+    if error:
+        raise CheckpointError(error)
     try:
         with warnings.catch_warnings():  # one process reading on its own is what no_dist says
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load(tensors, checkpoint_id=directory / SHARDS, no_dist=not distributed)
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(directory)!r} does not match the model config: {e}") from None
+    key = _first_non_finite({k: local(v) for k, v in tensors.items() if k.startswith("model.")})
+    bad = torch.tensor(float(key is not None))
+    if distributed:
+        dist.all_reduce(bad)  # every rank refuses together, whichever holds the NaN
+    if bad.item():
+        raise _non_finite_error(directory, f"tensor {key!r}" if key else "another rank's shard of the weights")
 
 
 def read_config(directory) -> dict:
@@ -244,10 +293,7 @@ def load_weights(directory, model, alone: bool = False) -> None:
     path = directory / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: model.safetensors is missing")
-    expected_sha = _read_json_quietly(directory / "config.json").get("weights_sha256")
-    if expected_sha is not None and _sha256(path) != expected_sha:  # bit flips load silently otherwise
-        raise CheckpointError(f"checkpoint {str(directory)!r}: model.safetensors is corrupt (its SHA-256 differs "
-                              "from the one config.json recorded when it was written)")
+    verify(directory, lambda name: name == "model.safetensors")  # bit flips load silently otherwise
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -265,6 +311,9 @@ def load_weights(directory, model, alone: bool = False) -> None:
                  + ([f"unexpected {unexpected[:5]}"] if unexpected else []))
         raise CheckpointError(f"checkpoint {str(directory)!r} does not match the model config: "
                               + "; ".join(parts + wrong[:5]))
+    key = _first_non_finite(tensors)
+    if key is not None:
+        raise _non_finite_error(directory, f"tensor {key!r}")
     model.load_state_dict(tensors)
 
 
@@ -282,6 +331,7 @@ def load_state(directory, device="cpu") -> dict:
     path = directory / "state.pt"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: state.pt is missing (needed to resume)")
+    verify(directory, _beside_tensors)  # state.pt and the tokenizer a resume reads
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -322,6 +372,7 @@ def load_checkpoint(directory, device: str = "cpu") -> tuple[MoETransformer, Mod
         return model, model.cfg, run_cfg, load_tokenizer(directory)
     ckpt = resolve(directory)
     model_cfg, train_cfg = configs_from_checkpoint(ckpt)
+    verify(ckpt, _beside_tensors)
     model = MoETransformer(model_cfg)
     load_weights(ckpt, model)
     model.to(resolve_device(device)).eval()
