@@ -467,6 +467,19 @@ def resume_worker(rank, world):
     return {"interrupted": False}
 
 
+def disagreeing_worker(rank, world):
+    """Rank 1 launched with another lr and another --out: every rank's error, or None if it trained."""
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}-{rank}", f"lr={1e-3 * (rank + 1)}"]
+    try:
+        train(*build_configs("debug", sets), progress=False)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 def ctrl_c_worker(rank, world):
     """Rank 0 alone gets a Ctrl-C (a real SIGINT) in the middle of step 3's update; returns whether this rank
     stopped with KeyboardInterrupt."""
@@ -590,7 +603,7 @@ def test_resume_at_another_layout(tmp_path, monkeypatch, capsys):
     checkpoint) -> ep 2 on 2 processes and -> 1 process (by the command line, which takes the launch's layout);
     1 process (whole tensors) -> ep 2. The losses of step 4
     and the final moments are the uninterrupted single-process run's. A bit flipped in a shard is refused."""
-    from dsmoe.checkpoint import CheckpointError, load_checkpoint
+    from dsmoe.checkpoint import CheckpointError, _check_every_shard_is_here, load_checkpoint
     from dsmoe.data import Corpus
     from dsmoe.presets import build_configs
     from dsmoe.train import train
@@ -613,6 +626,9 @@ def test_resume_at_another_layout(tmp_path, monkeypatch, capsys):
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{shard.name} .*corrupt.*SHA-256"):
         load_checkpoint(tmp_path / "flipped")
+    (tmp_path / "flipped" / "checkpoint" / "shards" / shard.name).unlink()  # as on a filesystem rank 0 alone sees
+    with pytest.raises(OSError, match=f"the shards {shard.name} that other ranks wrote are not in"):
+        _check_every_shard_is_here(tmp_path / "flipped" / "checkpoint" / "shards")
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "at2"))  # ... then ep 2 on 2 processes
     assert launch(resume_worker, 2, tmp_path / "results-at2") == [{}, {}]
     # ... and 1 process, as a user resumes it: `dsmoe train --resume RUN`, no layout given, the launch's is taken
@@ -638,6 +654,17 @@ def test_resume_at_another_layout(tmp_path, monkeypatch, capsys):
             for key, value in state.items():
                 torch.testing.assert_close(moments[param][key], value, atol=1e-6, rtol=1e-4,
                                            msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
+
+
+def test_ranks_launched_with_different_settings_are_refused(tmp_path, monkeypatch):
+    """Every rank refuses, in the first collective, naming each field that differs and the ranks' values."""
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "run"))
+    results = launch(disagreeing_worker, 2, tmp_path / "results")
+    for r in results:
+        assert "launched with different settings" in r["error"], results
+        assert "train.lr: rank 0 0.001, rank 1 0.002" in r["error"], results
+        assert f"train.out: rank 0 '{tmp_path / 'run'}-0', rank 1 '{tmp_path / 'run'}-1'" in r["error"], results
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch):

@@ -222,6 +222,7 @@ def save_sharded(directory, tensors: dict[str, torch.Tensor], config: dict, stat
     try:
         dcp.save(tensors, checkpoint_id=tmp / SHARDS)  # a collective: a failure on one rank raises on all
         if main:
+            _check_every_shard_is_here(tmp / SHARDS)
             _write_beside(tmp, config, state, tokenizer)
     except Exception as e:  # DCP wraps a rank's OSError in a CheckpointException
         error = e
@@ -235,6 +236,16 @@ def save_sharded(directory, tensors: dict[str, torch.Tensor], config: dict, stat
         _swap(tmp, directory)
     dist.barrier()  # nobody goes on (to a next save, or to read it) before the swap
     return directory
+
+
+def _check_every_shard_is_here(shards: Path) -> None:
+    """Every rank's file that DCP's metadata lists is in rank 0's folder: on a filesystem the ranks do not share,
+    the others' shards land in their own copies of the path, and rank 0 would keep a checkpoint without them."""
+    listed = {item.relative_path for item in dcp.FileSystemReader(shards).read_metadata().storage_data.values()}
+    missing = sorted(name for name in listed if not (shards / name).is_file())
+    if missing:
+        raise OSError(f"the shards {', '.join(missing)} that other ranks wrote are not in {shards}: the run directory "
+                      "must be on a filesystem every rank shares")
 
 
 def load_sharded(directory, tensors: dict[str, torch.Tensor], alone: bool = False) -> None:

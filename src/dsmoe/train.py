@@ -163,6 +163,7 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
     ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s)
+    ctx.check_agreement({"model": model_cfg.to_dict(), "train": cfg.to_dict()})
     check_step_memory(model_cfg, cfg, world=ctx.world, ep=ctx.ep)  # refused here, not killed by the OOM killer later
     device = checkpoint.resolve_device(cfg.device)
     out = Path(cfg.out or f"runs/{cfg.preset}")

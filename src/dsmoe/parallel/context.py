@@ -72,6 +72,9 @@ class SingleProcess:
         """Where this rank writes: the run directory on rank 0, a scratch folder elsewhere."""
         return run_dir
 
+    def check_agreement(self, settings: dict) -> None:
+        """Refuse settings that differ between the ranks (a collective: every rank refuses together)."""
+
     def close(self) -> None:
         """After a run's last collective, on every rank: end the process groups this context started."""
 
@@ -154,6 +157,21 @@ class MeshContext(SingleProcess):
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         return Path(scratch)
 
+    def check_agreement(self, settings: dict) -> None:
+        """Every rank's settings (the model and run configs), gathered in the run's first collective and compared:
+        ranks launched with another lr, top_k or --out would otherwise train to the end without a word (and
+        ranks writing to different folders leave a checkpoint without their shards). The error names each
+        field that differs and the ranks' values, on every rank."""
+        gathered: list[dict | None] = [None] * self.world
+        dist.all_gather_object(gathered, _flat(settings))
+        ranks = [g or {} for g in gathered]
+        differ = [key for key in sorted(set().union(*ranks)) if any(r.get(key) != ranks[0].get(key) for r in ranks)]
+        if differ:
+            shown = "; ".join(f"{key}: " + ", ".join(f"rank {i} {r.get(key)!r}" for i, r in enumerate(ranks))
+                              for key in differ[:5])
+            raise ValueError(f"the {self.world} ranks were launched with different settings ({shown}): launch "
+                             "every rank with the same command line, with --out on a filesystem they share")
+
     def close(self) -> None:
         """A barrier, so that no rank tears the groups down while another still talks in them, then
         destroy_process_group, which joins gloo's worker threads. Without it they outlive the interpreter: a
@@ -182,6 +200,14 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: li
                 raise ValueError(f"state.pt's optimizer {key} of parameter {i} has shape {tuple(value.shape)}, "
                                  f"the model's parameter {tuple(shape)}: the state belongs to another model")
     return sd
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"moe.top_k": 2, ...}: a nested config dict with dotted keys."""
+    out: dict = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def launch_world() -> int:
