@@ -196,6 +196,11 @@ BAD_FROM_HF = {
     "no-groups": (dict(model_type="deepseek_v2", topk_method="group_limited_greedy", n_group=None),
                   "needs n_group"),
     "bad-groups": (dict(n_group=3), "must divide n_routed_experts"),
+    "zero-experts": (dict(n_routed_experts=0), "n_routed_experts=0 is invalid: must be an integer >= 1"),
+    "negative-shared": (dict(n_shared_experts=-1), "n_shared_experts=-1 is invalid: must be an integer >= 0"),
+    "zero-scale": (dict(routed_scaling_factor=0), "routed_scaling_factor=0 is invalid: must be a finite number > 0"),
+    "empty-alpha": (dict(aux_loss_alpha=""), "aux_loss_alpha='' is invalid"),  # never silently 0
+    "empty-scoring": (dict(scoring_func=""), "scoring_func='' is not supported"),  # never silently the default
 }
 
 

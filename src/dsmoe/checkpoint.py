@@ -34,7 +34,7 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.fsdp import local
-from dsmoe.pretrained import from_pretrained
+from dsmoe.pretrained import from_pretrained, has_non_finite
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 SHARDS = "shards"  # a sharded checkpoint's DCP folder, in place of model.safetensors
@@ -178,8 +178,8 @@ def _beside_tensors(name: str) -> bool:
 
 
 def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The key of the first floating-point tensor with a NaN or inf (one pass), or None."""
-    return next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    """The key of the first tensor with a NaN or inf, or None."""
+    return next((k for k, t in tensors.items() if has_non_finite(t)), None)
 
 
 def _non_finite_error(directory: Path, what: str) -> CheckpointError:

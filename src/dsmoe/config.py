@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeGuard
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -66,7 +66,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     """A finite int or float, and not a bool: inf and NaN pass every comparison test they should fail."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False

@@ -35,6 +35,8 @@ transformers 5 fuses the experts in memory (`fuse_experts` / `unfuse_experts` co
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsmoe.config import GroupScore, MoEConfig, ScoreFunc, SeqAuxExperts
@@ -63,12 +65,15 @@ def _get(d: dict, key: str, model_type: str):
     return _DEFAULTS[model_type].get(key) if value is None else value
 
 
-def _int(key: str, value) -> int:
-    """An integer field; 8.0 is 8, but 8.7 is an error, never silently 8."""
+def _int(key: str, value, minimum: int | None = None) -> int:
+    """An integer field, >= minimum when one is given; 8.0 is 8, but 8.7 is an error, never silently 8."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"HF config field {key}={value!r} is invalid: must be an integer")
+        raise ValueError(f"HF config field {key}={value!r} is invalid: must be an integer"
+                         + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and value < minimum:
+        raise ValueError(f"HF config field {key}={value!r} is invalid: must be an integer >= {minimum}")
     return value
 
 
@@ -79,9 +84,17 @@ def _bool(key: str, value) -> bool:
     return value
 
 
-def _float(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"HF config field {key}={value!r} is invalid: must be a finite number")
+def _float(key: str, value, above: float | None = None, at_least: float | None = None) -> float:
+    """A finite number, > above or >= at_least when given (JSON allows NaN and Infinity; an int too large
+    for a float is refused too)."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        ok = False
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    if not ok:
+        bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+        raise ValueError(f"HF config field {key}={value!r} is invalid: must be a finite number{bound}")
     return float(value)
 
 
@@ -123,7 +136,7 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
     missing = [k for k in _REQUIRED if d.get(k) is None]
     if missing:
         raise ValueError(f"HF config for {model_type} lacks required fields {missing}")
-    score_func = d.get("scoring_func") or SCORE_FUNCS[model_type]
+    score_func = SCORE_FUNCS[model_type] if d.get("scoring_func") is None else d["scoring_func"]
     if score_func != SCORE_FUNCS[model_type]:  # both implementations support only this one
         raise ValueError(f"scoring_func={score_func!r} is not supported for {model_type}; "
                          f"allowed: {SCORE_FUNCS[model_type]!r}")
@@ -131,9 +144,9 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
     if method not in TOPK_METHODS[model_type]:
         raise ValueError(f"topk_method={method!r} is not supported for {model_type}; "
                          f"choose one of {TOPK_METHODS[model_type]}")
-    K = _int("num_experts_per_tok", d["num_experts_per_tok"])
+    K = _int("num_experts_per_tok", d["num_experts_per_tok"], 1)
     norm = _bool("norm_topk_prob", _get(d, "norm_topk_prob", model_type))
-    scale = _float("routed_scaling_factor", _get(d, "routed_scaling_factor", model_type))
+    scale = _float("routed_scaling_factor", _get(d, "routed_scaling_factor", model_type), above=0)
     norm, scale = _norm_and_scale(model_type, semantics, K, norm, scale)
     if method == "greedy":
         n_groups, topk_groups = 1, 1
@@ -143,20 +156,20 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
             raise ValueError(f"topk_method={method!r} needs n_group and topk_group, "
                              f"got n_group={n_groups!r}, topk_group={topk_groups!r}")
 
-    alpha = _float("aux_loss_alpha", d.get("aux_loss_alpha") or 0.0)
+    alpha = 0.0 if d.get("aux_loss_alpha") is None else _float("aux_loss_alpha", d["aux_loss_alpha"], at_least=0)
     # DeepSeek's config classes default to the sequence-wise loss
     seq_aux = True if d.get("seq_aux") is None else _bool("seq_aux", d["seq_aux"])
     return MoEConfig(
-        dim=_int("hidden_size", d["hidden_size"]),
-        n_routed_experts=_int("n_routed_experts", d["n_routed_experts"]),
-        n_shared_experts=_int("n_shared_experts", _get(d, "n_shared_experts", model_type) or 0),
+        dim=_int("hidden_size", d["hidden_size"], 1),
+        n_routed_experts=_int("n_routed_experts", d["n_routed_experts"], 1),
+        n_shared_experts=_int("n_shared_experts", _get(d, "n_shared_experts", model_type), 0),
         top_k=K,
-        expert_dim=_int("moe_intermediate_size", d["moe_intermediate_size"]),
+        expert_dim=_int("moe_intermediate_size", d["moe_intermediate_size"], 1),
         score_func=score_func,
         norm_topk_prob=norm,
         route_scale=scale,
-        n_groups=_int("n_group", n_groups),
-        topk_groups=_int("topk_group", topk_groups),
+        n_groups=_int("n_group", n_groups, 1),
+        topk_groups=_int("topk_group", topk_groups, 1),
         group_score="top2" if model_type == "deepseek_v3" else "max",
         aux_loss_alpha=0.0 if seq_aux else alpha,
         seq_aux_loss_alpha=alpha if seq_aux else 0.0,

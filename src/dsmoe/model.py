@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.attention import Attention, KVCache, MLAttention, rotary_table
-from dsmoe.config import ModelConfig
+from dsmoe.config import ModelConfig, _is_number
 from dsmoe.experts import SwiGLU
 from dsmoe.moe import MoE, moe_layers, update_biases
 
@@ -98,11 +98,16 @@ class MoETransformer(nn.Module):
 
         The MoE layers' auxiliary losses of this forward are in `self.aux_loss()`; in training with targets
         the multi-token-prediction loss (weighted) is in `self.mtp_loss`.
+
+        Bad arguments are a ValueError or TypeError naming them: types, shapes and devices always (no cost),
+        the values (ids in [0, vocab_size), targets there or -1) with one host sync for their min and max. That
+        sync is skipped under torch.compile, with a KV cache (generate checks its prompt once; the ids it feeds
+        back are sampled from the vocabulary) and in training unless the MoE layers sync anyway to check their
+        inputs (MoEConfig.check_inputs). dsmoe's training loop turns those off: its ids come from a tokenizer
+        checked against vocab_size at the start, and it checks the loss at its log points instead.
         """
-        B, S = idx_BS.shape
+        B, S = self._check_ids(idx_BS, targets_BS, cache)
         start = cache.pos if cache is not None else 0
-        if start + S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x_BSD = self.embed(idx_BS)
         rot_SR = self.rot[start:start + S]
         for block in self.layers:
@@ -133,6 +138,44 @@ class MoETransformer(nn.Module):
         if not losses:
             return h_BSD.new_zeros(())
         return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
+
+    # ---- argument checks --------------------------------------------------------------------------
+
+    def _check_ids(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None, cache: KVCache | None
+                   ) -> tuple[int, int]:
+        """forward's arguments (see its docstring); returns (B, S)."""
+        _check_tokens("idx_BS", idx_BS, (torch.long, torch.int32), self.embed.weight.device)
+        B, S = idx_BS.shape
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a dsmoe KVCache or None, got {type(cache).__name__}")
+        start, room = (cache.pos, cache.buffers[0][0].shape[1]) if cache is not None else (0, self.cfg.max_seq_len)
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if cache is not None and (start + S > room or cache.buffers[0][0].shape[0] != B):
+            raise ValueError(f"cache holds {cache.buffers[0][0].shape[0]} sequences of {room} positions ({start} "
+                             f"used): it cannot take idx_BS of shape {(B, S)}")
+        if targets_BS is not None:
+            _check_tokens("targets_BS", targets_BS, (torch.long,), idx_BS.device)
+            if targets_BS.shape != idx_BS.shape:
+                raise ValueError(f"targets_BS has shape {tuple(targets_BS.shape)}, idx_BS {(B, S)}: they must be equal")
+        checks_values = not self.training or (self.cfg.moe is not None and self.cfg.moe.check_inputs)
+        if cache is None and checks_values and not torch.compiler.is_compiling():
+            self._check_id_values(idx_BS, targets_BS)
+        return B, S
+
+    def _check_id_values(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> None:
+        """Ids in [0, vocab_size), targets there or -1 (ignored): one host sync for the four extremes."""
+        if idx_BS.is_meta:
+            return  # no values to check
+        tensors = [idx_BS] if targets_BS is None else [idx_BS, targets_BS]
+        extremes = torch.stack([e.long() for t in tensors for e in torch.aminmax(t)]).tolist()
+        V = self.cfg.vocab_size
+        if extremes[0] < 0 or extremes[1] >= V:
+            raise ValueError(f"idx_BS holds token ids from {extremes[0]} to {extremes[1]}: they must be in "
+                             f"[0, vocab_size={V})")
+        if targets_BS is not None and (extremes[2] < -1 or extremes[3] >= V):
+            raise ValueError(f"targets_BS holds ids from {extremes[2]} to {extremes[3]}: they must be in "
+                             f"[0, vocab_size={V}), or -1 (ignored)")
 
     # ---- MoE bookkeeping --------------------------------------------------------------------------
 
@@ -171,11 +214,15 @@ class MoETransformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, generator=None) -> torch.Tensor:
-        """Sample continuations with a KV cache. temperature 0 is greedy."""
+        """Sample continuations with a KV cache, up to max_seq_len tokens in all. temperature 0 is greedy; top_k
+        (>= 1) and top_p (in (0, 1]) limit the choice, None leaves it whole."""
+        _check_tokens("idx_BS", idx_BS, (torch.long, torch.int32), self.embed.weight.device)
         B, S = idx_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"prompt of {S} tokens exceeds max_seq_len={self.cfg.max_seq_len}; shorten it "
                              f"(e.g. keep its last {self.cfg.max_seq_len - 1} tokens)")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, generator, idx_BS.device)
+        self._check_id_values(idx_BS)  # once: forward does not check the cached steps, whose ids are sampled
         total = min(S + max_new_tokens, self.cfg.max_seq_len)
         first = self.layers[0]
         assert isinstance(first, Block)
@@ -186,6 +233,37 @@ class MoETransformer(nn.Module):
             step_in = sample(logits_BV, temperature, top_k, top_p, generator)
             out = torch.cat([out, step_in], dim=1)
         return out
+
+
+def _check_tokens(name: str, t: object, dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+    """A (B, S) tensor of token ids on `device`, with B, S >= 1 (its values are checked apart: a host sync)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must hold integer token ids ({allowed}), got dtype {t.dtype}")
+    if t.dim() != 2 or 0 in t.shape:
+        raise ValueError(f"{name} must have shape (batch, sequence), both >= 1, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the model on {device}: move it ({name}.to({str(device)!r}))")
+
+
+def _check_sampling(max_new_tokens: object, temperature: object, top_k: object, top_p: object, generator: object,
+                    device: torch.device) -> None:
+    """generate's sampling arguments."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
+    if not _is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1, or None (no limit)")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is invalid: must be a number in (0, 1], or None (no limit)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the ids on {device}: make it there "
+                         f"(torch.Generator(device={str(device)!r}))")
 
 
 def sample(logits_BV, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:

@@ -12,6 +12,11 @@ the checkpoint's dtype (bf16 stays bf16 unless `dtype` says otherwise; the balan
 filled tensor by tensor from each shard. Every key and shape is checked against the config before any
 tensor is read, so a missing, extra or mis-shaped key is an error naming it and nothing half-loaded is
 returned.
+
+A folder is untrusted input: every file read from it must lie inside it (no '..', absolute name or link out
+of it, but for huggingface_hub's cache links from a snapshot to its blobs), every config.json field is checked
+by type and range, the model's size is checked against the machine before anything is built, and every tensor
+is checked finite as it is written.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +35,7 @@ from safetensors.torch import save_file
 
 from dsmoe import hf
 from dsmoe.config import ModelConfig
+from dsmoe.memory import available_memory
 from dsmoe.model import Block, MoETransformer, MTPModule
 from dsmoe.moe import MoE, moe_layers
 
@@ -41,24 +48,74 @@ class PretrainedError(ValueError):
 
 
 # ---- config ----------------------------------------------------------------------------------------------
+# Every field dsmoe reads from config.json is checked by type and range here, naming the HF field: an int field
+# given 260.7 is an error (8.0 is 8), and a 0 or a string is never replaced by a default (only an absent or null
+# field takes one). dsmoe.hf reads the MoE fields the same way.
+
+_REQUIRED = object()  # the default of a field config.json must hold
+
+
+def _field(d: dict, key: str, default: Any = _REQUIRED) -> Any:
+    """d[key]; `default` where it is absent or null, an error naming it when it is required."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise PretrainedError(f"config.json lacks the required field {key}")
+        return default
+    return value
+
+
+def _object(key: str, value: Any) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise PretrainedError(f"HF config field {key}={value!r} is invalid: must be a JSON object or null")
+    return value
+
 
 def _rope(d: dict) -> tuple[float, dict | None]:
     """(rope_theta, yarn scaling or None) from either the releases' rope_theta/rope_scaling or transformers
     5's rope_parameters."""
-    params = d.get("rope_parameters") or {}
-    theta = float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    scaling = d.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    params = _object("rope_parameters", d.get("rope_parameters")) or {}
+    theta = d["rope_theta"] if d.get("rope_theta") is not None else params.get("rope_theta")
+    theta = 10000.0 if theta is None else hf._float("rope_theta", theta, above=0)
+    where, scaling = "rope_scaling", _object("rope_scaling", d.get("rope_scaling"))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        where, scaling = "rope_parameters", params
     if not scaling:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "yarn":
         raise PretrainedError(f"rope scaling {kind!r} is not supported; dsmoe supports yarn (or none)")
-    keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    if theta <= 1:  # yarn's frequency ramp divides by log(rope_theta)
+        raise PretrainedError(f"HF config field rope_theta={theta!r} is invalid with yarn scaling: must be > 1")
+    hf._float(f"{where}.factor", scaling.get("factor"), above=0)
+    hf._int(f"{where}.original_max_position_embeddings", scaling.get("original_max_position_embeddings"), 1)
+    optional = {"beta_fast": {"above": 0}, "beta_slow": {"above": 0},  # rotations over the original context
+                "mscale": {"at_least": 0}, "mscale_all_dim": {"at_least": 0}}  # >= 0 keeps the attention factor >= 1
+    for key, bound in optional.items():
+        if scaling.get(key) is not None:
+            hf._float(f"{where}.{key}", scaling[key], **bound)
+    keys = ("factor", "original_max_position_embeddings", *optional)
     return theta, {"rope_type": "yarn", **{k: scaling[k] for k in keys if scaling.get(k) is not None}}
 
 
+def _attention(d: dict) -> dict[str, int]:
+    """ModelConfig's Multi-head Latent Attention fields (DeepSeek-V2 §2.1)."""
+    if not d.get("kv_lora_rank"):
+        raise PretrainedError("kv_lora_rank is missing or 0: DeepSeek-V2/V3 models use Multi-head Latent Attention")
+    rope = hf._int("qk_rope_head_dim", _field(d, "qk_rope_head_dim"), 2)
+    if rope % 2:
+        raise PretrainedError(f"HF config field qk_rope_head_dim={rope} is invalid: must be even (rotary pairs)")
+    return dict(kv_lora_rank=hf._int("kv_lora_rank", d["kv_lora_rank"], 1),
+                q_lora_rank=hf._int("q_lora_rank", _field(d, "q_lora_rank", 0), 0),
+                qk_nope_head_dim=hf._int("qk_nope_head_dim", _field(d, "qk_nope_head_dim"), 0),
+                qk_rope_head_dim=rope, v_head_dim=hf._int("v_head_dim", _field(d, "v_head_dim"), 1))
+
+
 def model_config_from_hf(d: dict, semantics: str = "deepseek") -> ModelConfig:
-    """dsmoe's ModelConfig of a DeepSeek-V2/V3 config.json dict (the MoE part: dsmoe.hf.moe_config_from_hf)."""
+    """dsmoe's ModelConfig of a DeepSeek-V2/V3 config.json dict (the MoE part: dsmoe.hf.moe_config_from_hf).
+
+    Every field is checked by type and range; nothing is sized against the machine here (a real V3 config
+    reads anywhere, and builds on the meta device): from_pretrained does that before it allocates."""
     if not isinstance(d, dict):
         raise PretrainedError(f"config.json must hold a JSON object, got {type(d).__name__}")
     moe = hf.moe_config_from_hf(d, semantics)
@@ -66,20 +123,23 @@ def model_config_from_hf(d: dict, semantics: str = "deepseek") -> ModelConfig:
     for key, allowed in unsupported.items():
         if d.get(key) not in allowed:
             raise PretrainedError(f"{key}={d.get(key)!r} is not supported; dsmoe supports {allowed[0]!r}")
-    if not d.get("kv_lora_rank"):
-        raise PretrainedError("kv_lora_rank is missing or 0: DeepSeek-V2/V3 models use Multi-head Latent Attention")
+    attention = _attention(d)
     theta, scaling = _rope(d)
+    n_layers = hf._int("num_hidden_layers", _field(d, "num_hidden_layers"), 1)
+    first_k_dense = hf._int("first_k_dense_replace", _field(d, "first_k_dense_replace", 0), 0)
+    if first_k_dense > n_layers:
+        raise PretrainedError(f"HF config field first_k_dense_replace={first_k_dense} is invalid: must be <= "
+                              f"num_hidden_layers={n_layers}")
+    n_heads = hf._int("num_attention_heads", _field(d, "num_attention_heads"), 1)
     return ModelConfig(
-        vocab_size=int(d["vocab_size"]), dim=moe.dim, n_layers=int(d["num_hidden_layers"]),
-        n_heads=int(d["num_attention_heads"]), n_kv_heads=int(d["num_attention_heads"]),
-        max_seq_len=int(d.get("max_position_embeddings") or 4096),
-        first_k_dense=int(d.get("first_k_dense_replace") or 0), dense_hidden=int(d["intermediate_size"]),
-        moe=moe, tie_embeddings=bool(d.get("tie_word_embeddings", False)), rope_theta=theta,
-        norm_eps=float(d.get("rms_norm_eps") or 1e-6), kv_lora_rank=int(d["kv_lora_rank"]),
-        q_lora_rank=int(d.get("q_lora_rank") or 0), qk_nope_head_dim=int(d["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(d["qk_rope_head_dim"]), v_head_dim=int(d["v_head_dim"]),
-        rope_interleave=bool(d.get("rope_interleave", True)), rope_scaling=scaling,
-        mtp_layers=int(d.get("num_nextn_predict_layers") or 0))
+        vocab_size=hf._int("vocab_size", _field(d, "vocab_size"), 1), dim=moe.dim, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=n_heads,
+        max_seq_len=hf._int("max_position_embeddings", _field(d, "max_position_embeddings", 4096), 1),
+        first_k_dense=first_k_dense, dense_hidden=hf._int("intermediate_size", _field(d, "intermediate_size"), 1),
+        moe=moe, tie_embeddings=hf._bool("tie_word_embeddings", _field(d, "tie_word_embeddings", False)),
+        rope_theta=theta, norm_eps=hf._float("rms_norm_eps", _field(d, "rms_norm_eps", 1e-6), above=0),
+        rope_interleave=hf._bool("rope_interleave", _field(d, "rope_interleave", True)), rope_scaling=scaling,
+        mtp_layers=hf._int("num_nextn_predict_layers", _field(d, "num_nextn_predict_layers", 0), 0), **attention)
 
 
 def model_config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -195,27 +255,71 @@ def _fused(slots: dict[str, Slot], present: set[str]) -> dict[str, Slot]:
     return out
 
 
-# ---- loading -----------------------------------------------------------------------------------------------
+# ---- the folder's files -------------------------------------------------------------------------------------
+# A folder may come from anywhere, so every file dsmoe reads from it must be inside it: an index naming
+# `../../x.safetensors` or `/etc/x`, or a link out of the folder, is refused before anything is opened, with an
+# error that names the entry and never says whether the path outside exists.
 
-def _read_json(path: Path) -> Any:
+MAX_JSON_BYTES = 64 * 2**20  # config.json and the index (DeepSeek-V3's, with every expert's keys, is a few MB)
+
+
+class FolderPathError(PretrainedError):
+    """A file name or link in a HuggingFace folder that leads outside the folder."""
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """huggingface_hub's cache folder REPO/snapshots/REVISION holds links into REPO/blobs: there, and only
+    there, a link may leave the folder."""
+    return folder.parent.parent / "blobs" if folder.parent.name == "snapshots" else None
+
+
+def folder_file(folder: str | Path, name: str, entry: str | None = None) -> Path:
+    """folder/name, refused (FolderPathError naming `entry`, by default the name) unless it stays inside the
+    folder: a relative name without '..' out of it, and no link (followed by resolve()) that leads out."""
+    folder = Path(folder)
+    entry, root = entry or name, folder.resolve()
+    try:
+        lexical = Path(os.path.normpath(root / name))
+        target = (root / name).resolve()
+    except (OSError, RuntimeError, ValueError):  # a NUL byte in the name, a loop of links
+        target = lexical = Path("/")  # refused below, in the same words
+    roots = [root] if (blobs := _hub_blobs(root)) is None else [root, blobs.resolve()]
+    if not lexical.is_relative_to(root) or not any(target.is_relative_to(r) for r in roots):
+        raise FolderPathError(f"{folder}: {entry} leads outside the folder; dsmoe reads only files inside a "
+                              "HuggingFace folder (relative names, no '..' out of it, no link out of it)")
+    return folder / name
+
+
+def read_json(folder: str | Path, name: str) -> Any:
+    """The JSON file `name` of a folder (config.json, the index), checked to be inside it and of sane size."""
+    path = folder_file(folder, name)
+    if not path.exists():
+        raise PretrainedError(f"{path} is missing (a HuggingFace folder needs config.json and safetensors)")
+    if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+        raise PretrainedError(f"{path} is not a JSON file of at most {MAX_JSON_BYTES // 2**20} MiB")
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PretrainedError(f"{path} is missing (a HuggingFace folder needs config.json and safetensors)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PretrainedError(f"{path} is not valid JSON ({e})") from None
 
 
 def _shards(path: Path) -> list[Path]:
-    index = path / INDEX
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise PretrainedError(f"{index} has no weight_map")
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+    """The safetensors files: those the index names (each inside the folder), else model.safetensors."""
+    if not (path / INDEX).exists() and not (path / INDEX).is_symlink():
+        files = [folder_file(path, "model.safetensors")]
     else:
-        files = [path / "model.safetensors"]
-    missing = [str(f) for f in files if not f.exists()]
+        index = read_json(path, INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise PretrainedError(f"{path / INDEX} has no weight_map")
+        first_key: dict[str, str] = {}  # each file once, in the index's order, with the first key naming it
+        for key, name in weight_map.items():
+            if not isinstance(name, str):
+                raise PretrainedError(f"{path / INDEX}: weight_map[{key!r}] = {name!r} is invalid: must be the "
+                                      "name of a safetensors file in the folder")
+            first_key.setdefault(name, key)
+        files = [folder_file(path, name, f"{INDEX} entry {key!r}: {name!r}") for name, key in first_key.items()]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise PretrainedError(f"missing safetensors file(s): {', '.join(missing)}")
     return files
@@ -242,17 +346,110 @@ def _short(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+# ---- sizes against the machine -------------------------------------------------------------------------------
+# Checked from config.json and the headers before a model, key map or rotary table is built, so that a config
+# claiming 10**9 experts or 10**12 positions is an error naming the field, not many GB grown or an allocator's
+# failure. The meta device allocates no weights, so a real V3 config still builds there on a small machine.
+
+# model.py's rotary table holds 4R bytes a position (fp32 cos and sin of R/2 angles); while rotary_table()
+# builds it, the angles (2R), their cos and sin (4R) and the stacked pair (4R) live at once, beside the table
+# it replaces (.to(), to_empty() and _init_buffers rebuild it) and the positions (12 bytes): 14R + 12 at the
+# peak, 16R + 12 with room for the allocator.
+ROTARY_BYTES_PER_DIM, ROTARY_BYTES_PER_POSITION = 16, 12
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def rotary_bytes(cfg: ModelConfig) -> int:
+    """Peak host memory of building the model's rotary table (see ROTARY_BYTES_PER_DIM)."""
+    R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
+    return (ROTARY_BYTES_PER_DIM * R + ROTARY_BYTES_PER_POSITION) * cfg.max_seq_len
+
+
+def _check_rotary(cfg: ModelConfig) -> None:
+    """The rotary table is built in host memory at max_seq_len positions, whatever the device."""
+    need, available = rotary_bytes(cfg), available_memory("cpu")
+    if available is not None and need > available:
+        raise PretrainedError(f"HF config field max_position_embeddings={cfg.max_seq_len:,} is too large for this "
+                              f"machine: the rotary table for it needs about {_gib(need)} of memory while it is "
+                              f"built, and {_gib(available)} is available; lower it to the longest context you "
+                              "will run")
+
+
+def _check_stored(path: Path, cfg: ModelConfig, headers: dict[str, tuple[Path, tuple[int, ...], str]]) -> None:
+    """Every parameter of the config is a number in the files (which may hold more: MTP modules, the V3 bias), so
+    a config describing more than twice what they hold is not theirs, and is refused before its key map and
+    meta model are built (their cost grows with the config: 3 entries an expert). A smaller mismatch, one
+    wrong shape, passes here for _check_keys to name the key."""
+    stored = sum(math.prod(shape) for _, shape, _ in headers.values())
+    if cfg.num_params() > 2 * stored:
+        raise PretrainedError(f"{path}: config.json describes {cfg.num_params():,} parameters (vocab_size, "
+                              "hidden_size, num_hidden_layers, n_routed_experts, moe_intermediate_size, ...), but "
+                              f"the safetensors files hold {stored:,} numbers: config.json does not fit the weights")
+
+
+def _check_memory(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """The weights in `dtype` (and on cpu the rotary table) against the device's available memory."""
+    if device.type == "meta":
+        return
+    need = cfg.num_params() * dtype.itemsize + (rotary_bytes(cfg) if device.type == "cpu" else 0)
+    available = available_memory("cuda" if device.type == "cuda" else "cpu")
+    if available is not None and need > available:
+        moe = cfg.moe
+        sizes = f"vocab_size={cfg.vocab_size}, hidden_size={cfg.dim}, num_hidden_layers={cfg.n_layers}"
+        if moe is not None:
+            sizes += f", n_routed_experts={moe.n_routed_experts}, moe_intermediate_size={moe.expert_dim}"
+        raise PretrainedError(f"{path}: config.json describes a model of {cfg.num_params():,} parameters ({sizes}), "
+                              f"about {_gib(need)} in {str(dtype).removeprefix('torch.')}, and {device.type} has "
+                              f"{_gib(available)} available; load it with device='meta' to see its shapes, in a "
+                              "smaller dtype, or on a machine with more memory")
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOAD_DEVICES = ("cpu", "cuda", "meta")
+
+
+def _load_dtype(dtype: object) -> torch.dtype | None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype={dtype!r} is invalid: must be a torch.dtype (one of {LOAD_DTYPES}) or None")
+    if dtype is not None and dtype not in LOAD_DTYPES:
+        raise ValueError(f"dtype={dtype} is not allowed; choose one of {LOAD_DTYPES} or None (the file's)")
+    return dtype
+
+
+def _load_device(device: object) -> torch.device:
+    if not isinstance(device, (str, torch.device, type(None))):
+        raise TypeError(f"device={device!r} is invalid: must be a string such as 'cpu' or 'cuda:0', a "
+                        "torch.device, or None (cpu)")
+    try:
+        parsed = torch.device("cpu" if device is None else device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in LOAD_DEVICES:
+        raise ValueError(f"device={device!r} is not allowed; choose one of {LOAD_DEVICES} (cuda:N for a GPU)")
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    return parsed
+
+
 def hf_model_config(path: str | Path, semantics: str = "deepseek") -> ModelConfig:
     """The ModelConfig of a HuggingFace folder: its config.json, with multi-token prediction only when the
-    weights hold the MTP modules (transformers drops them when it saves, config.json still names them)."""
+    weights hold the MTP modules (transformers drops them when it saves, config.json still names them).
+    Its rotary table is checked to fit in this machine's memory (everything that builds the model builds it)."""
     path = Path(path)
-    d = _read_json(path / "config.json")
-    if not isinstance(d, dict):
-        raise PretrainedError(f"{path / 'config.json'} must hold a JSON object, got {type(d).__name__}")
+    if semantics not in hf.SEMANTICS:  # not the file's fault: no file name in this error
+        raise ValueError(f"semantics={semantics!r} is not allowed; choose one of {hf.SEMANTICS}")
+    d = read_json(path, "config.json")
     try:
         cfg = model_config_from_hf(d, semantics)
-    except (KeyError, TypeError) as e:
-        raise PretrainedError(f"{path / 'config.json'}: a required field is missing or malformed ({e})") from None
+        _check_rotary(cfg)
+    except (ValueError, TypeError) as e:
+        raise PretrainedError(f"{path / 'config.json'}: {e}") from None
     if cfg.mtp_layers and not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in _headers(_shards(path))):
         cfg = dataclasses.replace(cfg, mtp_layers=0)
     return cfg
@@ -261,22 +458,30 @@ def hf_model_config(path: str | Path, semantics: str = "deepseek") -> ModelConfi
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                     semantics: str = "deepseek") -> MoETransformer:
     """Load a HuggingFace DeepSeek-V2/V3 folder into dsmoe's model (eval mode). `semantics`: which code's
-    routing a config is read with (see dsmoe.hf)."""
-    path = Path(path)
+    routing a config is read with (see dsmoe.hf). On device='meta' only the shapes are loaded: every key and
+    shape is checked against the files' headers, no tensor is read."""
+    path, dtype, device = Path(path), _load_dtype(dtype), _load_device(device)
     cfg = hf_model_config(path, semantics)
     headers = _headers(_shards(path))
+    _check_stored(path, cfg, headers)  # before the key map (3 entries an expert) or the model is built
+    embed = headers.get("model.embed_tokens.weight")
+    dtype = dtype or (_DTYPES.get(embed[2], torch.float32) if embed else torch.float32)
+    _check_memory(path, cfg, dtype, device)
     with torch.device("meta"):
         model = MoETransformer(cfg)
     _check_keys(path, headers, _writers(model, set(headers)))  # before a byte is allocated or read
-    file_dtype = _DTYPES.get(headers["model.embed_tokens.weight"][2], torch.float32)
-    model.to(dtype or file_dtype).to_empty(device=device or "cpu")
+    model.to(dtype).to_empty(device=device)
     _init_buffers(model)
-    load_hf_weights(model, path)
+    if device.type != "meta":
+        load_hf_weights(model, path)
     return model.eval()
 
 
 def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
-    """Fill a built model from a HuggingFace folder, shard by shard, every key and shape checked first."""
+    """Fill a built model from a HuggingFace folder, shard by shard, every key and shape checked first, every
+    tensor checked finite as it is written (a NaN in a norm would make every loss NaN, silently)."""
+    if not isinstance(model, MoETransformer):
+        raise TypeError(f"model must be a dsmoe MoETransformer, got {type(model).__name__}")
     path = Path(path)
     headers = _headers(_shards(path))
     writers = _writers(model, set(headers))
@@ -289,7 +494,25 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
             for file in files:
                 with safe_open(str(file), "pt") as f:
                     for key in (k for k in f.keys() if (k in shared) == late):
-                        writers[key].write(f.get_tensor(key))
+                        t = f.get_tensor(key)
+                        _check_finite(file, key, t)
+                        writers[key].write(t)
+
+
+def has_non_finite(t: torch.Tensor) -> bool:
+    """NaN or inf anywhere in a floating-point tensor: its min and max (NaN propagates through both) are one pass
+    over it in memory, with no temporary of its size (isfinite().all() would allocate one and take ~10x longer)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    lo_hi = torch.stack(torch.aminmax(t if t.element_size() > 1 else t.float()))  # float8: no aminmax on cpu
+    return not bool(torch.isfinite(lo_hi).all())
+
+
+def _check_finite(file: Path, key: str, t: torch.Tensor) -> None:
+    if has_non_finite(t):
+        bad = int((~torch.isfinite(t.float())).sum())
+        raise PretrainedError(f"{file}: tensor {key} holds {bad:,} non-finite value(s) (NaN or inf) of {t.numel():,}; "
+                              "the model would compute NaN: re-download or re-export the folder")
 
 
 def _writers(model: MoETransformer, present: set[str]) -> dict[str, Slot]:
