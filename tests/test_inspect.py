@@ -97,6 +97,15 @@ def test_errors_are_one_line(corpus, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("dsmoe inspect: error:")
 
 
+def test_a_larger_vocabulary_without_a_tokenizer_takes_the_byte_tokenizer(corpus, tmp_path):
+    """As train --init does: a folder without a tokenizer gets the byte tokenizer, which fits a model of at least
+    its 260 tokens (the ids above 259 are simply never fed)."""
+    v3 = dict(q_lora_rank=None, n_group=2, topk_group=1)
+    r = inspect(save_hf(tmp_path / "v300", "deepseek_v3", v3 | dict(vocab_size=300)), str(corpus), tmp_path / "o",
+                **SMALL)
+    assert r["tokens"] == 2 * 2 * 16
+
+
 @pytest.mark.slow
 def test_dsmoe_run_directory(corpus, tmp_path, monkeypatch):
     """A trained run: the report goes to RUN/inspect and the numbers are `dsmoe eval`'s on the same windows."""

@@ -169,7 +169,7 @@ def load_tokenizer(directory) -> Tokenizer:
     """The tokenizer saved in a checkpoint directory (byte when none was saved).
 
     A missing, corrupt or mismatched tokenizer is an error naming the file, never a silent fallback to bytes: a
-    bpe.json without tokenizer.json, no tokenizer.json where the model's vocabulary (config.json) is not the
+    bpe.json without tokenizer.json, no tokenizer.json where a dsmoe model's vocabulary (config.json) is not the
     byte tokenizer's, or a tokenizer with more tokens than the model (a model may have more: padded, or
     initialized from a HuggingFace checkpoint).
     """
@@ -215,11 +215,11 @@ def _tokenizer_kind(path: Path) -> object:
 
 
 def _model_vocab_size(path: Path) -> int | None:
-    """model.vocab_size of a checkpoint's config.json; None where there is none to read (its loader reports
-    a corrupt one)."""
+    """model.vocab_size of a dsmoe checkpoint's config.json; None where there is none to read (its loader reports
+    a corrupt one), and for a HuggingFace folder's, whose model may have any vocabulary the byte tokenizer fits
+    (its ids are all < 260; the model's loader checks that it has that many)."""
     try:
-        config = json.loads(path.read_text())
-        vocab_size = (config["model"] if "model" in config else config)["vocab_size"]  # dsmoe's, or HF's
+        vocab_size = json.loads(path.read_text())["model"]["vocab_size"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None
     return vocab_size if isinstance(vocab_size, int) else None

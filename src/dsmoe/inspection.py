@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from dsmoe import plots
 from dsmoe.checkpoint import load_checkpoint, resolve
-from dsmoe.data import ByteTokenizer, Corpus, load_corpus, load_tokenizer
+from dsmoe.data import Corpus, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.metrics import dead_experts, load_entropy, max_violation
 from dsmoe.model import MoETransformer
-from dsmoe.pretrained import from_pretrained
+from dsmoe.pretrained import FolderPathError, from_pretrained, read_json
 from dsmoe.studies.definitions import DISABLE_SHARES, DISABLE_TOP
 from dsmoe.studies.specialization import (
     KINDS,
@@ -62,9 +62,12 @@ class Loaded:
 
 
 def is_hf_folder(path: Path) -> bool:
-    """A HuggingFace folder has a config.json with model_type (a dsmoe checkpoint's has a "model" section)."""
+    """A HuggingFace folder has a config.json with model_type (a dsmoe checkpoint's has a "model" section).
+    A config.json that links out of the folder is an error (FolderPathError), not a "no"."""
     try:
-        d = json.loads((path / "config.json").read_text())
+        d = read_json(path, "config.json")
+    except FolderPathError:
+        raise
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and "model_type" in d and "model" not in d
@@ -90,8 +93,9 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
         loaded = Loaded(model, tokenizer, "dsmoe", name, train_cfg.data, train_cfg.seq_len or model_cfg.max_seq_len,
                         train_cfg.batch_size, path / "inspect" if run_dir else Path("runs") / f"inspect-{name}")
     vocab, model_vocab = loaded.tokenizer.vocab_size, loaded.model.cfg.vocab_size
-    # a checkpoint's vocabulary may be padded beyond its tokenizer's, never the other way; bytes fit one model only
-    if vocab > model_vocab or (isinstance(loaded.tokenizer, ByteTokenizer) and vocab != model_vocab):
+    # a model's vocabulary may be larger than its tokenizer's (padded, or a folder without a tokenizer, which gets
+    # the byte tokenizer's 260 ids), never smaller
+    if vocab > model_vocab:
         raise ValueError(f"{path}: the model's vocab_size={model_vocab} does not fit its tokenizer's {vocab} "
                          f"({type(loaded.tokenizer).__name__}; a folder without a tokenizer dsmoe reads gets the "
                          "byte tokenizer)")
