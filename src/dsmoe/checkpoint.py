@@ -160,21 +160,23 @@ def _recorded_sums(directory: Path) -> dict[str, str]:
     return legacy
 
 
-def verify(directory, which=lambda name: True) -> None:
+def verify(directory, which=lambda name: True, missing_ok: bool = False) -> None:
     """Compare the files `which` selects with the SHA-256 config.json recorded when they were written; a
-    CheckpointError names every file that is missing or differs (a flipped bit, a truncated copy)."""
+    CheckpointError names every file that is missing (unless `missing_ok`: its loader names it better) or
+    differs (a flipped bit, a truncated copy, another file in its place)."""
     directory = Path(directory)
     bad = [name for name, sha in _recorded_sums(directory).items() if which(name)
-           and (not (directory / name).is_file() or _sha256(directory / name) != sha)]
+           and (not (directory / name).is_file() and not missing_ok
+                or (directory / name).is_file() and _sha256(directory / name) != sha)]
     if bad:
         raise CheckpointError(f"checkpoint {str(directory)!r}: {', '.join(bad)} "
                               f"{'is' if len(bad) == 1 else 'are'} corrupt or missing (the SHA-256 differs from the "
                               "one config.json recorded when the checkpoint was written)")
 
 
-def _beside_tensors(name: str) -> bool:
-    """state.pt and the tokenizer's files: what a checkpoint holds besides its tensors."""
-    return name != "model.safetensors" and not name.startswith(f"{SHARDS}/")
+def _tokenizer_file(name: str) -> bool:
+    """tokenizer.json, bpe.json: what a checkpoint holds besides its tensors and state.pt."""
+    return name not in FILES and not name.startswith(f"{SHARDS}/")
 
 
 def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -342,7 +344,8 @@ def load_state(directory, device="cpu") -> dict:
     path = directory / "state.pt"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: state.pt is missing (needed to resume)")
-    verify(directory, _beside_tensors)  # state.pt and the tokenizer a resume reads
+    # state.pt, and the tokenizer a resume has read by now (its loader's errors first: they say more)
+    verify(directory, lambda name: name == "state.pt" or _tokenizer_file(name), missing_ok=True)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -383,8 +386,9 @@ def load_checkpoint(directory, device: str = "cpu") -> tuple[MoETransformer, Mod
         return model, model.cfg, run_cfg, load_tokenizer(directory)
     ckpt = resolve(directory)
     model_cfg, train_cfg = configs_from_checkpoint(ckpt)
-    verify(ckpt, _beside_tensors)
     model = MoETransformer(model_cfg)
     load_weights(ckpt, model)
     model.to(resolve_device(device)).eval()
-    return model, model_cfg, train_cfg, load_tokenizer(ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    verify(ckpt, _tokenizer_file, missing_ok=True)  # after its loader, whose errors say more
+    return model, model_cfg, train_cfg, tokenizer
