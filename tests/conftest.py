@@ -1,6 +1,6 @@
 """Fixtures shared by the test files, and hypothesis' profiles: "ci" (the default) draws the same examples
 every run, so that a test suite passes or fails for a reason; `HYPOTHESIS_PROFILE=explore make test` draws
-new ones (and more of them) to look for bugs. What exploring finds becomes an @example of its test."""
+new ones every run to look for bugs. What exploring finds becomes an @example of its test."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-settings.register_profile("explore", derandomize=False, max_examples=1000, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -135,6 +135,8 @@ def test_an_int_for_a_float_becomes_a_float_and_a_bool_is_refused(cls):
         assert type(getattr(cfg, name)) is float and getattr(cfg, name) == value, name
         with pytest.raises(ValueError, match=name):
             cls(**{**base, name: True})
+        with pytest.raises(ValueError, match=name):  # an int beyond float's range: named, not an OverflowError
+            cls(**{**base, name: 10**400})
 
 
 @pytest.mark.parametrize("changes", [dict(vocab_size=True), dict(rope_theta=0), dict(norm_eps=0.0),

@@ -182,3 +182,12 @@ def test_the_mtp_modules_add_state_and_activations():
 def test_bad_layout(world, ep, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         step_memory(V2_LITE, v2_lite_run(8, 1), world=world, ep=ep)
+
+
+def test_ranks_on_one_host_share_its_memory(monkeypatch):
+    """On the CPU the N ranks torchrun starts on a host split its memory; a GPU rank has its own."""
+    from dsmoe import memory
+    monkeypatch.setattr(memory, "available_memory", lambda device: 64 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory.rank_memory("cpu") == 16 * 2**30
+    assert memory.rank_memory("cuda") == 64 * 2**30

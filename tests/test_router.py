@@ -47,7 +47,7 @@ def scores_of(logits_TE, cfg):
     return logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None)
 @given(routing_cases())
 def test_routing_invariants(case):
     cfg, logits_TE, bias_E = case
@@ -79,7 +79,7 @@ def test_routing_invariants(case):
     torch.testing.assert_close(weights_TK, raw_TK * cfg.route_scale)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None)
 @given(routing_cases(), st.integers(0, 2**31 - 1))
 def test_bias_never_changes_weights(case, seed):
     """Any bias that leads to the same ids gives exactly the same weights."""

@@ -34,7 +34,7 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.fsdp import local
-from dsmoe.pretrained import from_pretrained, has_non_finite
+from dsmoe.pretrained import folder_file, from_pretrained, has_non_finite
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 SHARDS = "shards"  # a sharded checkpoint's DCP folder, in place of model.safetensors
@@ -165,9 +165,12 @@ def verify(directory, which=lambda name: True, missing_ok: bool = False) -> None
     CheckpointError names every file that is missing (unless `missing_ok`: its loader names it better) or
     differs (a flipped bit, a truncated copy, another file in its place)."""
     directory = Path(directory)
-    bad = [name for name, sha in _recorded_sums(directory).items() if which(name)
-           and (not (directory / name).is_file() and not missing_ok
-                or (directory / name).is_file() and _sha256(directory / name) != sha)]
+    bad = []
+    for name, sha in _recorded_sums(directory).items():
+        if which(name):
+            path = folder_file(directory, name, f"config.json's checksum entry {name!r}")  # nothing outside it
+            if path.is_file() and _sha256(path) != sha or not path.is_file() and not missing_ok:
+                bad.append(name)
     if bad:
         raise CheckpointError(f"checkpoint {str(directory)!r}: {', '.join(bad)} "
                               f"{'is' if len(bad) == 1 else 'are'} corrupt or missing (the SHA-256 differs from the "

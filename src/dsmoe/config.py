@@ -88,7 +88,7 @@ def _floats(obj: Any) -> None:
     as it is, for the field's own check to refuse."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.type in ("float", "float | None") and _is_int(value):
+        if f.type in ("float", "float | None") and _is_int(value) and _is_number(value):  # 10**400: refused below
             setattr(obj, f.name, float(value))
 
 

@@ -135,9 +135,10 @@ class HFTokenizer(BPETokenizer):
 
     @classmethod
     def load(cls, directory) -> HFTokenizer:
-        Tokenizer = optional_import("tokenizers", f"the tokenizer of {directory}").Tokenizer
+        from dsmoe.pretrained import folder_file  # a HuggingFace folder's files stay inside it (no link out)
 
-        path, config = Path(directory, "tokenizer.json"), Path(directory, "tokenizer_config.json")
+        Tokenizer = optional_import("tokenizers", f"the tokenizer of {directory}").Tokenizer
+        path, config = folder_file(directory, "tokenizer.json"), folder_file(directory, "tokenizer_config.json")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse

@@ -138,7 +138,17 @@ def available_memory(device: str) -> int | None:
     return min(limits) if limits else None
 
 
-def _size(n: int) -> str:
+def rank_memory(device: str) -> int | None:
+    """What one rank may use: on cuda its own GPU's free memory; on cpu the ranks torchrun starts on one host
+    (LOCAL_WORLD_SIZE) share its memory."""
+    available = available_memory(device)
+    if available is None or device == "cuda":
+        return available
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def size_text(n: int) -> str:
+    """Bytes for a message: GiB, or MiB below one."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -167,11 +177,11 @@ def check_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available:
         advice = (f"even batch_size={world} (one sequence per rank) does not fit: choose a smaller model or seq_len, "
                   "or more ranks")
     layout = f" per rank of {world} (dp {world // ep} x ep {ep}, {local} sequences each)" if world > 1 else ""
-    fixed = (f"{_size(state)} of weights, gradients and AdamW state" if world == 1 else
-             f"{_size(state)} of this rank's shards of the weights, gradients and AdamW state + {_size(gathered)} "
-             f"of weights and gradients FSDP2 gathers")
+    fixed = (f"{size_text(state)} of weights, gradients and AdamW state" if world == 1 else
+             f"{size_text(state)} of this rank's shards of the weights, gradients and AdamW state + "
+             f"{size_text(gathered)} of weights and gradients FSDP2 gathers")
     where = "this machine" if world == 1 else "this layout"
     raise ValueError(f"batch_size={B} is too large for {where}: with seq_len="
                      f"{train_cfg.seq_len or model_cfg.max_seq_len} a training step needs about "
-                     f"{_size(need)}{layout} (estimated: {fixed} + {per_sequence / 2**20:.1f} MiB of activations "
-                     f"per sequence), but {train_cfg.device} has {_size(available)} available; {advice}")
+                     f"{size_text(need)}{layout} (estimated: {fixed} + {per_sequence / 2**20:.1f} MiB of activations "
+                     f"per sequence), but {train_cfg.device} has {size_text(available)} available; {advice}")

@@ -88,9 +88,10 @@ class MoE(nn.Module):
         A NaN or inf anywhere in a token makes all of its logits non-finite (inf * 0 is NaN too), so checking the
         [T, E] logits catches every bad input at E/D of the cost of checking x. A finite input can still overflow
         in the experts (|x| ~ 1e30 in fp32), and a NaN bias silently routes every token to the same experts.
-        Under torch.compile the same three checks are asserts inside the graph (torch._assert_async: no graph
-        break, no host sync where the device runs them asynchronously), with the same messages but the output's
-        largest input, which would need a sync.
+        Under torch.compile on the CPU the same three checks are asserts inside the graph (torch._assert_async: no
+        graph break), raising a RuntimeError with the same messages (without the output's largest input, which
+        would need a sync). On CUDA a failed device-side assert would end the process's CUDA context, so a
+        compiled layer skips them there; training checks its loss at every log point instead.
         """
         ok = [torch.isfinite(logits_TE).all(), torch.isfinite(self.gate.bias).all(), torch.isfinite(y_TD).all()]
         messages = ["MoE router logits are not finite: the input contains NaN or inf (or the router weight does, "
@@ -100,14 +101,15 @@ class MoE(nn.Module):
                     f"MoE output is not finite although the input is: the experts overflow {y_TD.dtype}; normalize "
                     "or scale the input down"]
         if torch.compiler.is_compiling():
-            for ok_, message in zip(ok, messages):
-                torch._assert_async(ok_, message)
+            if x_TD.device.type == "cpu":
+                for ok_, message in zip(ok, messages):
+                    torch._assert_async(ok_, message)
             return
-        for ok_, message in zip(torch.stack(ok).tolist(), messages):
-            if not ok_:
-                if message is messages[2]:
-                    message += f" (largest |input| {x_TD.detach().abs().max().item():.3g})"
-                raise ValueError(message)
+        bad_input, bad_bias, bad_output = torch.stack(ok).logical_not().tolist()
+        if bad_input or bad_bias:
+            raise ValueError(messages[0] if bad_input else messages[1])
+        if bad_output:
+            raise ValueError(f"{messages[2]} (largest |input| {x_TD.detach().abs().max().item():.3g})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from dsmoe import hf
 from dsmoe.config import ModelConfig
-from dsmoe.memory import available_memory
+from dsmoe.memory import available_memory, size_text
 from dsmoe.model import Block, MoETransformer, MTPModule
 from dsmoe.moe import MoE, moe_layers
 
@@ -358,10 +358,6 @@ def _short(keys: list[str], n: int = 6) -> str:
 ROTARY_BYTES_PER_DIM, ROTARY_BYTES_PER_POSITION = 16, 12
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def rotary_bytes(cfg: ModelConfig) -> int:
     """Peak host memory of building the model's rotary table (see ROTARY_BYTES_PER_DIM)."""
     R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
@@ -373,8 +369,8 @@ def _check_rotary(cfg: ModelConfig) -> None:
     need, available = rotary_bytes(cfg), available_memory("cpu")
     if available is not None and need > available:
         raise PretrainedError(f"HF config field max_position_embeddings={cfg.max_seq_len:,} is too large for this "
-                              f"machine: the rotary table for it needs about {_gib(need)} of memory while it is "
-                              f"built, and {_gib(available)} is available; lower it to the longest context you "
+                              f"machine: the rotary table for it needs about {size_text(need)} of memory while it is "
+                              f"built, and {size_text(available)} is available; lower it to the longest context you "
                               "will run")
 
 
@@ -402,8 +398,8 @@ def _check_memory(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torc
         if moe is not None:
             sizes += f", n_routed_experts={moe.n_routed_experts}, moe_intermediate_size={moe.expert_dim}"
         raise PretrainedError(f"{path}: config.json describes a model of {cfg.num_params():,} parameters ({sizes}), "
-                              f"about {_gib(need)} in {str(dtype).removeprefix('torch.')}, and {device.type} has "
-                              f"{_gib(available)} available; load it with device='meta' to see its shapes, in a "
+                              f"about {size_text(need)} in {str(dtype).removeprefix('torch.')}, and {device.type} has "
+                              f"{size_text(available)} available; load it with device='meta' to see its shapes, in a "
                               "smaller dtype, or on a machine with more memory")
 
 

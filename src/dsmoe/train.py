@@ -29,7 +29,7 @@ from dsmoe import checkpoint
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
-from dsmoe.memory import check_step_memory, step_memory
+from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import moe_layers
 from dsmoe.parallel.context import SingleProcess, init_context
@@ -162,9 +162,13 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
-    ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s)
-    ctx.check_agreement({"model": model_cfg.to_dict(), "train": cfg.to_dict()})
-    check_step_memory(model_cfg, cfg, world=ctx.world, ep=ctx.ep)  # refused here, not killed by the OOM killer later
+    ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s,
+                       settings={"model": model_cfg.to_dict(), "train": cfg.to_dict()})
+    try:  # refused here, not killed by the OOM killer later; every rank alike (the least memory of any)
+        check_step_memory(model_cfg, cfg, ctx.least(rank_memory(cfg.device)), world=ctx.world, ep=ctx.ep)
+    except ValueError:
+        ctx.close()
+        raise
     device = checkpoint.resolve_device(cfg.device)
     out = Path(cfg.out or f"runs/{cfg.preset}")
     run_dir = ctx.run_dir(out)
@@ -333,6 +337,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
     run = build_run(model_cfg, cfg)
     try:
         summary = _loop(run, progress and run.ctx.is_main)
+        run.ctx.close()  # the ranks' last collective was the final evaluation
+        if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main:
+            _export(run)
+        return summary
+    except TrainingDiverged:
+        run.ctx.close()  # every rank saw the same all-reduced loss (or weights) and stops here
+        raise
     except RuntimeError as e:
         if not _is_peer_failure(e):
             raise
@@ -341,10 +352,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> di
                            f"within dist_timeout_s={cfg.dist_timeout_s:g} s ({detail}). " + run.kept()) from None
     finally:
         run.lock.release()
-    run.ctx.close()  # the ranks' last collective was the final evaluation
-    if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main:
-        _export(run)
-    return summary
 
 
 def _is_peer_failure(e: BaseException) -> bool:
@@ -356,8 +363,9 @@ def _is_peer_failure(e: BaseException) -> bool:
 def _loop(run: Run, progress: bool) -> dict:
     cfg = run.cfg
     say = print if progress else (lambda *a, **k: None)
+    mtp = f", {run.model_cfg.mtp_layers} MTP module(s) included" if run.model_cfg.mtp_layers else ""
     say(f"model: {run.model_cfg.num_params():,} parameters, {run.model_cfg.num_active_params():,} active per token "
-        f"({len(run.model.moe_layers())} MoE layers) | data: {run.corpus.info['train_tokens']:,} train / "
+        f"({len(run.model.moe_layers())} MoE layers{mtp}) | data: {run.corpus.info['train_tokens']:,} train / "
         f"{run.corpus.info['val_tokens']:,} val tokens ({run.tokenizer.kind}) | device {run.device} | "
         f"run dir {run.run_dir}")
     if cfg.activation_checkpointing:

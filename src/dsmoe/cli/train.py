@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -52,10 +53,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         run_dir = ckpt.parent if ckpt.name.startswith("checkpoint") else ckpt
         train_cfg = dataclasses.replace(train_cfg, out=str(run_dir))  # the resumed run's folder, wherever it moved
         model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, sets)
-        if args.expert_parallel is None:  # this launch's layout, not necessarily the checkpoint's
+        if "expert_parallel" not in " ".join(sets):  # this launch's layout, not necessarily the checkpoint's
             world, saved = launch_world(), train_cfg.expert_parallel
             train_cfg = dataclasses.replace(train_cfg, expert_parallel=layout_for_launch(saved, world))
-            if train_cfg.expert_parallel != saved:
+            if train_cfg.expert_parallel != saved and os.environ.get("RANK", "0") == "0":
                 print(f"resuming on {world} process{'es' * (world > 1)} with expert_parallel="
                       f"{train_cfg.expert_parallel} instead of the checkpoint's {saved} (it reshards to any layout; "
                       "choose another with --expert-parallel)")

@@ -72,8 +72,9 @@ class SingleProcess:
         """Where this rank writes: the run directory on rank 0, a scratch folder elsewhere."""
         return run_dir
 
-    def check_agreement(self, settings: dict) -> None:
-        """Refuse settings that differ between the ranks (a collective: every rank refuses together)."""
+    def least(self, value: int | None) -> int | None:
+        """The smallest of the ranks' values (None: unknown, larger than any), so that every rank decides alike."""
+        return value
 
     def close(self) -> None:
         """After a run's last collective, on every rank: end the process groups this context started."""
@@ -157,20 +158,10 @@ class MeshContext(SingleProcess):
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         return Path(scratch)
 
-    def check_agreement(self, settings: dict) -> None:
-        """Every rank's settings (the model and run configs), gathered in the run's first collective and compared:
-        ranks launched with another lr, top_k or --out would otherwise train to the end without a word (and
-        ranks writing to different folders leave a checkpoint without their shards). The error names each
-        field that differs and the ranks' values, on every rank."""
-        gathered: list[dict | None] = [None] * self.world
-        dist.all_gather_object(gathered, _flat(settings))
-        ranks = [g or {} for g in gathered]
-        differ = [key for key in sorted(set().union(*ranks)) if any(r.get(key) != ranks[0].get(key) for r in ranks)]
-        if differ:
-            shown = "; ".join(f"{key}: " + ", ".join(f"rank {i} {r.get(key)!r}" for i, r in enumerate(ranks))
-                              for key in differ[:5])
-            raise ValueError(f"the {self.world} ranks were launched with different settings ({shown}): launch "
-                             "every rank with the same command line, with --out on a filesystem they share")
+    def least(self, value: int | None) -> int | None:
+        t = torch.tensor(math.inf if value is None else float(value), dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return None if math.isinf(t.item()) else int(t.item())
 
     def close(self) -> None:
         """A barrier, so that no rank tears the groups down while another still talks in them, then
@@ -202,6 +193,21 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: li
     return sd
 
 
+def check_agreement(settings: dict) -> None:
+    """Every rank's settings (the model and run configs) gathered in the run's first collective and compared:
+    ranks launched with another lr, top_k or --out would otherwise train to the end without a word (and
+    ranks writing to different folders leave a checkpoint without their shards). The error names each
+    field that differs and the ranks' values, on every rank."""
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, _flat(settings))
+    differ = [key for key in sorted(set().union(*ranks)) if any(r.get(key) != ranks[0].get(key) for r in ranks)]
+    if differ:
+        shown = "; ".join(f"{key}: " + ", ".join(f"rank {i} {r.get(key)!r}" for i, r in enumerate(ranks))
+                          for key in differ[:5])
+        raise ValueError(f"the {len(ranks)} ranks were launched with different settings ({shown}): launch "
+                         "every rank with the same command line, with --out on a filesystem they share")
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     """{"moe.top_k": 2, ...}: a nested config dict with dotted keys."""
     out: dict = {}
@@ -225,11 +231,12 @@ def layout_for_launch(expert_parallel: int, world: int) -> int:
     return 0 if ep == 1 else ep
 
 
-def init_context(expert_parallel: int, global_batch: int, device: str = "cpu",
-                 timeout_s: float = 300.0) -> SingleProcess:
+def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", timeout_s: float = 300.0,
+                 settings: dict | None = None) -> SingleProcess:
     """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
     ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep. The layout is checked against
-    torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank."""
+    torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank; then
+    the ranks' `settings` are compared (check_agreement) before anything else talks."""
     world = launch_world()
     ep = expert_parallel or 1
     if world == 1 and ep > 1:
@@ -246,6 +253,12 @@ def init_context(expert_parallel: int, global_batch: int, device: str = "cpu",
         return SingleProcess()
     started = not dist.is_initialized()
     init_distributed(timeout_s=timeout_s)
+    try:
+        check_agreement(settings or {})
+    except ValueError:
+        if started:  # every rank refuses together: end the group in order (see MeshContext.close)
+            dist.destroy_process_group()
+        raise
     ctx = MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")
     ctx.owns_group = started
     return ctx
