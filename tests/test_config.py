@@ -145,3 +145,19 @@ def test_an_int_for_a_float_becomes_a_float_and_a_bool_is_refused(cls):
 def test_bad_model_config_names_the_field(changes):
     with pytest.raises(ValueError, match=next(iter(changes))):
         ModelConfig(**{"dense_hidden": 16, **changes})
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(factor="x"), "rope_scaling.factor"), (dict(factor=0), "rope_scaling.factor"),
+    (dict(original_max_position_embeddings=-3), "rope_scaling.original_max_position_embeddings"),
+    (dict(beta_fast=float("nan")), "rope_scaling.beta_fast"), (dict(mscale=-1), "rope_scaling.mscale"),
+    (dict(rope_type="linear"), "rope_scaling")], ids=lambda c: str(c))
+def test_bad_yarn_scaling_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"{field}="):
+        ModelConfig(dense_hidden=16, rope_scaling=YARN | changes)
+    with pytest.raises(ValueError, match="rope_theta"):  # yarn's ramp divides by log(rope_theta)
+        ModelConfig(dense_hidden=16, rope_scaling=YARN, rope_theta=1.0)
+    assert ModelConfig(dense_hidden=16, rope_scaling=YARN | {"mscale": 0, "mscale_all_dim": 0.7}).rope_scaling

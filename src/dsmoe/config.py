@@ -257,12 +257,7 @@ class ModelConfig:
                 _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0 with kv_lora_rank > 0")
             _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
         if self.rope_scaling is not None:
-            _check(isinstance(self.rope_scaling, dict), "rope_scaling", self.rope_scaling, "must be a dict or None")
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            _check(kind == "yarn" and {"factor", "original_max_position_embeddings"} <= set(self.rope_scaling),
-                   "rope_scaling", self.rope_scaling,
-                   "only yarn is supported: {'rope_type': 'yarn', 'factor': ..., "
-                   "'original_max_position_embeddings': ...}")
+            self._check_yarn()
         if not self.mla:  # MLA sizes its heads by qk_nope/qk_rope/v_head_dim instead
             _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
             _check((self.dim // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
@@ -277,6 +272,28 @@ class ModelConfig:
             _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
             if not self.dense_hidden:
                 self.dense_hidden = (self.moe.top_k + self.moe.n_shared_experts) * self.moe.expert_dim
+
+    def _check_yarn(self) -> None:
+        """rope_scaling: yarn (DeepSeek-V2 §2.1; what attention.rotary_table computes) with values it can use."""
+        scaling = self.rope_scaling
+        _check(isinstance(scaling, dict), "rope_scaling", scaling, "must be a dict or None")
+        assert isinstance(scaling, dict)
+        kind = scaling.get("rope_type", scaling.get("type"))
+        _check(kind == "yarn" and {"factor", "original_max_position_embeddings"} <= set(scaling), "rope_scaling",
+               scaling, "only yarn is supported: {'rope_type': 'yarn', 'factor': ..., "
+               "'original_max_position_embeddings': ...}")
+        original = scaling["original_max_position_embeddings"]
+        _check(_is_int(original) and original >= 1, "rope_scaling.original_max_position_embeddings", original,
+               "must be a positive integer")
+        for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = scaling.get(key)
+            if value is None and key != "factor":
+                continue
+            at_least_0 = key.startswith("mscale")  # mscale >= 0 keeps the attention factor >= 1
+            _check(_is_number(value) and (value >= 0 if at_least_0 else value > 0), f"rope_scaling.{key}", value,
+                   f"must be a finite number {'>= 0' if at_least_0 else '> 0'}")
+        _check(self.rope_theta > 1, "rope_theta", self.rope_theta, "must be > 1 with yarn scaling (its frequency "
+               "ramp divides by log(rope_theta))")
 
     @property
     def n_moe_layers(self) -> int:

@@ -149,7 +149,7 @@ def rank_memory(device: str) -> int | None:
 
 def size_text(n: int) -> str:
     """Bytes for a message: GiB, or MiB below one."""
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available: int | None = None, *,

@@ -85,17 +85,11 @@ def _rope(d: dict) -> tuple[float, dict | None]:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "yarn":
         raise PretrainedError(f"rope scaling {kind!r} is not supported; dsmoe supports yarn (or none)")
-    if theta <= 1:  # yarn's frequency ramp divides by log(rope_theta)
-        raise PretrainedError(f"HF config field rope_theta={theta!r} is invalid with yarn scaling: must be > 1")
-    hf._float(f"{where}.factor", scaling.get("factor"), above=0)
-    hf._int(f"{where}.original_max_position_embeddings", scaling.get("original_max_position_embeddings"), 1)
-    optional = {"beta_fast": {"above": 0}, "beta_slow": {"above": 0},  # rotations over the original context
-                "mscale": {"at_least": 0}, "mscale_all_dim": {"at_least": 0}}  # >= 0 keeps the attention factor >= 1
-    for key, bound in optional.items():
-        if scaling.get(key) is not None:
-            hf._float(f"{where}.{key}", scaling[key], **bound)
-    keys = ("factor", "original_max_position_embeddings", *optional)
-    return theta, {"rope_type": "yarn", **{k: scaling[k] for k in keys if scaling.get(k) is not None}}
+    # ModelConfig checks the values (and rope_theta > 1 under yarn); 4096.0 is read as 4096 here
+    original = hf._int(f"{where}.original_max_position_embeddings", scaling.get("original_max_position_embeddings"), 1)
+    keys = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    return theta, {"rope_type": "yarn", "original_max_position_embeddings": original,
+                   **{k: scaling[k] for k in keys if scaling.get(k) is not None}}
 
 
 def _attention(d: dict) -> dict[str, int]:
