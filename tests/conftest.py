@@ -4,6 +4,7 @@ new ones every run to look for bugs. What exploring finds becomes an @example of
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_python():
+    """Python's own Ctrl-C handler in every test, as in a terminal. A shell that starts the suite in the
+    background (`make test &`, a CI step run so) leaves SIGINT ignored, which Python and every process it starts
+    keep: the tests that send themselves a SIGINT, and training's stop flag, would see nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
