@@ -25,7 +25,8 @@ from dsmoe import pretrained
 from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.inspection import is_hf_folder
 from dsmoe.model import MoETransformer
-from dsmoe.pretrained import FolderPathError, PretrainedError, from_pretrained, load_hf_weights, model_config_from_hf
+from dsmoe.paths import FolderPathError
+from dsmoe.pretrained import PretrainedError, from_pretrained, load_hf_weights, model_config_from_hf
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 from test_pretrained import CASES, hf_model  # noqa: E402  (needs transformers)

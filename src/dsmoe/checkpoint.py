@@ -34,7 +34,8 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.fsdp import local
-from dsmoe.pretrained import folder_file, from_pretrained, has_non_finite
+from dsmoe.paths import folder_file
+from dsmoe.pretrained import from_pretrained, has_non_finite
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 SHARDS = "shards"  # a sharded checkpoint's DCP folder, in place of model.safetensors

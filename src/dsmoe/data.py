@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsmoe.paths import folder_file
 from dsmoe.runtime import optional_import
 
 CACHE_VERSION = 3
@@ -135,8 +136,6 @@ class HFTokenizer(BPETokenizer):
 
     @classmethod
     def load(cls, directory) -> HFTokenizer:
-        from dsmoe.pretrained import folder_file  # a HuggingFace folder's files stay inside it (no link out)
-
         Tokenizer = optional_import("tokenizers", f"the tokenizer of {directory}").Tokenizer
         path, config = folder_file(directory, "tokenizer.json"), folder_file(directory, "tokenizer_config.json")
         try:

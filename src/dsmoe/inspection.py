@@ -32,7 +32,8 @@ from dsmoe.data import Corpus, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.metrics import dead_experts, load_entropy, max_violation
 from dsmoe.model import MoETransformer
-from dsmoe.pretrained import FolderPathError, from_pretrained, read_json
+from dsmoe.paths import FolderPathError
+from dsmoe.pretrained import from_pretrained, read_json
 from dsmoe.studies.definitions import DISABLE_SHARES, DISABLE_TOP
 from dsmoe.studies.specialization import (
     KINDS,

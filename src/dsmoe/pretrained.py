@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +37,7 @@ from dsmoe.config import ModelConfig
 from dsmoe.memory import available_memory, size_text
 from dsmoe.model import Block, MoETransformer, MTPModule
 from dsmoe.moe import MoE, moe_layers
+from dsmoe.paths import folder_file
 
 INDEX = "model.safetensors.index.json"
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -250,38 +250,9 @@ def _fused(slots: dict[str, Slot], present: set[str]) -> dict[str, Slot]:
 
 
 # ---- the folder's files -------------------------------------------------------------------------------------
-# A folder may come from anywhere, so every file dsmoe reads from it must be inside it: an index naming
-# `../../x.safetensors` or `/etc/x`, or a link out of the folder, is refused before anything is opened, with an
-# error that names the entry and never says whether the path outside exists.
+# A folder may come from anywhere, so every file dsmoe reads from it goes through dsmoe.paths.folder_file.
 
 MAX_JSON_BYTES = 64 * 2**20  # config.json and the index (DeepSeek-V3's, with every expert's keys, is a few MB)
-
-
-class FolderPathError(PretrainedError):
-    """A file name or link in a HuggingFace folder that leads outside the folder."""
-
-
-def _hub_blobs(folder: Path) -> Path | None:
-    """huggingface_hub's cache folder REPO/snapshots/REVISION holds links into REPO/blobs: there, and only
-    there, a link may leave the folder."""
-    return folder.parent.parent / "blobs" if folder.parent.name == "snapshots" else None
-
-
-def folder_file(folder: str | Path, name: str, entry: str | None = None) -> Path:
-    """folder/name, refused (FolderPathError naming `entry`, by default the name) unless it stays inside the
-    folder: a relative name without '..' out of it, and no link (followed by resolve()) that leads out."""
-    folder = Path(folder)
-    entry, root = entry or name, folder.resolve()
-    try:
-        lexical = Path(os.path.normpath(root / name))
-        target = (root / name).resolve()
-    except (OSError, RuntimeError, ValueError):  # a NUL byte in the name, a loop of links
-        target = lexical = Path("/")  # refused below, in the same words
-    roots = [root] if (blobs := _hub_blobs(root)) is None else [root, blobs.resolve()]
-    if not lexical.is_relative_to(root) or not any(target.is_relative_to(r) for r in roots):
-        raise FolderPathError(f"{folder}: {entry} leads outside the folder; dsmoe reads only files inside a "
-                              "HuggingFace folder (relative names, no '..' out of it, no link out of it)")
-    return folder / name
 
 
 def read_json(folder: str | Path, name: str) -> Any:
