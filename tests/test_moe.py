@@ -385,3 +385,16 @@ def test_activation_checkpointing_counts_once(reentrant):
     x = torch.randn(10, moe.cfg.dim, requires_grad=True)
     checkpoint(moe, x, use_reentrant=reentrant).sum().backward()
     assert moe.counts.sum() == 10 * moe.cfg.top_k
+
+
+def test_routed_experts_run_before_the_shared_experts_on_the_same_tensor():
+    """The contract dsmoe.parallel's OverlappedSwiGLU relies on to compute the shared experts while the
+    dispatch all-to-all is in flight: MoE.forward calls the routed experts first, then the shared experts,
+    with the very same input tensor."""
+    moe = MoE(MoEConfig(dim=8, n_routed_experts=4, n_shared_experts=1, top_k=2, expert_dim=4))
+    calls = []
+    for name in ("experts", "shared_experts"):
+        getattr(moe, name).register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
+    moe(torch.randn(2, 3, 8))
+    assert [name for name, _ in calls] == ["experts", "shared_experts"]
+    assert calls[0][1] is calls[1][1]

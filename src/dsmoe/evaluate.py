@@ -11,7 +11,7 @@ import torch
 from dsmoe.data import Corpus
 from dsmoe.metrics import max_violation
 from dsmoe.model import MoETransformer
-from dsmoe.parallel.context import SingleProcess
+from dsmoe.parallel.context import Context, SingleProcess
 
 
 def autocast(device: str):
@@ -21,7 +21,7 @@ def autocast(device: str):
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: int, batches: int,
-             device: str = "cpu", split: str = "val", ctx: SingleProcess | None = None) -> dict:
+             device: str = "cpu", split: str = "val", ctx: Context | None = None) -> dict:
     """Loss, perplexity, per-layer MaxVio_global and load [L, E] from the load summed over the whole pass.
 
     Windows are spread evenly over the split (no RNG, so evaluating never shifts training). The model runs

@@ -32,7 +32,7 @@ from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import moe_layers
-from dsmoe.parallel.context import SingleProcess, init_context
+from dsmoe.parallel.context import Context, init_context
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
 from dsmoe.pretrained import load_hf_weights, save_pretrained
 from dsmoe.runtime import MetricsLog, RunLock, StopFlag
@@ -96,7 +96,7 @@ class Run:
 
     cfg: TrainConfig
     model_cfg: ModelConfig
-    ctx: SingleProcess            # the distributed context (SingleProcess does nothing)
+    ctx: Context                  # the distributed context (dsmoe.parallel.SingleProcess does nothing)
     device: str
     run_dir: Path                 # this rank's: the run directory on rank 0
     checkpoint_dir: Path          # the run's checkpoint (every rank writes its shards there under a mesh)
@@ -189,7 +189,7 @@ def as_trained(model_cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(check_inputs=False))
 
 
-def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: SingleProcess, device: str, out: Path, run_dir: Path,
+def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: Context, device: str, out: Path, run_dir: Path,
                lock: RunLock) -> Run:
     model_cfg = as_trained(model_cfg)
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()  # every rank sees the same
@@ -288,7 +288,7 @@ class Meter:
             self.maxvio_L += stats["maxvio"] / grad_accum
             self.load_LE += stats["tokens_per_expert"]
 
-    def read(self, ctx: SingleProcess, stop: bool) -> tuple[dict, bool]:
+    def read(self, ctx: Context, stop: bool) -> tuple[dict, bool]:
         """The interval's means over the global batch, and whether any rank was asked to stop: one
         all-reduce of [loss, aux, stop] and the load, one host sync. Resets the meter."""
         n = self.steps

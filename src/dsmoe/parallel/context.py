@@ -1,4 +1,4 @@
-"""The distributed context of a run: one object that the training loop and evaluation talk to.
+"""The distributed context of a run (`Context`): one object that the training loop and evaluation talk to.
 
 `SingleProcess` does nothing (every method is the identity or the plain single-device call), so the loop
 has no `if distributed:` branches; `MeshContext` lays the model out on a (dp, ep) DeviceMesh with expert
@@ -8,6 +8,7 @@ norm, splits batches over the ranks, and loads a single-process checkpoint's opt
 
 from __future__ import annotations
 
+import abc
 import atexit
 import math
 import os
@@ -31,56 +32,101 @@ from dsmoe.parallel.fsdp import build_meshes, global_view, init_optimizer_state,
 _M = TypeVar("_M", bound=nn.Module)
 
 
-class SingleProcess:
-    """One process holds the whole model: nothing to split, reduce or gather."""
+class Context(abc.ABC):
+    """What a run asks of its parallelism, so that the training loop and evaluation have no `if distributed:`
+    branches. SingleProcess implements it as the identity, MeshContext on a (dp, ep) DeviceMesh."""
 
-    rank, world, ep = 0, 1, 1
-    sharded = False  # checkpoints: whole tensors (safetensors) here, DCP shards under a mesh
-    mesh: DeviceMesh | None = None  # the (dp, ep) mesh
+    rank: int
+    world: int
+    ep: int           # expert-parallel degree (1: every rank holds every expert)
+    sharded: bool     # checkpoints: whole tensors (safetensors) in one process, DCP shards under a mesh
+    mesh: DeviceMesh | None  # the (dp, ep) mesh
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @abc.abstractmethod
     def shard(self, model: _M) -> _M:
         """Apply this context's parallelism to a built model (with its full weights loaded)."""
-        return model
 
+    @abc.abstractmethod
     def reshard(self, model: nn.Module) -> None:
         """After a forward without backward (evaluation): give back the gathered weights, so that the parameters
         are the shards again (what the optimizer and checkpoints hold)."""
 
+    @abc.abstractmethod
     def local_batch(self, *tensors_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's share of a global batch that every rank drew alike (same seed)."""
+
+    @abc.abstractmethod
+    def all_reduce_(self, tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
+        """In place: the sum (or mean) over the ranks."""
+
+    @abc.abstractmethod
+    def least(self, value: int | None) -> int | None:
+        """The smallest of the ranks' values (None: unknown, larger than any), so that every rank decides alike."""
+
+    @abc.abstractmethod
+    def reduce_grads(self, model: nn.Module) -> None:
+        """After backward: make the gradients those of the mean loss over the global batch."""
+
+    @abc.abstractmethod
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the whole model's gradient to `max_norm`; returns the norm before clipping."""
+
+    @abc.abstractmethod
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+        """A single-process checkpoint's optimizer state (whole tensors, by parameter index)."""
+
+    @abc.abstractmethod
+    def run_dir(self, run_dir: Path) -> Path:
+        """Where this rank writes: the run directory on rank 0, a scratch folder elsewhere."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """After a run's last collective, on every rank: end the process groups this context started."""
+
+
+class SingleProcess(Context):
+    """One process holds the whole model: nothing to split, reduce or gather."""
+
+    rank, world, ep = 0, 1, 1
+    sharded = False
+    mesh = None
+
+    def shard(self, model: _M) -> _M:
+        return model
+
+    def reshard(self, model: nn.Module) -> None:
+        pass
+
+    def local_batch(self, *tensors_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors_B
 
     def all_reduce_(self, tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
-        """In place: the sum (or mean) over the ranks."""
         return tensor
 
+    def least(self, value: int | None) -> int | None:
+        return value
+
     def reduce_grads(self, model: nn.Module) -> None:
-        """After backward: make the gradients those of the mean loss over the global batch."""
+        pass
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-        """A single-process checkpoint's optimizer state (whole tensors, by parameter index)."""
         optimizer.load_state_dict(check_optimizer_state(optimizer, full))
 
     def run_dir(self, run_dir: Path) -> Path:
-        """Where this rank writes: the run directory on rank 0, a scratch folder elsewhere."""
         return run_dir
 
-    def least(self, value: int | None) -> int | None:
-        """The smallest of the ranks' values (None: unknown, larger than any), so that every rank decides alike."""
-        return value
-
     def close(self) -> None:
-        """After a run's last collective, on every rank: end the process groups this context started."""
+        pass
 
 
-class MeshContext(SingleProcess):
+class MeshContext(Context):
     """N = dp x ep processes of a torchrun launch on a (dp, ep) DeviceMesh (dsmoe.parallel.fsdp): routed experts
     split over ep and FSDP2-sharded over dp, everything else FSDP2-sharded over all N; each rank trains on its
     contiguous share of the global batch. Checkpoints are DCP: each rank writes its own shards."""
@@ -232,7 +278,7 @@ def layout_for_launch(expert_parallel: int, world: int) -> int:
 
 
 def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", timeout_s: float = 300.0,
-                 settings: dict | None = None) -> SingleProcess:
+                 settings: dict | None = None) -> Context:
     """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
     ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep. The layout is checked against
     torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank; then

@@ -52,7 +52,9 @@ class OverlappedSwiGLU(SwiGLU):
     """The shared experts of an expert-parallel layer (same parameters and state-dict keys as SwiGLU).
 
     ExpertParallel computes them while its dispatch all-to-all is in flight (`precompute`); the MoE
-    layer's own call on the same input then returns that result instead of computing it again.
+    layer's own call on the same input then returns that result instead of computing it again. This relies on
+    MoE.forward calling its routed experts before its shared experts, on the same tensor object
+    (tests/test_moe.py holds it to that); on any other input it computes as SwiGLU does.
     """
 
     def __init__(self, shared: SwiGLU):
