@@ -38,7 +38,7 @@ class BiasRule(StrEnum):
 class AuxLossScores(StrEnum):
     """The per-token scores P_i averages in the expert-level, device-level and communication losses."""
     NORMALIZED = "normalized"  # s_i / sum_j s_j (Megatron-LM; DeepSeek-V3 eq. 19 for its sequence-wise loss)
-    RAW = "raw"                # s_i as the gate gives them (dsmoe before issue 13); with a sigmoid gate the
+    RAW = "raw"                # s_i as the gate gives them (dsmoe's first form); with a sigmoid gate the
                                # gradient pushes every logit down instead of moving probability between experts
 
 

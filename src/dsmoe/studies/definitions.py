@@ -57,7 +57,7 @@ BALANCE_CORE = (
 
 def _aux_methods(gate: str) -> list[tuple[str, dict[str, Any]]]:
     """The expert-level aux loss at alpha 1e-3 and 1e-2. With a sigmoid gate, in both forms of P_i: scores
-    normalized per token (Megatron, the default) and raw (what dsmoe used before issue 13); with softmax the
+    normalized per token (Megatron, the default) and raw (dsmoe's first form); with softmax the
     two coincide."""
     if gate == "softmax":
         return [(f"aux loss {a}", dict(aux_loss_alpha=float(a))) for a in ("1e-3", "1e-2")]
