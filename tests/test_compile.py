@@ -11,9 +11,10 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from dsmoe.config import ModelConfig, MoEConfig
-from dsmoe.experts import GroupedExperts, routed_swiglu_op
+from dsmoe.experts import GroupedExperts
 from dsmoe.model import MoETransformer
 from dsmoe.moe import MoE
+from dsmoe.ops.routed_swiglu import routed_swiglu_op
 
 CFG = MoEConfig(dim=16, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=8, score_func="sigmoid",
                 norm_topk_prob=True, check_inputs=False)

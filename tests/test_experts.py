@@ -1,25 +1,17 @@
-"""Experts (dsmoe.experts): the grouped, sorted computation equals the per-expert reference loop (outputs and
-gradients of x, of the routing weights and of the stacked expert weights) on both the grouped_mm path and the
-fallback, with empty batches, idle experts, dropped assignments and zero-stride or non-contiguous upstream
-gradients; each kernel plan forced (GroupedMMPlan, ChunkedPlan at several chunk sizes) against the reference, and
-how ChunkedPlan cuts the assignments; SwiGLU by hand; the grouped_mm eligibility rule and the plan choice. CUDA
-cases skip without a GPU."""
+"""Experts (dsmoe.experts, and its op dsmoe.ops.routed_swiglu): the grouped, sorted computation equals the
+per-expert reference loop (outputs and gradients of x, of the routing weights and of the stacked expert
+weights) on both the grouped_mm path and the fallback, with empty batches, idle experts, dropped assignments
+and zero-stride or non-contiguous upstream gradients; each kernel plan forced (GroupedMMPlan, ChunkedPlan at
+several chunk sizes) against the reference, and how ChunkedPlan cuts the assignments; SwiGLU by hand; the
+grouped_mm eligibility rule and the plan choice. CUDA cases skip without a GPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dsmoe.experts
-from dsmoe.experts import (
-    ChunkedPlan,
-    ContiguousGrad,
-    GroupedExperts,
-    GroupedMMPlan,
-    SwiGLU,
-    _grouped_mm_ok,
-    make_plan,
-    reference_experts,
-)
+import dsmoe.ops.routed_swiglu
+from dsmoe.experts import GroupedExperts, SwiGLU, reference_experts
+from dsmoe.ops.routed_swiglu import ChunkedPlan, ContiguousGrad, GroupedMMPlan, _grouped_mm_ok, make_plan
 
 # fp32 grouped_mm needs dims that are multiples of 4: aligned dims run either kernel (forced, since the default
 # chooses by device), unaligned dims always fall back to the per-expert loop
@@ -158,7 +150,7 @@ def test_bf16_grouped_cuda():
 def test_chunked_cpu_path_equals_reference(monkeypatch, chunk_bytes, keep):
     """The CPU path splits the sorted assignments into chunks of a few experts: any chunking gives the same
     outputs and gradients, with idle experts between chunks."""
-    monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(dsmoe.ops.routed_swiglu, "_CHUNK_BYTES", chunk_bytes)
     assert_grouped_equals_reference(E=9, D=8, Fh=12, T=17, K=2, keep=keep, path="loop")
 
 
@@ -175,7 +167,7 @@ def test_each_plan_equals_reference(monkeypatch, plan, active):
     """Each plan, forced, equals the reference loop in outputs and every gradient; an expert without tokens
     gets a weight gradient of exactly zero (at the ends of the expert range and between chunks)."""
     use_grouped_mm, chunk_bytes = PLANS[plan]
-    monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(dsmoe.ops.routed_swiglu, "_CHUNK_BYTES", chunk_bytes)
     E, D, Fh, T, K = 9, 8, 12, 13, min(2, len(active))
     torch.manual_seed(len(active))
     experts = GroupedExperts(E, D, Fh)
@@ -203,7 +195,7 @@ def test_each_plan_equals_reference(monkeypatch, plan, active):
 def test_chunked_plan_covers_assignments_in_order(monkeypatch, counts, chunk_bytes):
     """ChunkedPlan's chunks tile the A sorted assignments once, in order, each row with its expert, and close
     as soon as they reach _CHUNK_BYTES of input."""
-    monkeypatch.setattr(dsmoe.experts, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(dsmoe.ops.routed_swiglu, "_CHUNK_BYTES", chunk_bytes)
     row_bytes = 32
     plan = ChunkedPlan(counts, row_bytes)
     expert_A = [e for e, n in enumerate(counts) for _ in range(n)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsmoe import MoE, MoEConfig, SwiGLU, update_biases
-from dsmoe.experts import _grouped_mm_ok
+from dsmoe.ops.routed_swiglu import _grouped_mm_ok
 
 # Expert paths: aligned dims (multiples of 4 in fp32) may take torch's grouped_mm (forced here, since the
 # default may choose by device), or be forced onto the per-expert loop; unaligned dims always fall back.

@@ -39,8 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.experts import ContiguousGrad, GroupedExperts, SwiGLU, routed_swiglu
+from dsmoe.experts import GroupedExperts, SwiGLU
 from dsmoe.moe import MoE, moe_layers
+from dsmoe.ops.routed_swiglu import ContiguousGrad, routed_swiglu
 from dsmoe.parallel.comm import _all_to_all, all_to_all, all_to_all_async
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
