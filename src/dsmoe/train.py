@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,48 +191,18 @@ def as_trained(model_cfg: ModelConfig) -> ModelConfig:
 
 def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: Context, device: str, out: Path, run_dir: Path,
                lock: RunLock) -> Run:
-    model_cfg = as_trained(model_cfg)
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()  # every rank sees the same
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, choose another --out, "
                          "or --set overwrite=true to replace it")
-
-    state, tokenizer = None, None
-    if cfg.resume:  # the checkpoint's tokenizer, its state, and a model config that must match
-        ckpt = checkpoint.resolve(cfg.resume)
-        tokenizer = load_tokenizer(ckpt)
-        if not cfg.init:  # a fine-tuned model keeps its own vocabulary
-            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-        saved_cfg, _ = checkpoint.configs_from_checkpoint(ckpt)  # with today's defaults for fields it predates
-        diffs = _config_diff(saved_cfg.to_dict(), model_cfg.to_dict())
-        if diffs:
-            raise checkpoint.CheckpointError(f"checkpoint {str(ckpt)!r} was trained with another model config: "
-                                             + "; ".join(diffs))
-        state = checkpoint.load_state(ckpt)
-        if state["step"] >= cfg.steps:
-            raise ValueError(f"checkpoint {str(ckpt)!r} is at step {state['step']}: "
-                             + ("the run is finished; give a larger --steps to train on" if state["step"] == cfg.steps
-                                else f"past steps={cfg.steps}; give --steps above {state['step']} to continue it"))
-    if tokenizer is None and cfg.init:
-        tokenizer = load_tokenizer(cfg.init)  # the folder's own (the byte tokenizer when it has none)
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.bpe_vocab_size)
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {model_cfg.vocab_size}")
-    seq_len = cfg.seq_len or model_cfg.max_seq_len
-    if seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
-    corpus = load_corpus(cfg.data, tokenizer)
-    corpus.check(seq_len)
+    model_cfg, ckpt, state, tokenizer = _resumed(as_trained(model_cfg), cfg)
+    model_cfg, tokenizer, corpus, seq_len = _data(model_cfg, cfg, tokenizer)
 
     torch.manual_seed(cfg.seed)
     model = MoETransformer(model_cfg).to(device)
-    sharded_ckpt = state is not None and checkpoint.is_sharded(ckpt)
-    if state is not None and not sharded_ckpt:
+    if ckpt is not None and not checkpoint.is_sharded(ckpt):
         checkpoint.load_weights(ckpt, model)  # the full weights, before sharding
-    elif cfg.init:
+    elif ckpt is None and cfg.init:
         load_hf_weights(model, cfg.init)
     if cfg.activation_checkpointing:
         checkpoint_activations(model)
@@ -246,25 +216,74 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: Context, device: s
     log = MetricsLog(run_dir, state["step"] if state else None, cfg.tensorboard)
     run = Run(cfg, model_cfg, ctx, device, run_dir, out / "checkpoint", tokenizer, corpus, seq_len, model, optimizer,
               scheduler, data_rng, log, lock)
-    if state is not None:
-        hyper = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
-        if sharded_ckpt:  # weights and moments, each rank its own pieces, whatever layout wrote them
-            init_optimizer_state(optimizer)
-            checkpoint.load_sharded(ckpt, training_tensors(model, optimizer, ctx.mesh))
-        else:
-            ctx.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # this run's lr, betas and weight decay (--set on resume) win over the ones saved with the optimizer
-        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-        for group, h in zip(optimizer.param_groups, hyper):
-            group.update(h, initial_lr=cfg.lr, lr=cfg.lr * lr_factor(state["step"], cfg))
-        torch.set_rng_state(state["torch_rng"])
-        data_rng.set_state(state["data_rng"])
-        if device == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        run.step = run.last_good = state["step"]
-        run.init_eval = state["init_eval"]
+    if ckpt is not None and state is not None:
+        _restore(run, ckpt, state)
     return run
+
+
+def _resumed(model_cfg: ModelConfig, cfg: TrainConfig
+             ) -> tuple[ModelConfig, Path | None, dict | None, Tokenizer | None]:
+    """(model config, checkpoint, its state, its tokenizer) of a resumed run, the model config checked against
+    the checkpoint's; (model_cfg, None, None, None) for a new one."""
+    if not cfg.resume:
+        return model_cfg, None, None, None
+    ckpt = checkpoint.resolve(cfg.resume)
+    tokenizer = load_tokenizer(ckpt)
+    if not cfg.init:  # a fine-tuned model keeps its own vocabulary
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    saved_cfg, _ = checkpoint.configs_from_checkpoint(ckpt)  # with today's defaults for fields it predates
+    diffs = _config_diff(saved_cfg.to_dict(), model_cfg.to_dict())
+    if diffs:
+        raise checkpoint.CheckpointError(f"checkpoint {str(ckpt)!r} was trained with another model config: "
+                                         + "; ".join(diffs))
+    state = checkpoint.load_state(ckpt)
+    if state["step"] >= cfg.steps:
+        raise ValueError(f"checkpoint {str(ckpt)!r} is at step {state['step']}: "
+                         + ("the run is finished; give a larger --steps to train on" if state["step"] == cfg.steps
+                            else f"past steps={cfg.steps}; give --steps above {state['step']} to continue it"))
+    return model_cfg, ckpt, state, tokenizer
+
+
+def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
+          ) -> tuple[ModelConfig, Tokenizer, Corpus, int]:
+    """(model config, tokenizer, corpus, seq_len): a resumed run's tokenizer, a HuggingFace folder's own (the
+    byte tokenizer when it has none), or one built for the data, which then sets the vocabulary."""
+    if tokenizer is None and cfg.init:
+        tokenizer = load_tokenizer(cfg.init)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.bpe_vocab_size)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model_cfg.vocab_size}")
+    seq_len = cfg.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
+    corpus = load_corpus(cfg.data, tokenizer)
+    corpus.check(seq_len)
+    return model_cfg, tokenizer, corpus, seq_len
+
+
+def _restore(run: Run, ckpt: Path, state: dict) -> None:
+    """A resumed run's optimizer (and, from shards, its weights), schedule, RNG states and step."""
+    cfg, optimizer = run.cfg, run.optimizer
+    hyper = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
+    if checkpoint.is_sharded(ckpt):  # weights and moments, each rank its own pieces, whatever layout wrote them
+        init_optimizer_state(optimizer)
+        checkpoint.load_sharded(ckpt, training_tensors(run.model, optimizer, run.ctx.mesh))
+    else:
+        run.ctx.load_optimizer_state_dict(run.model, optimizer, state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    # this run's lr, betas and weight decay (--set on resume) win over the ones saved with the optimizer
+    run.scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, h in zip(optimizer.param_groups, hyper):
+        group.update(h, initial_lr=cfg.lr, lr=cfg.lr * lr_factor(state["step"], cfg))
+    torch.set_rng_state(state["torch_rng"])
+    run.data_rng.set_state(state["data_rng"])
+    if run.device == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    run.step = run.last_good = state["step"]
+    run.init_eval = state["init_eval"]
 
 
 # ---- one step and the loop -----------------------------------------------------------------------------
@@ -363,24 +382,13 @@ def _is_peer_failure(e: BaseException) -> bool:
 def _loop(run: Run, progress: bool) -> dict:
     cfg = run.cfg
     say = print if progress else (lambda *a, **k: None)
-    mtp = f", {run.model_cfg.mtp_layers} MTP module(s) included" if run.model_cfg.mtp_layers else ""
-    say(f"model: {run.model_cfg.num_params():,} parameters, {run.model_cfg.num_active_params():,} active per token "
-        f"({len(run.model.moe_layers())} MoE layers{mtp}) | data: {run.corpus.info['train_tokens']:,} train / "
-        f"{run.corpus.info['val_tokens']:,} val tokens ({run.tokenizer.kind}) | device {run.device} | "
-        f"run dir {run.run_dir}")
-    if cfg.activation_checkpointing:
-        B = cfg.batch_size // run.ctx.world
-        with_ac, without = (step_memory(run.model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),
-                                        world=run.ctx.world, ep=run.ctx.ep)[1] * B for on in (True, False))
-        say(f"activation checkpointing: ~{with_ac / 2**20:.0f} MiB of activations per micro-batch instead of "
-            f"~{without / 2**20:.0f} MiB (estimated), for one more forward per step")
+    _introduce(run, say)
     if run.init_eval is None:
         ev = run.evaluate()
         run.init_eval = {"loss": ev["loss"], "ppl": ev["ppl"]}
         say(f"step 0: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} (untrained)")
 
     bar = tqdm(total=cfg.steps, initial=run.step, dynamic_ncols=True, desc="train") if progress else None
-    tokens_per_step = cfg.batch_size * run.seq_len * cfg.grad_accum
     meter, stopped = Meter(run.model, run.device), False
     run.model.train()
     with StopFlag() as stop:
@@ -388,20 +396,7 @@ def _loop(run: Run, progress: bool) -> dict:
             k = train_step(run, meter)
             done = run.step
             if done % cfg.log_every == 0 or done == cfg.steps:
-                n = meter.steps
-                m, stopped = meter.read(run.ctx, stop.requested)
-                if not math.isfinite(m["loss"]):
-                    raise TrainingDiverged(f"training loss became {m['loss']} by step {done}; stopping. "
-                                           + run.kept())
-                row = {"kind": "train", "step": done, "loss": m["loss"], "aux_loss": m["aux_loss"],
-                       "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step * n / m["seconds"],
-                       "top_k": k, "maxvio": m["maxvio"], "load": m["load"]}
-                run.log.write(row)
-                if bar is not None:
-                    mv = _mean(row["maxvio"])
-                    bar.set_postfix_str(f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
-                                        f"lr {row['lr']:.2e} | MaxVio {mv:.2f}")
-                    bar.update(n)
+                stopped = _log_point(run, meter, k, stop.requested, bar)
             if done < cfg.steps and not stopped and cfg.eval_every and done % cfg.eval_every == 0:
                 ev = run.evaluate()
                 if bar is not None:
@@ -422,6 +417,41 @@ def _loop(run: Run, progress: bool) -> dict:
     ev = run.evaluate()
     run.log.close()
     return _summary(run, ev)
+
+
+def _introduce(run: Run, say: Callable[..., None]) -> None:
+    """The run's first lines: the model, the data, the device; what activation checkpointing saves."""
+    cfg, model_cfg = run.cfg, run.model_cfg
+    mtp = f", {model_cfg.mtp_layers} MTP module(s) included" if model_cfg.mtp_layers else ""
+    say(f"model: {model_cfg.num_params():,} parameters, {model_cfg.num_active_params():,} active per token "
+        f"({len(run.model.moe_layers())} MoE layers{mtp}) | data: {run.corpus.info['train_tokens']:,} train / "
+        f"{run.corpus.info['val_tokens']:,} val tokens ({run.tokenizer.kind}) | device {run.device} | "
+        f"run dir {run.run_dir}")
+    if cfg.activation_checkpointing:
+        B = cfg.batch_size // run.ctx.world
+        with_ac, without = (step_memory(model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),
+                                        world=run.ctx.world, ep=run.ctx.ep)[1] * B for on in (True, False))
+        say(f"activation checkpointing: ~{with_ac / 2**20:.0f} MiB of activations per micro-batch instead of "
+            f"~{without / 2**20:.0f} MiB (estimated), for one more forward per step")
+
+
+def _log_point(run: Run, meter: Meter, k: int, stop_requested: bool, bar: tqdm | None) -> bool:
+    """The one host sync of a log interval: the metrics row (and the progress bar) of the steps since the last
+    one; refuses a non-finite loss. Returns whether any rank asked to stop."""
+    n, done = meter.steps, run.step
+    m, stopped = meter.read(run.ctx, stop_requested)
+    if not math.isfinite(m["loss"]):
+        raise TrainingDiverged(f"training loss became {m['loss']} by step {done}; stopping. " + run.kept())
+    tokens_per_step = run.cfg.batch_size * run.seq_len * run.cfg.grad_accum
+    row = {"kind": "train", "step": done, "loss": m["loss"], "aux_loss": m["aux_loss"],
+           "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step * n / m["seconds"],
+           "top_k": k, "maxvio": m["maxvio"], "load": m["load"]}
+    run.log.write(row)
+    if bar is not None:
+        bar.set_postfix_str(f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | lr {row['lr']:.2e} | "
+                            f"MaxVio {_mean(row['maxvio']):.2f}")
+        bar.update(n)
+    return stopped
 
 
 def _export(run: Run) -> None:
