@@ -24,8 +24,8 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -36,19 +36,49 @@ from dsmoe.moe import MoE
 from dsmoe.parallel import apply_expert_parallel, comm_stats
 
 
+@dataclass(frozen=True)
+class LayerSettings:
+    """The layer and the timing of the all-to-all part (plain values: they travel to the spawned ranks)."""
+
+    tokens: int = 256         # tokens per rank per step
+    dim: int = 128            # D
+    expert_dim: int = 64      # F
+    experts: int = 16         # E routed experts (one shared besides)
+    top_k: int = 4            # K
+    score_func: str = "sigmoid"
+    repeats: int = 10         # timed steps per configuration
+    warmup: int = 2           # untimed steps first
+
+
+HEADER = (f"{'world':>5} {'limit':>9} {'step ms':>8} {'vs unl.':>7} {'tokens sent':>11} {'a2a KB':>8} "
+          f"{'vs unl.':>7} {'max ranks/token':>15}")
+FOOTER = "tokens sent and a2a KB are per rank per forward (a2a: to other ranks; backward sends as much again)"
+
+
+def describe(s: LayerSettings) -> str:
+    return (f"MoE layer: T={s.tokens} tokens/rank, D={s.dim}, E={s.experts}, K={s.top_k}, F={s.expert_dim}, 1 shared, "
+            f"{s.score_func}; fp32, gloo on CPU, fwd+bwd, median of {s.repeats}")
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['world']:>5} {r['limit']:>9} {r['step_ms']:>8.2f} {r['step_vs_unlimited']:>7.2f} "
+            f"{r['tokens_sent_per_rank']:>11.0f} {r['a2a_kb_per_rank']:>8.1f} {r['volume_vs_unlimited']:>7.2f} "
+            f"{r['max_ranks_per_token']:>15}")
+
+
 def _limits(world: int) -> list[int | None]:
     """Device limits to compare: 1, 2 (when below the world size), None = unlimited."""
     return [m for m in (1, 2) if m < world] + [None]
 
 
-def _layer_cfg(args, world: int, limit: int | None):
+def _layer_cfg(args: LayerSettings, world: int, limit: int | None) -> MoEConfig:
     n_groups, topk_groups = (1, 1) if limit is None else (world, limit)
     return MoEConfig(dim=args.dim, expert_dim=args.expert_dim, n_routed_experts=args.experts, n_shared_experts=1,
                      top_k=args.top_k, score_func=args.score_func, check_inputs=False, n_groups=n_groups,
                      topk_groups=topk_groups)
 
 
-def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
+def _worker(rank: int, world: int, port: int, args: LayerSettings, out_path: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
@@ -95,9 +125,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(args, world: int) -> list[dict]:
-    # only the plain options travel to the workers (a parsed namespace also holds functions)
-    args = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+def measure(args: LayerSettings, world: int) -> list[dict]:
+    """One row per device limit at `world` processes (spawned here), with the ratios to unlimited routing."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(world, free_port(), args, out), nprocs=world, join=True)
@@ -111,8 +140,8 @@ def measure(args, world: int) -> list[dict]:
     return rows
 
 
-def check(args) -> None:
-    for w in args.worlds:
+def check(args: LayerSettings, worlds: list[int]) -> None:
+    for w in worlds:
         if w < 2:
             raise ValueError(f"--worlds {w} is invalid: expert parallelism needs at least 2 processes")
         if args.experts % w:

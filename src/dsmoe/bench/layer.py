@@ -290,6 +290,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def format_sweep(rows: list[dict]) -> str:
+    """The sweep's ratios to the dense FFN, one row per axis value."""
+    lines = [f"{'axis':<8} {'value':>6} {'fwd':>7} {'fwd+bwd':>8}"]
+    lines += [f"{r['axis']:<8} {r['value']:>6} {r['fwd_vs_dense']:>7.3f} {r['fwd_bwd_vs_dense']:>8.3f}" for r in rows]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[Row]) -> str:
     lines = [f"{'layer':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'memory MB':>10} "
              f"{'fwd/dense':>10} {'f+b/dense':>10} {'mem/dense':>10}"]

@@ -23,9 +23,9 @@ import resource
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,40 @@ from dsmoe.bench.ep import free_port
 
 LAYOUTS = {"dp 4": (4, 1), "dp 2 x ep 2": (2, 2), "ep 4": (1, 4)}
 WORLD = 4
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """The model trained on the mesh and the timing (plain values: they travel to the spawned ranks)."""
+
+    preset: str = "tiny"
+    batch_size: int = 16      # the global batch
+    seq_len: int = 64
+    repeats: int = 10         # timed steps per layout
+    warmup: int = 2           # untimed steps first
+
+
+def format_report(layouts: list[dict], formats: list[dict], s: MeshSettings) -> str:
+    """The layouts' table, what expert parallelism alone holds, and the checkpoint formats' table."""
+    base, (gathered, dcp) = layouts[0], formats
+    lines = [f"{s.preset} model on a (dp, ep) mesh of {WORLD} processes: global batch {s.batch_size} x {s.seq_len} "
+             f"tokens, whole training steps, median of {s.repeats}; per rank: the largest over ranks",
+             f"{'layout':>12} {'step ms':>8} {'vs dp 4':>7} {'params+grads+AdamW MiB':>22} {'vs dp 4':>7} "
+             f"{'peak RSS MiB':>12}"]
+    lines += [f"{r['layout']:>12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} "
+              f"{r['state_mb']:>22.1f} {r['state_mb'] / base['state_mb']:>7.2f} {r['peak_rss_mb']:>12.0f}"
+              for r in layouts]
+    lines += [f"expert parallelism alone at ep {WORLD} (the other weights replicated on every rank): "
+              f"{gathered['state_mb']:.1f} MiB of params+grads+AdamW per rank, "
+              f"{gathered['state_mb'] / base['state_mb']:.2f}x the mesh layouts'", "",
+              f"checkpoint of the {s.preset} model + AdamW state at ep {WORLD}: gathered onto every rank "
+              "(expert parallelism alone) vs DCP shards (FSDP2 + expert parallelism)",
+              f"{'format':>9} {'save s':>7} {'load s':>7} {'RSS rise in save MiB':>20} {'in load MiB':>11}"]
+    lines += [f"{r['format']:>9} {r['save_s']:>7.2f} {r['load_s']:>7.2f} {r['save_rss_mb']:>20.0f} "
+              f"{r['load_rss_mb']:>11.0f}" for r in formats]
+    lines.append(f"dcp / gathered: save time {dcp['save_s'] / gathered['save_s']:.2f}x, load time "
+                 f"{dcp['load_s'] / gathered['load_s']:.2f}x")
+    return "\n".join(lines)
 
 
 def _peak_rss() -> int:
@@ -54,7 +88,7 @@ def _slowest(seconds: float) -> float:
     return t.item()
 
 
-def _model(args):
+def _model(args: MeshSettings):
     from dsmoe.model import MoETransformer
     from dsmoe.presets import build_configs
 
@@ -63,7 +97,7 @@ def _model(args):
     return MoETransformer(model_cfg), model_cfg, train_cfg
 
 
-def _train_layout(rank: int, args, dp: int, ep: int) -> dict:
+def _train_layout(rank: int, args: MeshSettings, dp: int, ep: int) -> dict:
     from dsmoe.parallel import MeshContext
     from dsmoe.train import build_optimizer
 
@@ -93,7 +127,7 @@ def _train_layout(rank: int, args, dp: int, ep: int) -> dict:
             "peak_rss_mb": _peak_rss() / 2**20}
 
 
-def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
+def _checkpoint_format(rank: int, args: MeshSettings, fmt: str, folder: Path) -> dict:
     from safetensors.torch import load_file, save_file
 
     from dsmoe import checkpoint
@@ -144,7 +178,7 @@ def _checkpoint_format(rank: int, args, fmt: str, folder: Path) -> dict:
             "load_rss_mb": (_peak_rss() - after_save) / 2**20, "state_mb": _state_mb(model)}
 
 
-def _worker(rank: int, world: int, port: int, args, job: tuple, out_path: str) -> None:
+def _worker(rank: int, world: int, port: int, args: MeshSettings, job: tuple, out_path: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
@@ -161,16 +195,17 @@ def _worker(rank: int, world: int, port: int, args, job: tuple, out_path: str) -
     dist.destroy_process_group()
 
 
-def _spawn(args, job: tuple) -> list[dict]:
+def _spawn(args: MeshSettings, job: tuple) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(WORLD, free_port(), args, job, out), nprocs=WORLD, join=True)
         return json.loads(Path(out).read_text())
 
 
-def measure(args) -> tuple[list[dict], list[dict]]:
+def measure(args: MeshSettings) -> tuple[list[dict], list[dict]]:
     """(one row per layout, one row per checkpoint format): per-rank numbers as the max over the ranks."""
-    args = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    if args.batch_size % WORLD:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {WORLD} processes")
     layouts, formats = [], []
     for name in LAYOUTS:
         per_rank = _spawn(args, ("layout", name))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,7 @@ def _layer_sweep(args: argparse.Namespace, cfg: MoEConfig, device: torch.device)
     where = layer.machine(device)
     print(f"machine: {where}\nbase: T={args.tokens} D={args.dim} E={args.experts} F={args.expert_dim} "
           f"N_s={args.shared} K={args.top_k} {args.dtype}; time / dense FFN time (< 1: the MoE is cheaper)\n")
-    print(f"{'axis':<8} {'value':>6} {'fwd':>7} {'fwd+bwd':>8}")
-    for r in rows:
-        print(f"{r['axis']:<8} {r['value']:>6} {r['fwd_vs_dense']:>7.3f} {r['fwd_bwd_vs_dense']:>8.3f}")
+    print(layer.format_sweep(rows))
     plot_layer_sweep(rows, Path(args.sweep), where)
     print(f"\nplot: {args.sweep}")
     if args.json:
@@ -164,68 +162,46 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _ep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts (default 2 4)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank per step (default 256)")
-    p.add_argument("--dim", type=int, default=128, help="model dim D (default 128)")
-    p.add_argument("--expert-dim", type=int, default=64, help="expert hidden dim F (default 64)")
-    p.add_argument("--experts", type=int, default=16, help="routed experts E (default 16)")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token K (default 4)")
-    p.add_argument("--score-func", default="sigmoid", choices=["softmax", "sigmoid"])
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--preset", default="tiny", help="the model trained on the mesh at 4 processes (default tiny)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch of the mesh part (default 16)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence of the mesh part (default 64)")
+    d, m = ep.LayerSettings(), mesh.MeshSettings()
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per rank per step")
+    p.add_argument("--dim", type=int, default=d.dim, help="model dim D")
+    p.add_argument("--expert-dim", type=int, default=d.expert_dim, help="expert hidden dim F")
+    p.add_argument("--experts", type=int, default=d.experts, help="routed experts E")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="experts per token K")
+    p.add_argument("--score-func", default=d.score_func, choices=["softmax", "sigmoid"])
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    p.add_argument("--preset", default=m.preset, help="the model trained on the mesh at 4 processes")
+    p.add_argument("--batch-size", type=int, default=m.batch_size, help="global batch of the mesh part")
+    p.add_argument("--seq-len", type=int, default=m.seq_len, help="tokens per sequence of the mesh part")
     p.add_argument("--no-mesh", action="store_true", help="only the layer's all-to-all part")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
-def _mesh(args: argparse.Namespace) -> dict:
-    """The second part of `bench ep`: training layouts and checkpoint formats at 4 processes (bench.mesh)."""
-    if args.batch_size % mesh.WORLD:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {mesh.WORLD} processes")
-    layouts, formats = mesh.measure(args)
-    print(f"\n{args.preset} model on a (dp, ep) mesh of {mesh.WORLD} processes: global batch {args.batch_size} x "
-          f"{args.seq_len} tokens, whole training steps, median of {args.repeats}; per rank: the largest over ranks")
-    base = layouts[0]
-    print(f"{'layout':>12} {'step ms':>8} {'vs dp 4':>7} {'params+grads+AdamW MiB':>22} {'vs dp 4':>7} "
-          f"{'peak RSS MiB':>12}")
-    for r in layouts:
-        print(f"{r['layout']:>12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} {r['state_mb']:>22.1f} "
-              f"{r['state_mb'] / base['state_mb']:>7.2f} {r['peak_rss_mb']:>12.0f}")
-    gathered, dcp = formats
-    print(f"expert parallelism alone at ep {mesh.WORLD} (the other weights replicated on every rank): "
-          f"{gathered['state_mb']:.1f} MiB of params+grads+AdamW per rank, "
-          f"{gathered['state_mb'] / base['state_mb']:.2f}x the mesh layouts'")
-    print(f"\ncheckpoint of the {args.preset} model + AdamW state at ep {mesh.WORLD}: gathered onto every rank "
-          "(expert parallelism alone) vs DCP shards (FSDP2 + expert parallelism)")
-    print(f"{'format':>9} {'save s':>7} {'load s':>7} {'RSS rise in save MiB':>20} {'in load MiB':>11}")
-    for r in formats:
-        print(f"{r['format']:>9} {r['save_s']:>7.2f} {r['load_s']:>7.2f} {r['save_rss_mb']:>20.0f} "
-              f"{r['load_rss_mb']:>11.0f}")
-    print(f"dcp / gathered: save time {dcp['save_s'] / gathered['save_s']:.2f}x, load time "
-          f"{dcp['load_s'] / gathered['load_s']:.2f}x")
-    return {"layouts": layouts, "checkpoints": formats}
+def _settings(cls: type, args: argparse.Namespace) -> Any:
+    """A benchmark's settings dataclass from the command line's values of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def _ep(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "tokens", "dim", "expert_dim", "experts", "top_k", "repeats", "batch_size", "seq_len")
     check_at_least(args, 0, "warmup")
-    ep.check(args)
-    print(f"MoE layer: T={args.tokens} tokens/rank, D={args.dim}, E={args.experts}, K={args.top_k}, "
-          f"F={args.expert_dim}, 1 shared, {args.score_func}; fp32, gloo on CPU, fwd+bwd, median of {args.repeats}")
-    header = (f"{'world':>5} {'limit':>9} {'step ms':>8} {'vs unl.':>7} {'tokens sent':>11} {'a2a KB':>8} "
-              f"{'vs unl.':>7} {'max ranks/token':>15}")
-    print(header)
+    settings = _settings(ep.LayerSettings, args)
+    ep.check(settings, args.worlds)
+    print(f"{ep.describe(settings)}\n{ep.HEADER}")
     rows = []
     for world in args.worlds:
-        for r in ep.measure(args, world):
+        for r in ep.measure(settings, world):
             rows.append(r)
-            print(f"{r['world']:>5} {r['limit']:>9} {r['step_ms']:>8.2f} {r['step_vs_unlimited']:>7.2f} "
-                  f"{r['tokens_sent_per_rank']:>11.0f} {r['a2a_kb_per_rank']:>8.1f} {r['volume_vs_unlimited']:>7.2f} "
-                  f"{r['max_ranks_per_token']:>15}")
-    print("tokens sent and a2a KB are per rank per forward (a2a: to other ranks; backward sends as much again)")
-    result = {"layer": rows, **({} if args.no_mesh else _mesh(args))}
+            print(ep.format_row(r))
+    print(ep.FOOTER)
+    result: dict[str, Any] = {"layer": rows}
+    if not args.no_mesh:  # the second part: training layouts and checkpoint formats at 4 processes
+        mesh_settings = _settings(mesh.MeshSettings, args)
+        layouts, formats = mesh.measure(mesh_settings)
+        print("\n" + mesh.format_report(layouts, formats, mesh_settings))
+        result |= {"layouts": layouts, "checkpoints": formats}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
