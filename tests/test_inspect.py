@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from dsmoe import cli
+from dsmoe.analysis import disabled_counts
 from dsmoe.data import load_corpus, load_tokenizer
 from dsmoe.evaluate import evaluate
-from dsmoe.inspection import disabled_counts, inspect
+from dsmoe.inspection import inspect
 from dsmoe.metrics import max_violation
 from dsmoe.pretrained import from_pretrained
 

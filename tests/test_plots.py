@@ -132,7 +132,7 @@ def test_study_figures(tmp_path):
     plots.plot_balance_tradeoff(balance, tmp_path / "balance_vs_ppl.png")
     plots.plot_balance_seeds(balance, tmp_path / "balance_seeds.png")
     plots.plot_shape(shape, tmp_path / "segmentation.png", "m", "m", "segmentation", log2_ticks=(1, 2, 4, 8))
-    plots.plot_kind_heatmap(lift_LKE, ("keyword", "digit", "space"), "preset", tmp_path / "kinds.png")
+    plots.plot_kind_lift(lift_LKE, ("keyword", "digit", "space"), "preset", tmp_path / "kinds.png")
     plots.plot_redundancy(redundancy, tmp_path / "redundancy.png")
     assert_pngs(list(tmp_path.glob("*.png")),
                 ["maxvio_batch.png", "balance_vs_ppl.png", "balance_seeds.png", "segmentation.png", "kinds.png",

@@ -34,8 +34,8 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.fsdp import local
-from dsmoe.paths import folder_file
-from dsmoe.pretrained import from_pretrained, has_non_finite
+from dsmoe.paths import FolderPathError, folder_file
+from dsmoe.pretrained import from_pretrained, has_non_finite, read_json
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 SHARDS = "shards"  # a sharded checkpoint's DCP folder, in place of model.safetensors
@@ -372,12 +372,15 @@ def resolve_device(name: str) -> str:
 
 
 def is_hf_folder(directory) -> bool:
-    """A HuggingFace folder: its config.json names a model_type (dsmoe's holds a "model" section instead)."""
+    """A HuggingFace folder: its config.json names a model_type (dsmoe's holds a "model" section instead). A
+    config.json that links out of the folder is an error (FolderPathError), not a "no"."""
     try:
-        config = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = read_json(directory, "config.json")
+    except FolderPathError:
+        raise
+    except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "model_type" in config
+    return isinstance(config, dict) and "model_type" in config and "model" not in config
 
 
 def load_checkpoint(directory, device: str = "cpu") -> tuple[MoETransformer, ModelConfig, TrainConfig, Tokenizer]:

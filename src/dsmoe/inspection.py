@@ -4,7 +4,7 @@
 One pass over evenly spread windows of the corpus' validation split (the windows `dsmoe eval` uses, so a
 dsmoe run's numbers here equal its `dsmoe eval` numbers for the same batches) gives, per MoE layer, the load
 of every routed expert, MaxVio_global (Loss-Free Balancing §4.1), the dead experts (no token at all), and
-the token-kind routing of DeepSeekMoE's specialization analysis (dsmoe.studies.specialization: mutual
+the token-kind routing of DeepSeekMoE's specialization analysis (dsmoe.analysis: mutual
 information between a token's kind and its experts, lift of each expert for each kind). Then the redundancy
 test: the loss on the same windows with each token's top-n routed experts disabled.
 
@@ -27,22 +27,13 @@ import torch
 from tqdm import tqdm
 
 from dsmoe import plots
-from dsmoe.checkpoint import load_checkpoint, resolve
+from dsmoe.analysis import KINDS, add_kind_counts, capture_routing, lift, mutual_information, redundancy
+from dsmoe.checkpoint import is_hf_folder, load_checkpoint, resolve
 from dsmoe.data import Corpus, load_corpus, load_tokenizer
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.metrics import dead_experts, load_entropy, max_violation
 from dsmoe.model import MoETransformer
-from dsmoe.paths import FolderPathError
-from dsmoe.pretrained import from_pretrained, read_json
-from dsmoe.studies.definitions import DISABLE_SHARES, DISABLE_TOP
-from dsmoe.studies.specialization import (
-    KINDS,
-    capture_routing,
-    disable_top_experts,
-    lift,
-    mutual_information,
-    token_kinds,
-)
+from dsmoe.pretrained import from_pretrained
 
 DEFAULT_SEQ_LEN = 256  # for HF folders, whose max_position_embeddings is far longer than a corpus pass needs
 DEFAULT_BATCH_SIZE = 8
@@ -60,18 +51,6 @@ class Loaded:
     seq_len: int         # default window length: a run's training length, else DEFAULT_SEQ_LEN
     batch_size: int      # default windows per batch: a run's training batch, else DEFAULT_BATCH_SIZE
     default_out: Path
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A HuggingFace folder has a config.json with model_type (a dsmoe checkpoint's has a "model" section).
-    A config.json that links out of the folder is an error (FolderPathError), not a "no"."""
-    try:
-        d = read_json(path, "config.json")
-    except FolderPathError:
-        raise
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and "model_type" in d and "model" not in d
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
@@ -120,7 +99,7 @@ def corpus_pass(model: MoETransformer, corpus: Corpus, tokenizer, batches: int, 
     model.eval()
     L, E = len(model.moe_layers()), model.moe_layers()[0].cfg.n_routed_experts
     load_LE = torch.zeros(L, E, dtype=torch.long)
-    kinds_LKE = torch.zeros(L, len(KINDS) * E, dtype=torch.long)
+    kinds_LKE = torch.zeros(L, len(KINDS), E, dtype=torch.long)
     total_loss, n = 0.0, 0
     starts = window_starts(corpus, batches, batch_size, seq_len)
     with capture_routing(model) as ids:
@@ -131,36 +110,10 @@ def corpus_pass(model: MoETransformer, corpus: Corpus, tokenizer, batches: int, 
             total_loss += float(loss) * len(x_BS)
             n += len(x_BS)
             load_LE += model.routing_stats()["tokens_per_expert"].cpu().long()
-            kind_T = torch.tensor([k for row in x_BS.tolist() for k in token_kinds(row, tokenizer)])
-            for layer, layer_ids in enumerate(ids):
-                ids_TK = layer_ids.pop()
-                cell = kind_T[:, None] * E + ids_TK  # one (kind, expert) cell per assignment
-                kinds_LKE[layer] += torch.bincount(cell.flatten(), minlength=len(KINDS) * E)
+            add_kind_counts(kinds_LKE, ids, x_BS, tokenizer)
     loss = total_loss / n
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n * seq_len, "load": load_LE.tolist(),
-            "kind_counts": kinds_LKE.view(L, len(KINDS), E).tolist()}
-
-
-def disabled_counts(n_experts: int, top_k: int) -> list[int]:
-    """The redundancy test's n (top-n experts disabled per token): DISABLE_TOP and the shares DISABLE_SHARES
-    of the routed experts, where K experts are left to choose from (as dsmoe.studies.specialization)."""
-    counts = sorted({*DISABLE_TOP, *(round(f * n_experts) for f in DISABLE_SHARES)})
-    return [n for n in counts if 0 < n and n + top_k <= n_experts]
-
-
-def redundancy(model: MoETransformer, corpus: Corpus, batches: int, batch_size: int, seq_len: int,
-               base_loss: float, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Loss with each token's top-n routed experts disabled, and its rise over base_loss (n = 0)."""
-    moe = model.moe_layers()[0].cfg
-    rows = [{"disabled": 0, "share": 0.0, "loss": base_loss, "rise": 0.0}]
-    bar = tqdm(disabled_counts(moe.n_routed_experts, moe.top_k), desc="redundancy", unit="eval",
-               disable=not progress)
-    for n in bar:
-        with disable_top_experts(model, n):
-            value = float(evaluate(model, corpus, batch_size, seq_len, batches, device)["loss"])
-        rows.append({"disabled": n, "share": n / moe.n_routed_experts, "loss": value, "rise": value - base_loss})
-        bar.set_postfix(n=n, rise=f"{value - base_loss:.3f}")
-    return rows
+            "kind_counts": kinds_LKE.tolist()}
 
 
 # ---- the whole inspection ------------------------------------------------------------------------------
@@ -226,7 +179,7 @@ def write_report(r: dict, out: Path) -> dict:
     figures = [out / "load.png", out / "kinds.png"]
     plots.plot_load_heatmap(r["load"], names, f"{r['name']}: expert load over {r['tokens']:,} tokens "
                             f"(load / mean; 1 = balanced)", figures[0])
-    plots.plot_kind_lift(r["lift"], KINDS, names, r["name"], figures[1])
+    plots.plot_kind_lift(r["lift"], KINDS, r["name"], figures[1], names)
     if r["redundancy"]:
         figures.append(out / "redundancy.png")
         plots.plot_redundancy([{"label": r["name"], "redundancy": [

@@ -359,23 +359,6 @@ def plot_shape(rows: list[dict], path: Path, x_key: str, xlabel: str, title: str
     save(fig, path, dpi=110)
 
 
-def plot_kind_heatmap(lift_LKE: list[list[list[float]]], kinds: tuple[str, ...], label: str, path: Path) -> None:
-    """log2 of P(expert | kind) / P(expert) for each MoE layer: red = the kind prefers that expert."""
-    plt = pyplot()
-    L = len(lift_LKE)
-    fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.35 * len(lift_LKE[0][0]) + 3), 3.6 * L), squeeze=False)
-    for layer, ax in enumerate(axes[:, 0]):
-        img = [[math.log2(v) if v > 0 else -3 for v in row] for row in lift_LKE[layer]]
-        im = ax.imshow(img, cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
-        ax.set(yticks=range(len(kinds)), yticklabels=kinds, xlabel="routed expert",
-               title=f"{label}: MoE layer {layer + 1}, log2 P(expert|kind)/P(expert)")
-        ax.set_xticks(range(len(img[0])))
-        ax.tick_params(axis="x", labelsize=7)
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    save(fig, path, dpi=110)
-
-
 def plot_redundancy(rows: list[dict], path: Path) -> None:
     """Rise of validation loss as each token's top routed experts are disabled (DeepSeekMoE's redundancy test)."""
     plt = pyplot()
@@ -407,12 +390,13 @@ def plot_load_heatmap(load_LE, names: list[str], title: str, path: Path) -> None
     save(fig, path)
 
 
-def plot_kind_lift(lift_LKE: list[list[list[float]]], kinds: tuple[str, ...], names: list[str], label: str,
-                   path: Path) -> None:
-    """plot_kind_heatmap with a name per layer and a bounded size: log2 P(expert | kind) / P(expert), one
-    panel per layer (at most 8, spread evenly over the layers, for models with many)."""
+def plot_kind_lift(lift_LKE: list[list[list[float]]], kinds: tuple[str, ...], label: str, path: Path,
+                   names: list[str] | None = None) -> None:
+    """log2 P(expert | kind) / P(expert), one panel per MoE layer (`names`, default "MoE layer i"; at most 8,
+    spread evenly over the layers, for models with many): red = the kind prefers that expert."""
     plt = pyplot()
     L, E = len(lift_LKE), len(lift_LKE[0][0])
+    names = names or [f"MoE layer {i + 1}" for i in range(L)]
     shown = sorted({round(i * (L - 1) / 7) for i in range(8)}) if L > 8 else list(range(L))
     fig, axes = plt.subplots(len(shown), 1, figsize=(min(24, max(6, 0.3 * E + 3)), 3.2 * len(shown)), squeeze=False)
     for layer, ax in zip(shown, axes[:, 0]):

@@ -22,16 +22,23 @@ Each study writes OUT/<study>/results.json, results.md and PNGs.
 
     definitions.py     what each study trains (its variants of the preset) and the constants shaping them
     runner.py          training and the run cache, aggregation over seeds, study() and run_study()
-    specialization.py  token kinds, routing by kind, mutual information, the redundancy test
+    specialization.py  the specialization study's measurements of a run (the analysis: dsmoe.analysis)
     report.py          the markdown tables
 """
 
+from dsmoe.analysis import (
+    DISABLE_SHARES,
+    DISABLE_TOP,
+    KINDS,
+    char_kinds,
+    disable_top_experts,
+    mutual_information,
+    token_kinds,
+)
 from dsmoe.studies.definitions import (
     BALANCE_CORE,
     BASE_TOP_K,
     DEFAULT_STEPS,
-    DISABLE_SHARES,
-    DISABLE_TOP,
     SEGMENTATION_CORE,
     SEGMENTS,
     SHARED_COUNTS,
@@ -49,7 +56,6 @@ from dsmoe.studies.definitions import (
     specialization_variants,
 )
 from dsmoe.studies.runner import Runner, aggregate, mean_std, run_key, run_study, run_variants, study
-from dsmoe.studies.specialization import KINDS, char_kinds, disable_top_experts, mutual_information, token_kinds
 
 __all__ = [
     "BALANCE_CORE", "BASE_TOP_K", "DEFAULT_STEPS", "DISABLE_SHARES", "DISABLE_TOP", "KINDS", "Runner",

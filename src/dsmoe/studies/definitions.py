@@ -20,10 +20,6 @@ BASE_TOP_K = 2
 SEGMENTS = (1, 2, 4, 8)
 SHARED_COUNTS = (0, 1, 2, 4)
 SHARED_STUDY_M = 4          # the shared-expert study sits at the m=4 point of the segmentation family
-DISABLE_TOP = (1, 2, 3)     # redundancy test: routed experts disabled per token ...
-# ... and the same as shares of the routed experts, which compares models of different granularity at an
-# equal share of their routed parameters (disabling 1 of 8 coarse experts ~ 4 of 32 fine ones)
-DISABLE_SHARES = (1 / 8, 1 / 4, 3 / 8)
 
 
 @dataclass

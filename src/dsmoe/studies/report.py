@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from dsmoe.studies.definitions import DISABLE_SHARES, DISABLE_TOP
-from dsmoe.studies.specialization import KINDS, lift
+from dsmoe.analysis import DISABLE_SHARES, DISABLE_TOP, KINDS, lift
 
 
 def balance_table(rows: list[dict]) -> str:

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from dsmoe import plots
+from dsmoe.analysis import KINDS, lift
 from dsmoe.checkpoint import load_checkpoint
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import corpus_fingerprint, load_corpus
 from dsmoe.evaluate import evaluate
 from dsmoe.studies.definitions import SEGMENTS, STUDIES, VARIANTS, Variant
 from dsmoe.studies.report import balance_table, shape_table, specialization_tables
-from dsmoe.studies.specialization import KINDS, examine, lift
+from dsmoe.studies.specialization import examine
 from dsmoe.train import train
 
 # fields aggregated over seeds, and those only a routed model has
@@ -255,7 +256,7 @@ def run_study(name: str, base: ModelConfig, runner: Runner, out: Path, meta: dic
     elif name == "specialization":
         payload = specialization(runner, base, eval_batches)
         main = payload["rows"][0]
-        plots.plot_kind_heatmap([lift(c) for c in main["kind_counts"]], KINDS, main["label"], out / "kinds.png")
+        plots.plot_kind_lift([lift(c) for c in main["kind_counts"]], KINDS, main["label"], out / "kinds.png")
         plots.plot_redundancy(payload["rows"], out / "redundancy.png")
         md = specialization_tables(payload)
     else:
