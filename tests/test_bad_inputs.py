@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from dsmoe.model import MoETransformer
 from dsmoe.presets import apply_sets, build_configs, preset
 from dsmoe.train import build_optimizer, lr_factor
 
-BASE = dict(dim=8, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=4)
+BASE: dict[str, Any] = dict(dim=8, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=4)
 INF, NAN = float("inf"), float("nan")
 
 

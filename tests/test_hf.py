@@ -2,6 +2,8 @@
 DeepseekV2Moe / DeepseekV3MoE computes the same outputs; configs and weights round-trip; bad configs and
 bad state dicts fail with clear errors."""
 
+from typing import cast
+
 import pytest
 import torch
 
@@ -49,7 +51,8 @@ def hf_module(model_type: str, fields: dict, seed: int = 0):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         if model_type == "deepseek_v3":
-            module.gate.e_score_correction_bias.copy_(torch.randn(fields["n_routed_experts"], generator=g) * 0.2)
+            bias = cast(torch.Tensor, module.gate.e_score_correction_bias)  # mypy: the V2 block's gate has none
+            bias.copy_(torch.randn(fields["n_routed_experts"], generator=g) * 0.2)
     return config, module
 
 

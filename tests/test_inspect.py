@@ -39,7 +39,7 @@ def save_hf(path: Path, model_type: str, fields: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=CASES.values(), ids=CASES.keys())
+@pytest.fixture(scope="module", params=CASES.values(), ids=list(CASES))
 def hf_dir(request, tmp_path_factory):
     return save_hf(tmp_path_factory.mktemp("hf"), *request.param)
 

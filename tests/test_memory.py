@@ -7,6 +7,7 @@ seq_len 4096 on 80 GB is refused in one process and accepted on 8 and 64 ranks.
 """
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ GPU_80GB = 80 * 10**9
 # ----------------------------------------------------------------------------- parameter counts
 
 MOE = MoEConfig(dim=32, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=16)
-MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+MLA: dict[str, Any] = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 SMALL = {
     "mla-mtp2": ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=4, moe=MOE, mtp_layers=2,
                             tie_embeddings=False, **MLA),

@@ -3,11 +3,12 @@ gradients) across router variants, shapes and both grouped_mm paths; a one-exper
 dropless and capacity conservation; bias counting and updating; input validation."""
 
 import math
+from typing import cast
 
 import pytest
 import torch
 
-from dsmoe import MoE, MoEConfig, SwiGLU, update_biases
+from dsmoe import GroupedExperts, MoE, MoEConfig, SwiGLU, update_biases
 from dsmoe.ops.routed_swiglu import _grouped_mm_ok
 
 # Expert paths: aligned dims (multiples of 4 in fp32) may take torch's grouped_mm (forced here, since the
@@ -30,7 +31,7 @@ def make_cfg(dims="grouped", groups="nogroups", **kw) -> MoEConfig:
 
 
 def set_path(moe: MoE, path: str) -> MoE:
-    moe.experts.use_grouped_mm = FORCE_GROUPED_MM[path]
+    cast(GroupedExperts, moe.experts).use_grouped_mm = FORCE_GROUPED_MM[path]
     return moe
 
 
@@ -64,7 +65,7 @@ def assert_fast_equals_reference(cfg: MoEConfig, T: int, seed: int = 0, path: st
         torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
         names = ["x"] + [n for n, _ in sorted(fast.named_parameters())]
         for name, a, b in zip(names, grads_fast, grads_ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")  # type: ignore[misc]  # mypy: no lambda with defaults
     assert torch.equal(fast.tokens_per_expert, ref.tokens_per_expert)
     return fast
 

@@ -14,6 +14,7 @@ scaling) changes the frequencies, scales the rotation by an attention factor and
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rotary_table(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+def rotary_table(head_dim: int, max_len: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
     """(max_len, head_dim/2, 2) rotations (m cos, m sin)(pos * freq_j) (RoFormer; m = 1), with yarn's frequencies
     and attention factor m (YaRN, arXiv 2309.00071) when `scaling` says rope_type yarn. Real numbers, not
     complex ones: torch.compile's inductor generates code for the real rotation, not the complex product."""
@@ -50,9 +51,9 @@ def rotary_table(head_dim: int, max_len: int, theta: float, scaling: dict | None
     return magnitude * torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def softmax_scale(head_dim: int, scaling: dict | None) -> float:
+def softmax_scale(head_dim: int, scaling: dict[str, Any] | None) -> float:
     """head_dim^-0.5, times mscale^2 under yarn with mscale_all_dim (DeepSeek-V2's long-context scale)."""
-    scale = head_dim**-0.5
+    scale: float = head_dim**-0.5  # typeshed: int ** float is Any
     if scaling is not None and scaling.get("mscale_all_dim"):
         scale *= _yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
     return scale
@@ -121,7 +122,8 @@ class Attention(nn.Module):
         mask = _causal_mask(start, S, k_BHSd.shape[2], x_BSD.device)
         y_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=mask is None,
                                                 enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y_BHSd.transpose(1, 2).reshape(B, S, -1))
+        y_BSD: torch.Tensor = self.wo(y_BHSd.transpose(1, 2).reshape(B, S, -1))
+        return y_BSD
 
 
 class MLAttention(nn.Module):
@@ -153,7 +155,9 @@ class MLAttention(nn.Module):
         """Rotary dims in (x0, x1) pairs: as stored, or from halves (x_i, x_{i+R/2})."""
         if self.interleaved:
             return x_SR
-        return x_SR.unflatten(-1, (2, self.R // 2)).transpose(-1, -2).flatten(-2)
+        # torch's Tensor.unflatten is an untyped def (the C function it wraps is typed)
+        pairs_SR: torch.Tensor = x_SR.unflatten(-1, (2, self.R // 2)).transpose(-1, -2).flatten(-2)  # type: ignore[no-untyped-call]
+        return pairs_SR
 
     def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -178,4 +182,5 @@ class MLAttention(nn.Module):
         mask = _causal_mask(start, S, T, x_BSD.device)
         y_BHSV = F.scaled_dot_product_attention(q_BHSQ, k_BHTQ, v_BHTV, attn_mask=mask, is_causal=mask is None,
                                                 scale=self.scale)
-        return self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * Vd))
+        y_BSD: torch.Tensor = self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * Vd))
+        return y_BSD

@@ -11,6 +11,7 @@ at inference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,8 @@ class Block(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rot_SR, cache)
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        x_BSD = x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        return x_BSD
 
 
 class MTPModule(nn.Module):
@@ -51,7 +53,8 @@ class MTPModule(nn.Module):
 
     def forward(self, emb_BSD: torch.Tensor, h_BSD: torch.Tensor, rot_SR: torch.Tensor) -> torch.Tensor:
         x_BSD = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
-        return self.norm(self.block(x_BSD, rot_SR))
+        y_BSD: torch.Tensor = self.norm(self.block(x_BSD, rot_SR))
+        return y_BSD
 
 
 class MoETransformer(nn.Module):
@@ -77,14 +80,14 @@ class MoETransformer(nn.Module):
         R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
         return rotary_table(R, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoETransformer:
         """.to(dtype) and friends cast the weights; the rotary table stays fp32 (bf16 angles would blur positions)."""
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch: Module._apply is untyped
         self.rot = self.rotary().to(self.rot.device)
         return self
 
     @torch.no_grad()
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * n_layers)."""
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
@@ -93,7 +96,8 @@ class MoETransformer(nn.Module):
             is_output = name.endswith(("wo.weight", "o_proj.weight", "down_proj.weight", "w_down"))
             nn.init.normal_(p, std=resid_std if is_output else 0.02)
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits_BSV, loss); loss is the mean next-token cross-entropy (None without targets).
 
         The MoE layers' auxiliary losses of this forward are in `self.aux_loss()`; in training with targets
@@ -201,7 +205,7 @@ class MoETransformer(nn.Module):
         return {"tokens_per_expert": torch.stack([m.tokens_per_expert for m in layers]),
                 "maxvio": torch.stack([m.maxvio for m in layers])}
 
-    def update_biases(self, all_reduce_=None) -> None:
+    def update_biases(self, all_reduce_: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Loss-free balancing step on every MoE layer: once per optimizer step (see dsmoe.moe.update_biases)."""
         update_biases(self, all_reduce_)
 
@@ -213,7 +217,8 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator=None) -> torch.Tensor:
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample continuations with a KV cache, up to max_seq_len tokens in all. temperature 0 is greedy; top_k
         (>= 1) and top_p (in (0, 1]) limit the choice, None leaves it whole."""
         _check_tokens("idx_BS", idx_BS, (torch.long, torch.int32), self.embed.weight.device)
@@ -266,7 +271,8 @@ def _check_sampling(max_new_tokens: object, temperature: object, top_k: object, 
                          f"(torch.Generator(device={str(device)!r}))")
 
 
-def sample(logits_BV, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+def sample(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else top-k / nucleus (top-p) sampling. Returns (B, 1)."""
     if temperature <= 0:
         return logits_BV.argmax(-1, keepdim=True)

@@ -16,10 +16,11 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -31,7 +32,7 @@ from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tok
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
-from dsmoe.moe import moe_layers
+from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import Context, init_context
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
 from dsmoe.pretrained import load_hf_weights, save_pretrained
@@ -78,7 +79,7 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
 
 
 @contextmanager
-def _recomputing(layers: list) -> Iterator[None]:
+def _recomputing(layers: list[MoE]) -> Iterator[None]:
     for m in layers:
         m.recomputing = True
     try:
@@ -110,10 +111,10 @@ class Run:
     log: MetricsLog
     lock: RunLock                 # held until the run ends: no second training writes this run directory
     step: int = 0                 # optimizer steps done
-    init_eval: dict | None = None  # the untrained model's validation loss and perplexity
+    init_eval: dict[str, float] | None = None  # the untrained model's validation loss and perplexity
     last_good: int | None = None  # step of the last checkpoint written (None: none yet)
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict[str, Any]:
         ev = evaluate(self.model, self.corpus, self.cfg.batch_size, self.seq_len, self.cfg.eval_batches,
                       self.device, ctx=self.ctx)
         self.ctx.reshard(self.model)
@@ -148,7 +149,7 @@ class Run:
         return f"The last good checkpoint (step {self.last_good}) is kept in {self.checkpoint_dir}"
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
@@ -222,7 +223,7 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: Context, device: s
 
 
 def _resumed(model_cfg: ModelConfig, cfg: TrainConfig
-             ) -> tuple[ModelConfig, Path | None, dict | None, Tokenizer | None]:
+             ) -> tuple[ModelConfig, Path | None, dict[str, Any] | None, Tokenizer | None]:
     """(model config, checkpoint, its state, its tokenizer) of a resumed run, the model config checked against
     the checkpoint's; (model_cfg, None, None, None) for a new one."""
     if not cfg.resume:
@@ -264,7 +265,7 @@ def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
     return model_cfg, tokenizer, corpus, seq_len
 
 
-def _restore(run: Run, ckpt: Path, state: dict) -> None:
+def _restore(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
     """A resumed run's optimizer (and, from shards, its weights), schedule, RNG states and step."""
     cfg, optimizer = run.cfg, run.optimizer
     hyper = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
@@ -299,7 +300,7 @@ class Meter:
         self.load_LE = torch.zeros(len(layers), E, device=device, dtype=torch.long)
         self.steps, self.t0 = 0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: dict, grad_accum: int) -> None:
+    def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: dict[str, torch.Tensor], grad_accum: int) -> None:
         """One micro-batch's numbers (no host sync)."""
         self.loss += loss.detach() / grad_accum
         self.aux += aux.detach() / grad_accum
@@ -307,7 +308,7 @@ class Meter:
             self.maxvio_L += stats["maxvio"] / grad_accum
             self.load_LE += stats["tokens_per_expert"]
 
-    def read(self, ctx: Context, stop: bool) -> tuple[dict, bool]:
+    def read(self, ctx: Context, stop: bool) -> tuple[dict[str, Any], bool]:
         """The interval's means over the global batch, and whether any rank was asked to stop: one
         all-reduce of [loss, aux, stop] and the load, one host sync. Resets the meter."""
         n = self.steps
@@ -350,7 +351,7 @@ def train_step(run: Run, meter: Meter) -> int:
     return k
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> dict:
+def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a run; returns the summary also written to run_dir/summary.json. A Ctrl-C or
     SIGTERM stops it at the next log point with a checkpoint, then raises KeyboardInterrupt."""
     run = build_run(model_cfg, cfg)
@@ -379,7 +380,7 @@ def _is_peer_failure(e: BaseException) -> bool:
     return isinstance(e, torch.distributed.DistError) or "gloo/transport" in str(e)
 
 
-def _loop(run: Run, progress: bool) -> dict:
+def _loop(run: Run, progress: bool) -> dict[str, Any]:
     cfg = run.cfg
     say = print if progress else (lambda *a, **k: None)
     _introduce(run, say)
@@ -469,7 +470,7 @@ def _export(run: Run) -> None:
         print(f"note: no HuggingFace folder written ({e}); the dsmoe checkpoint is in {run.checkpoint_dir}")
 
 
-def _summary(run: Run, ev: dict) -> dict:
+def _summary(run: Run, ev: dict[str, Any]) -> dict[str, Any]:
     train_rows = run.log.rows("train")
     assert run.init_eval is not None
     summary = {
@@ -486,6 +487,6 @@ def _summary(run: Run, ev: dict) -> dict:
     return summary
 
 
-def _mean(xs) -> float:
+def _mean(xs: Iterable[float]) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0

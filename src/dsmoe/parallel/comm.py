@@ -6,7 +6,9 @@ The all-to-alls take uneven splits along dim 0; the backward of each is the reve
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,10 +35,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> di
 class _Pending:
     """The work handle of an asynchronous all-to-all, passed from its start to its wait."""
 
-    work = None
+    work: Any = None  # dist.Work while the all-to-all runs
+    send: torch.Tensor | None  # its send buffer, kept alive until the wait
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op=False):
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None,
+                async_op: bool = False) -> tuple[torch.Tensor, Any]:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
     return out, work
@@ -49,38 +53,44 @@ class _AllToAllStart(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, pending):
+    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                group: dist.ProcessGroup | None, pending: _Pending) -> torch.Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         out, pending.work = _all_to_all(x, out_splits, in_splits, group, async_op=True)
         pending.send = x  # keep the send buffer alive until the wait
         return out
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         g_in, _ = _all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group)
         return g_in, None, None, None, None
 
 
 class _AllToAllWait(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out, pending):
+    def forward(ctx: Any, out: torch.Tensor, pending: _Pending) -> torch.Tensor:
         pending.work.wait()
         pending.work = pending.send = None
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         return g, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Autograd-aware all_to_all_single with uneven splits along dim 0 (backward: the reverse all-to-all)."""
     pending = _Pending()
-    return _AllToAllWait.apply(_AllToAllStart.apply(x, out_splits, in_splits, group, pending), pending)
+    # torch's Function.apply is an untyped def (hence the ignores here): it returns forward's result, a tensor
+    y: torch.Tensor = _AllToAllWait.apply(_AllToAllStart.apply(x, out_splits, in_splits, group, pending), pending)  # type: ignore[no-untyped-call]
+    return y
 
 
-def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None):
+def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                     group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:
     """Start an autograd-aware all-to-all; returns a function that waits and gives the result."""
     pending = _Pending()
-    out = _AllToAllStart.apply(x, out_splits, in_splits, group, pending)
-    return lambda: _AllToAllWait.apply(out, pending)
+    # Function.apply: untyped in torch, as in all_to_all
+    out: torch.Tensor = _AllToAllStart.apply(x, out_splits, in_splits, group, pending)  # type: ignore[no-untyped-call]
+    return lambda: _AllToAllWait.apply(out, pending)  # type: ignore[no-untyped-call]

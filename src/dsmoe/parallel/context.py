@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,7 +76,8 @@ class Context(abc.ABC):
         """Clip the whole model's gradient to `max_norm`; returns the norm before clipping."""
 
     @abc.abstractmethod
-    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  full: dict[str, Any]) -> None:
         """A single-process checkpoint's optimizer state (whole tensors, by parameter index)."""
 
     @abc.abstractmethod
@@ -116,7 +117,8 @@ class SingleProcess(Context):
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  full: dict[str, Any]) -> None:
         optimizer.load_state_dict(check_optimizer_state(optimizer, full))
 
     def run_dir(self, run_dir: Path) -> Path:
@@ -181,7 +183,8 @@ class MeshContext(Context):
             g.mul_(scale.to(g.dtype))
         return total
 
-    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  full: dict[str, Any]) -> None:
         """A single-process checkpoint's optimizer state (whole tensors, by parameter index): each rank copies
         its own piece of every moment, no communication."""
         names = {id(p): n for n, p in model.named_parameters()}
@@ -221,7 +224,8 @@ class MeshContext(Context):
             dist.destroy_process_group()
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: list | None = None) -> dict:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
+                          shapes: list[torch.Size] | None = None) -> dict[str, Any]:
     """The optimizer state to load, refused with the first parameter whose moments do not fit it (fused AdamW
     would read past the end of a smaller tensor instead of raising). `shapes`: each parameter's whole shape,
     where it differs from the parameter's own (an expert block of a layer)."""
@@ -239,12 +243,12 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict, shapes: li
     return sd
 
 
-def check_agreement(settings: dict) -> None:
+def check_agreement(settings: dict[str, Any]) -> None:
     """Every rank's settings (the model and run configs) gathered in the run's first collective and compared:
     ranks launched with another lr, top_k or --out would otherwise train to the end without a word (and
     ranks writing to different folders leave a checkpoint without their shards). The error names each
     field that differs and the ranks' values, on every rank."""
-    ranks: list = [None] * dist.get_world_size()
+    ranks: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, _flat(settings))
     differ = [key for key in sorted(set().union(*ranks)) if any(r.get(key) != ranks[0].get(key) for r in ranks)]
     if differ:
@@ -254,9 +258,9 @@ def check_agreement(settings: dict) -> None:
                          "every rank with the same command line, with --out on a filesystem they share")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"moe.top_k": 2, ...}: a nested config dict with dotted keys."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for key, value in d.items():
         out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
@@ -278,7 +282,7 @@ def layout_for_launch(expert_parallel: int, world: int) -> int:
 
 
 def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", timeout_s: float = 300.0,
-                 settings: dict | None = None) -> Context:
+                 settings: dict[str, Any] | None = None) -> Context:
     """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
     ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep. The layout is checked against
     torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank; then

@@ -66,7 +66,7 @@ class OverlappedSwiGLU(SwiGLU):
     def precompute(self, x: torch.Tensor) -> None:
         self._ready = (x, super().forward(x))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         ready, self._ready = self._ready, None
         if ready is not None and ready[0] is x:
             return ready[1]
@@ -88,7 +88,8 @@ class ExpertParallel(nn.Module):
     w_up: nn.Parameter    # [L, F, D]
     w_down: nn.Parameter  # [L, D, F]
 
-    def __init__(self, experts: GroupedExperts, group=None, shared: OverlappedSwiGLU | None = None):
+    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup | None = None,
+                 shared: OverlappedSwiGLU | None = None):
         super().__init__()
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
@@ -106,14 +107,15 @@ class ExpertParallel(nn.Module):
     def expert_range(self) -> range:
         return range(self.rank * self.n_local, (self.rank + 1) * self.n_local)
 
-    def _reset_stats(self):
+    def _reset_stats(self) -> None:
         R = self.world
         self.sent_tokens_R = self.recv_tokens_R = torch.zeros(R, dtype=torch.long)
         self.sent_assignments_R = self.recv_assignments_R = torch.zeros(R, dtype=torch.long)
         self.max_ranks_per_token: int | torch.Tensor = 0  # a tensor once a forward has run
         self.a2a_bytes = 0
 
-    def forward(self, x_TD, ids_TK, weights_TK, keep_A: torch.Tensor | None = None):
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_A: torch.Tensor | None = None) -> torch.Tensor:
         T, K = ids_TK.shape
         R, L, group = self.world, self.n_local, self.group
         dev = x_TD.device
@@ -163,10 +165,11 @@ class ExpertParallel(nn.Module):
         # 4. combine: each pair's outputs are summed here (above); send back, add into the tokens
         y_PD = all_to_all(out_QD, send_pairs, recv_pairs, group)
         self._record(x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign)
-        return torch.zeros_like(x_TD).index_add_(0, token_P, ContiguousGrad.apply(y_PD))
+        return torch.zeros_like(x_TD).index_add_(0, token_P, ContiguousGrad.apply(y_PD))  # type: ignore[no-untyped-call]  # torch: Function.apply is untyped
 
     @torch.no_grad()
-    def _record(self, x_TD, token_P, send_pairs, recv_pairs, send_assign, recv_assign):
+    def _record(self, x_TD: torch.Tensor, token_P: torch.Tensor, send_pairs: list[int], recv_pairs: list[int],
+                send_assign: list[int], recv_assign: list[int]) -> None:
         r, D, elem = self.rank, x_TD.shape[1], x_TD.element_size()
         self.sent_tokens_R, self.recv_tokens_R = torch.tensor(send_pairs), torch.tensor(recv_pairs)
         self.sent_assignments_R, self.recv_assignments_R = torch.tensor(send_assign), torch.tensor(recv_assign)
@@ -204,7 +207,7 @@ def _check_layer(layer: MoE, world: int) -> None:
                          "the single-process layer; use the dropless default (capacity_factor=None)")
 
 
-def apply_expert_parallel(model: _M, group=None, overlap_shared: bool = True) -> _M:
+def apply_expert_parallel(model: _M, group: dist.ProcessGroup | None = None, overlap_shared: bool = True) -> _M:
     """Shard the routed experts of every MoE layer of a built model over the ranks of `group`, in place.
 
     Every rank must hold the same full model (same seed or the same checkpoint) before the call.

@@ -4,11 +4,15 @@ included)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from dsmoe.parallel.expert_parallel import EXPERT_WEIGHTS, expert_parallel_modules
+from dsmoe.parallel.expert_parallel import EXPERT_WEIGHTS, ExpertParallel, expert_parallel_modules
 
 
 @torch.no_grad()
@@ -29,7 +33,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+                         ) -> _IncompatibleKeys:
     """Load a full state dict (from any number of ranks, or a single process) into a sharded model.
 
     Each rank takes its own block of experts; no communication.
@@ -44,10 +49,12 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
             if full.shape[0] != m.n_experts:
                 raise ValueError(f"{key} has {full.shape[0]} experts, the model has {m.n_experts}")
             sd[key] = full[m.expert_range.start:m.expert_range.stop]
-    return model.load_state_dict(sd, strict=strict)
+    keys: _IncompatibleKeys = model.load_state_dict(sd, strict=strict)  # (missing, unexpected)
+    return keys
 
 
-def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict):
+def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]
+                  ) -> Iterator[tuple[ExpertParallel, dict[str, Any], str, torch.Tensor]]:
     """(module, state, key, tensor) for every per-expert tensor (AdamW's moments) of an optimizer state dict.
 
     Parameters are numbered in model.parameters() order, which sharding keeps.
@@ -62,7 +69,7 @@ def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict):
 
 
 @torch.no_grad()
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """optimizer.state_dict() with the per-expert state gathered whole. A collective.
 
     The result loads into a full model's optimizer or, through shard_optimizer_state, into one sharded at
@@ -77,7 +84,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return sd
 
 
-def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> dict:
+def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> dict[str, Any]:
     """A full optimizer state dict cut down to this rank's experts (for optimizer.load_state_dict)."""
     sd = {"state": {i: dict(s) for i, s in full["state"].items()}, "param_groups": full["param_groups"]}
     for m, state, key, value in _expert_state(model, optimizer, sd):
