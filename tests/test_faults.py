@@ -259,3 +259,22 @@ def test_a_model_hf_cannot_hold_still_finishes(tmp_path, capsys):
     summary = run(tmp_path / "run", "steps=2", *mla)
     assert summary["steps"] == 2 and not (tmp_path / "run" / "hf").exists()
     assert "no HuggingFace folder written (group_score='max'" in capsys.readouterr().out
+
+
+def test_run_configs_resolve_a_resume_for_library_callers_too(tmp_path):
+    """dsmoe.train.run_configs holds the command line's policy: a resumed run keeps its own configs in its own
+    folder wherever it was moved, on this launch's layout (a dp x ep checkpoint resumes in one process)."""
+    from dsmoe.train import run_configs
+
+    run(tmp_path / "run", "steps=2")
+    config_path = tmp_path / "run" / "checkpoint" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["expert_parallel"] = 2  # as a dp 2 x ep 2 launch saves it
+    config_path.write_text(json.dumps(config))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    model_cfg, train_cfg, notes = run_configs(resume=str(tmp_path / "moved"), sets=["steps=4"])
+    assert train_cfg.out == str(tmp_path / "moved") and train_cfg.steps == 4 and train_cfg.expert_parallel == 0
+    assert "expert_parallel=0 instead of the checkpoint's 2" in notes[0]
+    assert run_configs(resume=str(tmp_path / "moved"), sets=["expert_parallel=2"])[1].expert_parallel == 2
+    with pytest.raises(ValueError, match="drop --preset/--init"):
+        run_configs(preset="debug", resume=str(tmp_path / "moved"))

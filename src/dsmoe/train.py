@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +33,10 @@ from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import MoE, moe_layers
-from dsmoe.parallel.context import Context, init_context
+from dsmoe.parallel.context import Context, init_context, launch_world, layout_for_launch
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
-from dsmoe.pretrained import load_hf_weights, save_pretrained
+from dsmoe.presets import apply_sets, build_configs
+from dsmoe.pretrained import hf_model_config, load_hf_weights, save_pretrained
 from dsmoe.runtime import MetricsLog, RunLock, StopFlag
 
 
@@ -158,6 +159,45 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif va != vb and key != "check_inputs":  # a runtime check, not part of the model
             diffs.append(f"{prefix}{key}: checkpoint {va!r} vs requested {vb!r}")
     return diffs
+
+
+def run_configs(preset: str | None = None, sets: Sequence[str] = (), resume: str | None = None,
+                init: str | None = None) -> tuple[ModelConfig, TrainConfig, list[str]]:
+    """The configs of a run as `dsmoe train` resolves them, and lines that tell the user what was chosen:
+    a preset (default tiny) with `key=value` overrides (dsmoe.presets.apply_sets); or a resumed run's own
+    configs, in its own folder wherever it moved, on this launch's layout unless `sets` choose one; or a
+    HuggingFace folder's architecture with the preset's run settings, where a sigmoid gate's bias (V3's
+    e_score_correction_bias) trains loss-free at u = 1e-3 unless `sets` say otherwise."""
+    if resume:
+        if preset or init:
+            raise ValueError("--resume continues a run with its own model and settings: drop --preset/--init "
+                             "(change settings with --set)")
+        return _resume_configs(resume, sets)
+    if init:
+        model_cfg = hf_model_config(init)
+        if model_cfg.moe is not None and model_cfg.moe.score_func == "sigmoid":
+            sets = ["moe.bias_update_speed=0.001", *sets]
+        _, train_cfg = build_configs(preset or "tiny")
+        train_cfg = dataclasses.replace(train_cfg, init=init, out=f"runs/{Path(init).name}")
+        return *apply_sets(model_cfg, train_cfg, list(sets)), []
+    return *build_configs(preset or "tiny", list(sets)), []
+
+
+def _resume_configs(resume: str, sets: Sequence[str]) -> tuple[ModelConfig, TrainConfig, list[str]]:
+    ckpt = checkpoint.resolve(resume)
+    model_cfg, train_cfg = checkpoint.configs_from_checkpoint(ckpt)
+    run_dir = ckpt.parent if ckpt.name.startswith("checkpoint") else ckpt
+    train_cfg = dataclasses.replace(train_cfg, out=str(run_dir), resume=resume)  # its folder, wherever it moved
+    model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, list(sets))
+    notes = [f"resuming {ckpt} into {train_cfg.out}"]
+    if not any(item.partition("=")[0].strip() == "expert_parallel" for item in sets):
+        world, saved = launch_world(), train_cfg.expert_parallel
+        train_cfg = dataclasses.replace(train_cfg, expert_parallel=layout_for_launch(saved, world))
+        if train_cfg.expert_parallel != saved:
+            notes.insert(0, f"resuming on {world} process{'es' * (world > 1)} with expert_parallel="
+                            f"{train_cfg.expert_parallel} instead of the checkpoint's {saved} (it reshards to any "
+                            "layout; choose another with --expert-parallel)")
+    return model_cfg, train_cfg, notes
 
 
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:

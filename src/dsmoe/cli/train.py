@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from pathlib import Path
 
 import torch.distributed as dist
 
-from dsmoe import checkpoint
 from dsmoe.cli.format import add_threads_argument, apply_threads
 from dsmoe.config import ModelConfig, TrainConfig
-from dsmoe.parallel.context import launch_world, layout_for_launch
-from dsmoe.presets import PRESETS, apply_sets, build_configs
-from dsmoe.pretrained import hf_model_config
-from dsmoe.train import train
+from dsmoe.presets import PRESETS
+from dsmoe.train import run_configs, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,37 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    """The preset's (or the resumed checkpoint's) configs with the command line's overrides."""
+    """The run's configs (dsmoe.train.run_configs) with the command line's flags as overrides."""
     flags = (("out", args.out), ("data", args.data), ("device", args.device), ("steps", args.steps),
              ("expert_parallel", args.expert_parallel))
     sets = args.sets + [f"{k}={v}" for k, v in flags if v is not None] + (["compile=inductor"] if args.compile else [])
-    if args.resume:
-        if args.preset or args.init:
-            raise ValueError("--resume continues a run with its own model and settings: drop --preset/--init "
-                             "(change settings with --set)")
-        ckpt = checkpoint.resolve(args.resume)
-        model_cfg, train_cfg = checkpoint.configs_from_checkpoint(ckpt)
-        run_dir = ckpt.parent if ckpt.name.startswith("checkpoint") else ckpt
-        train_cfg = dataclasses.replace(train_cfg, out=str(run_dir))  # the resumed run's folder, wherever it moved
-        model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, sets)
-        if "expert_parallel" not in " ".join(sets):  # this launch's layout, not necessarily the checkpoint's
-            world, saved = launch_world(), train_cfg.expert_parallel
-            train_cfg = dataclasses.replace(train_cfg, expert_parallel=layout_for_launch(saved, world))
-            if train_cfg.expert_parallel != saved and os.environ.get("RANK", "0") == "0":
-                print(f"resuming on {world} process{'es' * (world > 1)} with expert_parallel="
-                      f"{train_cfg.expert_parallel} instead of the checkpoint's {saved} (it reshards to any layout; "
-                      "choose another with --expert-parallel)")
-        print(f"resuming {ckpt} into {train_cfg.out}")
-        return model_cfg, dataclasses.replace(train_cfg, resume=args.resume)
-    if args.init:
-        model_cfg = hf_model_config(args.init)
-        assert model_cfg.moe is not None
-        if model_cfg.moe.score_func == "sigmoid":  # V3's e_score_correction_bias is the loss-free bias
-            sets = ["moe.bias_update_speed=0.001", *sets]
-        _, train_cfg = build_configs(args.preset or "tiny")
-        train_cfg = dataclasses.replace(train_cfg, init=args.init, out=args.out or f"runs/{Path(args.init).name}")
-        return apply_sets(model_cfg, train_cfg, sets)
-    return build_configs(args.preset or "tiny", sets)
+    model_cfg, train_cfg, notes = run_configs(args.preset, sets, args.resume, args.init)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank tells
+        for line in notes:
+            print(line)
+    return model_cfg, train_cfg
 
 
 def run(args: argparse.Namespace) -> int:
