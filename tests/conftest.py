@@ -16,14 +16,11 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture(autouse=True)
-def ctrl_c_reaches_python():
-    """Python's own Ctrl-C handler in every test, as in a terminal. A shell that starts the suite in the
+def pytest_configure(config):
+    """Python's own Ctrl-C handler for the whole session, as in a terminal. A shell that starts the suite in the
     background (`make test &`, a CI step run so) leaves SIGINT ignored, which Python and every process it starts
     keep: the tests that send themselves a SIGINT, and training's stop flag, would see nothing."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Bad inputs, tried as a user would (issue 12): every one gets a clear error naming the field, option or file
+"""Bad inputs, tried as a user would: every one gets a clear error naming the field, option or file
 (the library: a ValueError or TypeError; the `dsmoe` command: exit 1 and one line) or a correct result, never
 a traceback, a hang or a silent wrong answer. Covers MoEConfig, the layer's inputs, HF configs and weights,
 TrainConfig and `--set`, the memory estimate of a training step, checkpoint tokenizers, and the CLI's options;

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsmoe import pretrained
+from dsmoe.checkpoint import is_hf_folder
 from dsmoe.config import ModelConfig, MoEConfig
-from dsmoe.inspection import is_hf_folder
 from dsmoe.model import MoETransformer
 from dsmoe.paths import FolderPathError
 from dsmoe.pretrained import PretrainedError, from_pretrained, load_hf_weights, model_config_from_hf

@@ -330,3 +330,17 @@ def test_an_mla_preset_run_ends_as_a_folder_transformers_loads(byte_folder, tmp_
     ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_run_configs_of_an_init(byte_folder):
+    """`train --init`'s policy, for library callers too: the folder's architecture, the preset's run settings, a
+    V3 (sigmoid) gate's bias trained loss-free at u = 1e-3 unless a --set says otherwise, out runs/<folder>."""
+    from dsmoe.train import run_configs
+
+    hf, _ = byte_folder
+    model_cfg, train_cfg, notes = run_configs(init=str(hf))
+    assert model_cfg.moe is not None and model_cfg.moe.bias_update_speed == 1e-3 and model_cfg.moe.n_routed_experts == 8
+    assert train_cfg.init == str(hf) and train_cfg.out == "runs/hf" and train_cfg.preset == "tiny" and notes == []
+    model_cfg, train_cfg, _ = run_configs("debug", ["moe.bias_update_speed=0", "out=elsewhere"], init=str(hf))
+    assert model_cfg.moe is not None and model_cfg.moe.bias_update_speed == 0 and train_cfg.out == "elsewhere"
+    assert train_cfg.preset == "debug"

@@ -187,8 +187,9 @@ def _resume_configs(resume: str, sets: Sequence[str]) -> tuple[ModelConfig, Trai
     ckpt = checkpoint.resolve(resume)
     model_cfg, train_cfg = checkpoint.configs_from_checkpoint(ckpt)
     run_dir = ckpt.parent if ckpt.name.startswith("checkpoint") else ckpt
-    train_cfg = dataclasses.replace(train_cfg, out=str(run_dir), resume=resume)  # its folder, wherever it moved
+    train_cfg = dataclasses.replace(train_cfg, out=str(run_dir))  # the run's folder, wherever it moved
     model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, list(sets))
+    train_cfg = dataclasses.replace(train_cfg, resume=resume)
     notes = [f"resuming {ckpt} into {train_cfg.out}"]
     if not any(item.partition("=")[0].strip() == "expert_parallel" for item in sets):
         world, saved = launch_world(), train_cfg.expert_parallel
