@@ -217,8 +217,9 @@ class MeshContext(Context):
         destroy_process_group, which joins gloo's worker threads. Without it they outlive the interpreter: a
         worker that drops the last reference to a collective's tensor during interpreter shutdown needs the
         GIL, which then ends the thread, and the C++ runtime aborts the process ("terminate called without
-        an active exception", SIGABRT after a good run). Only on success: after a failure another rank may
-        never reach the barrier."""
+        an active exception", SIGABRT after a good run). Only where every rank gets here: after a run, a
+        coordinated stop, or a refusal every rank makes alike; after one rank's failure the others may never
+        reach the barrier."""
         if self.owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
