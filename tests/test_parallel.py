@@ -36,6 +36,7 @@ from dsmoe.parallel import (
     global_view,
     load_full_state_dict,
 )
+from dsmoe.parallel.comm import end_process_groups
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: the slow tier
 
@@ -56,8 +57,7 @@ def _worker(rank, world, port, fn, out_dir, timeout_s):
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(result, f)
     if fn is not fault_worker:  # the fault cases leave a broken group behind on purpose
-        dist.barrier()  # then end the group on every rank (gloo's threads must not outlive the interpreter)
-        dist.destroy_process_group()
+        end_process_groups()
 
 
 def launch(fn, world: int, tmp_path, timeout_s: float = 60.0) -> list:
@@ -654,6 +654,45 @@ def test_resume_at_another_layout(tmp_path, monkeypatch, capsys):
             for key, value in state.items():
                 torch.testing.assert_close(moments[param][key], value, atol=1e-6, rtol=1e-4,
                                            msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
+
+
+def _native_threads() -> list[str]:
+    """This process's threads that are not Python's own (gloo's workers and loops, the TCPStore's)."""
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n or "tcpstore" in n)
+
+
+def _as_torchrun_rank(rank, world, port, run_dir, out_dir, result_name):
+    """A rank as torchrun starts it (the environment only, no process group yet): `train` sets the groups up
+    itself, ends them, and this reports which native threads are left."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    before = _native_threads()
+    train(*build_configs("debug", TRAIN_SETS + [f"out={run_dir}", "expert_parallel=2"]), progress=False)
+    with open(os.path.join(out_dir, f"{result_name}{rank}.json"), "w") as f:
+        json.dump({"before": before, "after": _native_threads(), "initialized": dist.is_initialized()}, f)
+
+
+def test_a_run_ends_its_process_groups_and_their_threads(tmp_path, monkeypatch):
+    """torchrun's ranks (init_context starts the groups): after a run every process group is destroyed and
+    gloo's worker threads and the store's are joined before train() returns, so none is left to abort the
+    process at exit."""
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_as_torchrun_rank, args=(r, 2, port, str(tmp_path / "run"), str(tmp_path), "rank"))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert result == {"before": [], "after": [], "initialized": False}, result
 
 
 def test_ranks_launched_with_different_settings_are_refused(tmp_path, monkeypatch):

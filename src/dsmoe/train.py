@@ -44,6 +44,10 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the weights about to be saved) became NaN or inf."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM stopped the run after the same step on every rank, with a checkpoint."""
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay from lr to min_lr at the last step (a multiplier of lr)."""
     if step < cfg.warmup_steps:
@@ -394,25 +398,30 @@ def train_step(run: Run, meter: Meter) -> int:
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a run; returns the summary also written to run_dir/summary.json. A Ctrl-C or
-    SIGTERM stops it at the next log point with a checkpoint, then raises KeyboardInterrupt."""
+    SIGTERM stops it at the next log point with a checkpoint, then raises KeyboardInterrupt (Stopped)."""
     run = build_run(model_cfg, cfg)
+    ctx, lock, export = run.ctx, run.lock, _export_job(run)
     try:
-        summary = _loop(run, progress and run.ctx.is_main)
-        run.ctx.close()  # the ranks' last collective was the final evaluation
-        if run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main:
-            _export(run)
+        ending: BaseException | None = None
+        try:
+            summary = _loop(run, progress and ctx.is_main)
+        except (Stopped, TrainingDiverged) as e:  # every rank ends here, after the same step
+            ending = type(e)(*e.args)  # without the traceback, which holds the run
+        except RuntimeError as e:
+            if not _is_peer_failure(e):
+                raise
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"rank {ctx.rank}: a collective failed: another process died, or did not answer "
+                               f"within dist_timeout_s={cfg.dist_timeout_s:g} s ({detail}). " + run.kept()) from None
+        del run  # the model, optimizer and meshes first: a process group ends with the last reference to it
+        ctx.close()
+        if ending is not None:
+            raise ending
+        if export is not None:
+            export()
         return summary
-    except TrainingDiverged:
-        run.ctx.close()  # every rank saw the same all-reduced loss (or weights) and stops here
-        raise
-    except RuntimeError as e:
-        if not _is_peer_failure(e):
-            raise
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"rank {run.ctx.rank}: a collective failed: another process died, or did not answer "
-                           f"within dist_timeout_s={cfg.dist_timeout_s:g} s ({detail}). " + run.kept()) from None
     finally:
-        run.lock.release()
+        lock.release()
 
 
 def _is_peer_failure(e: BaseException) -> bool:
@@ -453,8 +462,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
                 print(f"\ninterrupted: checkpoint of step {run.step} saved in {run.checkpoint_dir}; "
                       f"continue with --resume {run.run_dir}")
             run.log.close()
-            run.ctx.close()  # every rank stops after the same step (the flag travelled in an all-reduce)
-            raise KeyboardInterrupt
+            raise Stopped  # on every rank after the same step (the flag travelled in an all-reduce)
         run.save()
     ev = run.evaluate()
     run.log.close()
@@ -496,19 +504,28 @@ def _log_point(run: Run, meter: Meter, k: int, stop_requested: bool, bar: tqdm |
     return stopped
 
 
-def _export(run: Run) -> None:
-    """RUN/hf (on rank 0): the DeepSeek-format folder transformers loads (per-expert safetensors keys). A model
-    the format cannot hold keeps its dsmoe checkpoint and says why; the run itself has succeeded."""
-    model = run.model
-    if run.ctx.sharded:  # rank 0 alone reads the whole model back from the shards the ranks just wrote
-        model = MoETransformer(run.model_cfg)
-        checkpoint.load_weights(run.checkpoint_dir, model, alone=True)
+def _export_job(run: Run) -> Callable[[], None] | None:
+    """What writes RUN/hf after the run (on rank 0 of an MLA MoE model), holding no reference to a sharded
+    model: under a mesh rank 0 reads the whole model back from the shards the ranks wrote."""
+    if not (run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main):
+        return None
+    model = None if run.ctx.sharded else run.model
+    return functools.partial(_export, run.model_cfg, model, run.checkpoint_dir, run.tokenizer, run.run_dir)
+
+
+def _export(model_cfg: ModelConfig, model: MoETransformer | None, checkpoint_dir: Path, tokenizer: Tokenizer,
+            run_dir: Path) -> None:
+    """RUN/hf: the DeepSeek-format folder transformers loads (per-expert safetensors keys). A model the format
+    cannot hold keeps its dsmoe checkpoint and says why; the run itself has succeeded."""
+    if model is None:
+        model = MoETransformer(model_cfg)
+        checkpoint.load_weights(checkpoint_dir, model, alone=True)
     try:
-        save_pretrained(model, run.run_dir / "hf")
-        run.tokenizer.save(run.run_dir / "hf")
+        save_pretrained(model, run_dir / "hf")
+        tokenizer.save(run_dir / "hf")
     except ValueError as e:
-        shutil.rmtree(run.run_dir / "hf", ignore_errors=True)
-        print(f"note: no HuggingFace folder written ({e}); the dsmoe checkpoint is in {run.checkpoint_dir}")
+        shutil.rmtree(run_dir / "hf", ignore_errors=True)
+        print(f"note: no HuggingFace folder written ({e}); the dsmoe checkpoint is in {checkpoint_dir}")
 
 
 def _summary(run: Run, ev: dict[str, Any]) -> dict[str, Any]:

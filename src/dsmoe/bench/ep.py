@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 from dsmoe.config import MoEConfig
 from dsmoe.moe import MoE
 from dsmoe.parallel import apply_expert_parallel, comm_stats
+from dsmoe.parallel.comm import end_process_groups
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ def _worker(rank: int, world: int, port: int, args: LayerSettings, out_path: str
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    rows = _rows(rank, world, args)  # the layers (and with them the groups' users) are gone on return
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(rows, f)
+    end_process_groups()
+
+
+def _rows(rank: int, world: int, args: LayerSettings) -> list[dict]:
     layers = {}
     for limit in _limits(world):
         torch.manual_seed(0)  # the same weights in every configuration and on every rank
@@ -111,11 +120,7 @@ def _worker(rank: int, world: int, port: int, args: LayerSettings, out_path: str
                      "step_ms": 1e3 * statistics.median(times[limit]),
                      "tokens_sent_per_rank": total[0].item() / world, "a2a_kb_per_rank": total[1].item() / world / 1e3,
                      "max_ranks_per_token": int(peak[2].item())})
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(rows, f)
-    dist.barrier()  # nobody tears the group down while another rank still talks in it
-    dist.destroy_process_group()
+    return rows
 
 
 def free_port() -> int:

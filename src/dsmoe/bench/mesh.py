@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dsmoe.bench.ep import free_port
+from dsmoe.parallel.comm import end_process_groups
 
 LAYOUTS = {"dp 4": (4, 1), "dp 2 x ep 2": (2, 2), "ep 4": (1, 4)}
 WORLD = 4
@@ -191,8 +192,7 @@ def _worker(rank: int, world: int, port: int, args: MeshSettings, job: tuple, ou
     dist.all_gather_object(rows, row)
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows))
-    dist.barrier()  # nobody tears the group down while another rank still talks in it
-    dist.destroy_process_group()
+    end_process_groups()  # the models and meshes were local to the job: gone
 
 
 def _spawn(args: MeshSettings, job: tuple) -> list[dict]:

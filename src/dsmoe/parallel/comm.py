@@ -5,6 +5,8 @@ The all-to-alls take uneven splits along dim 0; the backward of each is the reve
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -30,6 +32,31 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> di
     world = dist.group.WORLD
     assert world is not None  # set by init_process_group
     return world
+
+
+def end_process_groups() -> None:
+    """After a process's last collective, on every rank: a barrier (no rank tears a group down while another
+    still talks in it), then destroy_process_group once what was built on the groups is gone. A group and gloo's
+    worker threads end only with the last reference to it (a DeviceMesh, a DTensor, an FSDP module: the caller
+    drops them first; gc collects the cycles FSDP's hooks make). Groups that outlive the interpreter can abort
+    it at exit: a worker that drops the last reference to a collective's tensor during interpreter shutdown needs
+    the GIL, which ends the thread, and the C++ runtime aborts ("terminate called without an active exception")."""
+    dist.barrier()
+    _clear_dtensor_caches()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """torch.distributed's caches (DTensor's sharding propagation, in Python and in its native dispatch,
+    redistribution plans, mesh topologies) keep every DeviceMesh they have seen, and with it its process groups:
+    cleared, they no longer keep the groups (and gloo's threads) alive past their end."""
+    for obj in gc.get_objects():
+        if isinstance(obj, functools._lru_cache_wrapper) and \
+                getattr(obj, "__module__", "").startswith("torch.distributed"):
+            obj.cache_clear()
+    if hasattr(torch._C, "_clear_DTensor_sharding_propagator_cache"):  # DTensor's native dispatch keeps one too
+        torch._C._clear_DTensor_sharding_propagator_cache()
 
 
 class _Pending:

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dsmoe.model import Block
-from dsmoe.parallel.comm import init_distributed
+from dsmoe.parallel.comm import end_process_groups, init_distributed
 from dsmoe.parallel.expert_parallel import expert_parameter_names
 from dsmoe.parallel.fsdp import build_meshes, global_view, init_optimizer_state, local, shard_model
 
@@ -213,16 +213,12 @@ class MeshContext(Context):
         return None if math.isinf(t.item()) else int(t.item())
 
     def close(self) -> None:
-        """A barrier, so that no rank tears the groups down while another still talks in them, then
-        destroy_process_group, which joins gloo's worker threads. Without it they outlive the interpreter: a
-        worker that drops the last reference to a collective's tensor during interpreter shutdown needs the
-        GIL, which then ends the thread, and the C++ runtime aborts the process ("terminate called without
-        an active exception", SIGABRT after a good run). Only where every rank gets here: after a run, a
-        coordinated stop, or a refusal every rank makes alike; after one rank's failure the others may never
-        reach the barrier."""
+        """End the process groups init_context started (comm.end_process_groups), this context's meshes first;
+        the caller drops the model and optimizer before, since a group ends with the last reference to it. Only
+        where every rank gets here: after a run, a coordinated stop, or a refusal every rank makes alike."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+            del self.mesh, self.flat
+            end_process_groups()
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
