@@ -303,8 +303,8 @@ def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", t
     try:
         check_agreement(settings or {})
     except ValueError:
-        if started:  # every rank refuses together: end the group in order (see MeshContext.close)
-            dist.destroy_process_group()
+        if started:  # every rank refuses together: end the group in order, as MeshContext.close does
+            end_process_groups()
         raise
     ctx = MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")
     ctx.owns_group = started
