@@ -1,9 +1,10 @@
 """Corpus and tokenizers: stdlib listing, deterministic split by file, token cache, batching, clear errors."""
 
+import numpy as np
 import pytest
 import torch
 
-from dsmoe.data import BPETokenizer, ByteTokenizer, load_corpus, load_tokenizer, read_split, stdlib_files
+from dsmoe.data import BPETokenizer, ByteTokenizer, load_corpus, load_tokenizer, stdlib_files
 
 
 @pytest.fixture
@@ -26,20 +27,35 @@ def test_stdlib_files_sorted_python_only():
 def test_split_is_deterministic_and_by_file(folder, path_kind):
     path = str(folder) if path_kind == "folder" else None
     kw = {} if path_kind == "folder" else {"max_bytes": 2_000_000, "val_fraction": 0.2}
-    a, b = read_split(path, **kw), read_split(path, **kw)
-    assert a == b
-    train_names = {n for n, _ in a["train"]}
-    val_names = {n for n, _ in a["val"]}
-    assert train_names and val_names and not train_names & val_names
+    tok = ByteTokenizer()
+    a, b = (load_corpus(path, tok, cache_dir=False, **kw).sets[0] for _ in range(2))
+    split_docs = {}
+    for split in ("train", "val"):
+        ids = a.read(split, 0, a.size(split))[0]
+        assert np.array_equal(ids, b.read(split, 0, b.size(split))[0])
+        split_docs[split] = _docs(ids, tok.eos_id)
+    assert split_docs["train"] and split_docs["val"] and not split_docs["train"] & split_docs["val"]
+    if path_kind == "folder":  # every file whole in one split
+        assert split_docs["train"] | split_docs["val"] == {tuple(p.read_bytes()) for p in folder.iterdir()}
+
+
+def _docs(ids, eos):
+    """The documents of a token stream, each ending with EOS, as tuples of ids (EOS dropped)."""
+    return {tuple(d[:-1].tolist()) for d in np.split(ids, np.flatnonzero(ids == eos) + 1)[:-1]}
 
 
 def test_cache_round_trip(folder, tmp_path):
     tok = ByteTokenizer()
     first = load_corpus(str(folder), tok, cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("prepared-*")
+    stamp = (cached / "manifest.json").stat().st_mtime_ns
     second = load_corpus(str(folder), tok, cache_dir=tmp_path / "cache")
-    assert "cache" in second.info and list((tmp_path / "cache").glob("corpus-*.pt"))
-    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
-    assert first.train.dtype == torch.int16 and first.train.max() < tok.vocab_size
+    assert (cached / "manifest.json").stat().st_mtime_ns == stamp  # read, not prepared again
+    assert second.info["folders"] == [str(cached)]
+    for split in ("train", "val"):
+        x, y = (c.sets[0].read(split, 0, c.size(split))[0] for c in (first, second))
+        assert np.array_equal(x, y) and x.max() < tok.vocab_size
+    assert first.sets[0].dtype == np.uint16
 
 
 def test_batch_shapes_shift_and_determinism(folder):
@@ -54,7 +70,7 @@ def test_batch_shapes_shift_and_determinism(folder):
 @pytest.mark.parametrize("text", ["", "\0\1\2binary"], ids=["empty", "binary"])
 def test_empty_or_unreadable_corpus_is_a_clear_error(tmp_path, text):
     (tmp_path / "a.txt").write_bytes(text.encode())
-    with pytest.raises(ValueError, match="empty or unreadable"):
+    with pytest.raises(ValueError, match="hold no text to train on"):
         load_corpus(str(tmp_path), ByteTokenizer(), cache_dir=False)
 
 

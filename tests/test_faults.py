@@ -225,7 +225,7 @@ def test_a_stop_during_the_last_interval_finishes_the_run(tmp_path, monkeypatch)
 
     from dsmoe.data import Corpus
 
-    real, calls = Corpus.batch, []
+    real, calls = Corpus.sample, []
 
     def batch(*args, **kwargs):
         calls.append(1)
@@ -233,7 +233,7 @@ def test_a_stop_during_the_last_interval_finishes_the_run(tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(Corpus, "batch", batch)
+    monkeypatch.setattr(Corpus, "sample", batch)
     summary = run(tmp_path / "run", "steps=3")
     assert summary["steps"] == 3 and (tmp_path / "run" / "summary.json").exists()
 

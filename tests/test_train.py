@@ -116,7 +116,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, gra
     """A Ctrl-C (a real SIGINT) in the middle of step 6's micro-batches: step 6 finishes, its log point
     stops the run with a checkpoint of step 6, and the resumed run equals the uninterrupted one bit for bit."""
     sets = ["steps=8", f"grad_accum={grad_accum}", "moe.bias_update_speed=0.01"]
-    full, resumed, cut_step = interrupt_and_resume(tmp_path, monkeypatch, sets, Corpus, "batch",
+    full, resumed, cut_step = interrupt_and_resume(tmp_path, monkeypatch, sets, Corpus, "sample",
                                                    5 * grad_accum + 1 + (grad_accum > 1), _sigint)
     assert cut_step == 6
     assert losses(resumed["run_dir"]) == losses(full["run_dir"])  # bit-exact, every step
@@ -183,7 +183,7 @@ def test_second_signal_while_saving_keeps_the_checkpoint(tmp_path, monkeypatch):
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save", save_with_second_ctrl_c)
-    real_batch, calls = Corpus.batch, []
+    real_batch, calls = Corpus.sample, []
 
     def batch(*args, **kwargs):
         calls.append(1)
@@ -191,7 +191,7 @@ def test_second_signal_while_saving_keeps_the_checkpoint(tmp_path, monkeypatch):
             _sigint()
         return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(Corpus, "batch", batch)
+    monkeypatch.setattr(Corpus, "sample", batch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "steps=8")
     assert json.load(open(tmp_path / "run" / "checkpoint" / "config.json"))["step"] == 3
@@ -353,9 +353,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().out
     (tmp_path / "empty.txt").write_text("")
     assert cli.main(["train", "--preset", "debug", "--set", f"data={tmp_path / 'empty.txt'}", "--quiet"]) == 1
-    assert "empty or unreadable" in capsys.readouterr().out
+    assert "is empty" in capsys.readouterr().out
     assert cli.main(["train", "--preset", "debug", "--data", str(tmp_path / "empty.txt"), "--quiet"]) == 1
-    assert "empty or unreadable" in capsys.readouterr().out
+    assert "is empty" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -67,6 +67,12 @@ def apply_rotary(x_SR: torch.Tensor, rot_SR2: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x_SR)
 
 
+def _per_head(rot_SR: torch.Tensor) -> torch.Tensor:
+    """A rotary table for [B, H, S, ...] tensors: a shared one [S, R/2, 2] as it is, a per-row one [B, S, R/2, 2]
+    (document masking: positions restart at each document) with the head dim added, [B, 1, S, R/2, 2]."""
+    return rot_SR[:, None] if rot_SR.dim() == 4 else rot_SR
+
+
 def _causal_mask(start: int, S: int, T: int, device: torch.device) -> torch.Tensor | None:
     """None for plain causal attention from position 0; else query i (at start+i) sees keys 0..start+i."""
     if start == 0:
@@ -108,18 +114,21 @@ class Attention(nn.Module):
     def cache_shapes(self) -> list[tuple[int, ...]]:
         return [(self.n_kv_heads, self.head_dim)] * 2
 
-    def forward(self, x_BSD: torch.Tensor, rot_Sd: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rot_Sd: torch.Tensor, cache: KVCache | None = None,
+                mask_B1ST: torch.Tensor | None = None) -> torch.Tensor:
+        """rot_Sd: these tokens' rotary table, [S, hd/2, 2] or per row [B, S, hd/2, 2]; mask_B1ST: which keys each
+        query sees (True = attend), replacing the causal mask (document masking); None is causal."""
         B, S, _ = x_BSD.shape
         q_BHSd = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k_BHSd = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BHSd = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSd, k_BHSd = apply_rotary(q_BHSd, rot_Sd), apply_rotary(k_BHSd, rot_Sd)
+        q_BHSd, k_BHSd = apply_rotary(q_BHSd, _per_head(rot_Sd)), apply_rotary(k_BHSd, _per_head(rot_Sd))
         start = 0
         if cache is not None:  # cached as [B, T, Hkv, hd]
             start = cache.pos
             k_BTHd, v_BTHd = cache.update(self.layer, k_BHSd.transpose(1, 2), v_BHSd.transpose(1, 2))
             k_BHSd, v_BHSd = k_BTHd.transpose(1, 2), v_BTHd.transpose(1, 2)
-        mask = _causal_mask(start, S, k_BHSd.shape[2], x_BSD.device)
+        mask = _causal_mask(start, S, k_BHSd.shape[2], x_BSD.device) if mask_B1ST is None else mask_B1ST
         y_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=mask is None,
                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         y_BSD: torch.Tensor = self.wo(y_BHSd.transpose(1, 2).reshape(B, S, -1))
@@ -159,7 +168,10 @@ class MLAttention(nn.Module):
         pairs_SR: torch.Tensor = x_SR.unflatten(-1, (2, self.R // 2)).transpose(-1, -2).flatten(-2)  # type: ignore[no-untyped-call]
         return pairs_SR
 
-    def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None,
+                mask_B1ST: torch.Tensor | None = None) -> torch.Tensor:
+        """rot_SR: these tokens' rotary table, [S, R/2, 2] or per row [B, S, R/2, 2]; mask_B1ST: which keys each
+        query sees (True = attend), replacing the causal mask (document masking); None is causal."""
         B, S, _ = x_BSD.shape
         H, N, R, Vd = self.H, self.N, self.R, self.Vd
         if hasattr(self, "q_proj"):
@@ -169,8 +181,8 @@ class MLAttention(nn.Module):
         q_nope_BHSN, q_pe_BHSR = q.view(B, S, H, N + R).transpose(1, 2).split([N, R], dim=-1)
         c_kv_BSC, k_pe_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.C, R], dim=-1)
         c_kv_BSC = self.kv_a_layernorm(c_kv_BSC)
-        q_pe_BHSR = apply_rotary(self._pairs(q_pe_BHSR), rot_SR)
-        k_pe_BSR = apply_rotary(self._pairs(k_pe_BSR), rot_SR)
+        q_pe_BHSR = apply_rotary(self._pairs(q_pe_BHSR), _per_head(rot_SR))
+        k_pe_BSR = apply_rotary(self._pairs(k_pe_BSR), rot_SR)  # [B, S, R]: no head dim
         start = 0
         if cache is not None:  # the latent is cached, not the per-head keys and values
             start = cache.pos
@@ -179,7 +191,7 @@ class MLAttention(nn.Module):
         k_nope_BHTN, v_BHTV = self.kv_b_proj(c_kv_BSC).view(B, T, H, N + Vd).transpose(1, 2).split([N, Vd], dim=-1)
         k_BHTQ = torch.cat([k_nope_BHTN, k_pe_BSR[:, None].expand(B, H, T, R)], dim=-1)
         q_BHSQ = torch.cat([q_nope_BHSN, q_pe_BHSR], dim=-1)
-        mask = _causal_mask(start, S, T, x_BSD.device)
+        mask = _causal_mask(start, S, T, x_BSD.device) if mask_B1ST is None else mask_B1ST
         y_BHSV = F.scaled_dot_product_attention(q_BHSQ, k_BHTQ, v_BHTV, attn_mask=mask, is_causal=mask is None,
                                                 scale=self.scale)
         y_BSD: torch.Tensor = self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * Vd))

@@ -373,7 +373,9 @@ class TrainConfig:
     log_every: int = 10               # steps between metrics rows (and the one host sync they need)
     seed: int = 0                     # seeds the init, the data order and everything else random
     device: str = "cpu"               # "cpu" or "cuda" (bf16 autocast)
-    data: str | None = None           # text file or folder; None = the Python standard library
+    data: str | None = None           # a prepared folder (dsmoe prepare), a text file or folder, or a mixture
+                                      # "a=0.7,b=0.3" of those; None = the Python standard library
+    doc_mask: bool = False            # attention and rotary positions restart at each document (after EOS)
     tokenizer: str = "byte"           # "byte" or "bpe" (trained locally, saved with the checkpoint)
     bpe_vocab_size: int = 2048        # vocabulary of the BPE tokenizer
     out: str | None = None            # run directory; None = runs/<preset>
@@ -413,6 +415,7 @@ class TrainConfig:
             _check(value is None or (isinstance(value, str) and value != ""), name, value,
                    "must be a path (a non-empty string) or None")
         _boolean(self, "tensorboard")
+        _boolean(self, "doc_mask")
         _boolean(self, "overwrite")
         _boolean(self, "activation_checkpointing")
         _check(isinstance(self.compile, str), "compile", self.compile,

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,77 +290,195 @@ def list_documents(path: str | None, max_bytes: int = MAX_CORPUS_BYTES) -> tuple
 
 # ---- corpus -----------------------------------------------------------------------------------------
 
+class TokenSet:
+    """A prepared corpus folder (dsmoe.prepare) opened for reading: every chunk memory-mapped, each file first
+    checked against the manifest (size and SHA-256), so a truncated or changed shard is an error, never data."""
+
+    def __init__(self, folder: str | Path, verify: bool = True):
+        from dsmoe.prepare import PrepareError, read_manifest
+        self.folder = Path(folder)
+        self.manifest = manifest = read_manifest(folder)
+        if not manifest.get("complete"):
+            raise PrepareError(f"{folder}: `dsmoe prepare` did not finish ({len(manifest['chunks'])} chunks written); "
+                               "run the same command again to finish it")
+        self.dtype = np.dtype(manifest["dtype"])
+        self.chunks: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {}
+        self.starts: dict[str, np.ndarray] = {}  # global offset of each chunk, and the split's size last
+        for split in ("train", "val"):
+            entries = [c[split] for c in manifest["chunks"] if c[split]["tokens"]]
+            if verify:
+                for entry in entries:
+                    self._verify(entry)
+            self.chunks[split] = [self._open(e) for e in entries]
+            self.starts[split] = np.cumsum([0] + [e["tokens"] for e in entries])
+        self.max_id = max((c[s]["max_id"] for c in manifest["chunks"] for s in ("train", "val")), default=0)
+        self.docs = {s: sum(c[s]["docs"] for c in manifest["chunks"]) for s in ("train", "val")}
+
+    def _verify(self, entry: dict) -> None:
+        from dsmoe.prepare import PrepareError
+        stem = entry["file"][:-len(".bin")]
+        sizes = {".bin": entry["tokens"] * self.dtype.itemsize, ".idx": entry["docs"] * 8, ".mask": entry["tokens"]}
+        for name, digest in entry["sha256"].items():
+            path = folder_file(self.folder, name)
+            size = path.stat().st_size if path.is_file() else None
+            if size != sizes[name[len(stem):]]:
+                raise PrepareError(f"{path} is {'missing' if size is None else f'truncated or grown ({size:,} bytes)'}"
+                                   f"; the manifest says {sizes[name[len(stem):]]:,} bytes: prepare the corpus again")
+            if _sha256(path) != digest:
+                raise PrepareError(f"{path} does not match its SHA-256 in {self.folder / 'manifest.json'} (changed "
+                                   "or corrupt): prepare the corpus again")
+
+    def _open(self, entry: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        path = folder_file(self.folder, entry["file"])
+        tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        mask = np.memmap(path.with_suffix(".mask"), dtype=np.uint8, mode="r") if entry["mask"] else None
+        return tokens, mask
+
+    def size(self, split: str) -> int:
+        return int(self.starts[split][-1])
+
+    def read(self, split: str, start: int, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens [start, start+n) of the split (int64) and their loss mask (None: all trained on)."""
+        chunk = int(np.searchsorted(self.starts[split], start, side="right")) - 1
+        tokens, masks, any_mask = [], [], False
+        while n > 0:
+            ids, mask = self.chunks[split][chunk]
+            lo = start - int(self.starts[split][chunk])
+            take = min(n, len(ids) - lo)
+            tokens.append(np.asarray(ids[lo:lo + take], dtype=np.int64))
+            masks.append(np.ones(take, np.uint8) if mask is None else np.asarray(mask[lo:lo + take]))
+            any_mask |= mask is not None
+            start, n, chunk = start + take, n - take, chunk + 1
+        return np.concatenate(tokens), np.concatenate(masks) if any_mask else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
 @dataclass
 class Corpus:
-    """Token streams of the two splits (documents joined by <|eos|>)."""
+    """One prepared token set, or a mixture of several sampled by weight. Windows are addressed by a global
+    position: set i's split occupies [base_i, base_i + size_i) of a virtual concatenation, and no window
+    crosses from one set into the next."""
 
-    train: torch.Tensor  # (N_train,) integer tokens
-    val: torch.Tensor    # (N_val,)
-    info: dict           # documents, bytes, tokens per split, cache file
+    sets: list[TokenSet]
+    weights: list[float]
+    info: dict           # source, documents and tokens per split, folders
 
-    def check(self, seq_len: int) -> None:
-        """Both splits must hold at least one window of seq_len+1 tokens."""
-        for split in ("train", "val"):
-            n = len(getattr(self, split))
-            if n < seq_len + 1:
-                raise ValueError(f"corpus too small: the {split} split has {n} tokens, but one batch of "
-                                 f"seq_len={seq_len} needs at least {seq_len + 1}; add text or lower seq_len")
+    def size(self, split: str) -> int:
+        return sum(s.size(split) for s in self.sets)
+
+    def _bases(self, split: str) -> np.ndarray:
+        return np.cumsum([0] + [s.size(split) for s in self.sets])
+
+    def check(self, seq_len: int, vocab_size: int | None = None) -> None:
+        """Every set's splits must hold a window of seq_len+1 tokens; its ids must fit the model's vocabulary."""
+        for s in self.sets:
+            for split in ("train", "val"):
+                n = s.size(split)
+                if n < seq_len + 1:
+                    raise ValueError(f"corpus too small: the {split} split of {s.folder} has {n} tokens, but one "
+                                     f"batch of seq_len={seq_len} needs at least {seq_len + 1}; add text or lower "
+                                     "seq_len")
+            if vocab_size is not None and s.max_id >= vocab_size:
+                raise ValueError(f"{s.folder} holds token id {s.max_id}, beyond the model's vocab_size={vocab_size}: "
+                                 "it was prepared with another tokenizer; prepare it with the model's")
+
+    def sample(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """Global start positions of batch_size random windows: a set drawn by weight, then a uniform start."""
+        if len(self.sets) == 1:
+            return torch.randint(self.sets[0].size(split) - seq_len, (batch_size,), generator=generator)
+        which = torch.multinomial(torch.tensor(self.weights), batch_size, replacement=True, generator=generator)
+        room = torch.tensor([s.size(split) - seq_len for s in self.sets], dtype=torch.float64)[which]
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        return torch.from_numpy(self._bases(split)[:-1]).long()[which] + (u * room).long()
+
+    def spread(self, split: str, n: int, seq_len: int) -> torch.Tensor:
+        """n window starts spread evenly over the split (each set's share by weight): evaluation's, with no RNG."""
+        counts = _shares(self.weights, n)
+        bases = self._bases(split)
+        return torch.cat([bases[i] + torch.linspace(0, s.size(split) - seq_len - 1, c).long()
+                          for i, (s, c) in enumerate(zip(self.sets, counts))])
+
+    def set_of(self, split: str, starts_B: torch.Tensor) -> torch.Tensor:
+        """The set each window comes from."""
+        return torch.from_numpy(np.searchsorted(self._bases(split), starts_B.numpy(), side="right") - 1)
+
+    def windows(self, split: str, starts_B: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_BS, y_BS): the windows at these global starts, y shifted by one token and -1 (ignored by the loss)
+        where a fine-tuning set's mask says the token is not trained on."""
+        bases = self._bases(split)
+        rows, masks = [], []
+        for start in starts_B.tolist():
+            i = int(np.searchsorted(bases, start, side="right")) - 1
+            tokens, mask = self.sets[i].read(split, start - int(bases[i]), seq_len + 1)
+            rows.append(tokens)
+            masks.append(mask)
+        tokens_BS = torch.from_numpy(np.stack(rows))
+        x, y = tokens_BS[:, :-1], tokens_BS[:, 1:].clone()
+        if any(m is not None for m in masks):
+            trained = np.stack([np.ones(seq_len + 1, np.uint8) if m is None else m for m in masks])[:, 1:]
+            y[torch.from_numpy(trained) == 0] = -1
+        return x, y
 
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
-        """(x_BS, y_BS): random windows of the split, y shifted by one token."""
-        data = getattr(self, split)
-        starts_B = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
-        return self.windows(split, starts_B, seq_len)
-
-    def windows(self, split: str, starts_B: torch.Tensor, seq_len: int):
-        data = getattr(self, split)
-        idx_BS = starts_B[:, None] + torch.arange(seq_len + 1)
-        tokens = data[idx_BS].long()
-        return tokens[:, :-1], tokens[:, 1:]
+        """(x_BS, y_BS): random windows of the split."""
+        return self.windows(split, self.sample(split, batch_size, seq_len, generator), seq_len)
 
 
-def _encode(tokenizer, texts: list[str]) -> torch.Tensor:
-    sep = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], dtype=np.int32)
-    parts = []
-    for ids in tokenizer.encode_many(texts):
-        parts += [ids.astype(np.int32), sep]
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    dtype = torch.int16 if tokenizer.vocab_size <= 2**15 else torch.int32
-    return torch.from_numpy(tokens).to(dtype)
+def _shares(weights: list[float], n: int) -> list[int]:
+    """n split by weight into integers that sum to n (largest remainders)."""
+    raw = [w / sum(weights) * n for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[:n - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
-def read_split(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction: float = VAL_FRACTION):
-    """{"train": [(name, text)], "val": [...]}: documents split by path hash; with too few documents, one
-    text whose last val_fraction (at least 10%) is held out."""
-    base, files = list_documents(path, max_bytes)
-    limit = MAX_DOC_CHARS if path is None else None  # a user's own files are taken whole
-    read = [(str(p.relative_to(base)), _read_text(p)) for p in files]
-    docs = [(name, text[:limit]) for name, text in read if text]
-    where = path or "the standard library"
-    if not docs:
-        raise ValueError(f"corpus {where!r} is empty or unreadable: no non-empty UTF-8 text file found")
-    split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
-    for name, text in docs:
-        split["val" if _path_hash(name) < val_fraction else "train"].append((name, text))
-    if not split["train"] or not split["val"]:  # too few documents to split by file: cut the text instead
-        text = "\n".join(t for _, t in docs)
-        cut = int(len(text) * (1 - max(val_fraction, 0.1)))
-        split = {"train": [(where, text[:cut])], "val": [(where, text[cut:])]}
-    return split
+def document_ids(x_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's document number in its row: a new document starts after every EOS."""
+    ends = (x_BS == eos_id).long()
+    return ends.cumsum(1) - ends
 
 
-def _corpus_key(path, files_root, files, tokenizer, max_bytes, val_fraction) -> str:
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps([CACHE_VERSION, sys.version, str(path), str(files_root), stats, tokenizer.cache_key(),
-                       max_bytes, val_fraction])
+def parse_data(data: str | None) -> list[tuple[str | None, float]]:
+    """`--data`: None (the standard library), a path, or a mixture `a=0.7,b=0.3` of paths and weights."""
+    if data is None or "=" not in data:
+        return [(data, 1.0)]
+    parts: list[tuple[str | None, float]] = []
+    for item in data.split(","):
+        path, _, weight = item.rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not path or not value > 0 or value == float("inf"):
+            raise ValueError(f"data mixture item {item!r}: expected PATH=WEIGHT with a weight > 0, as in "
+                             "--data a=0.7,b=0.3")
+        parts.append((path, value))
+    return parts
+
+
+def _corpus_key(path, files, tokenizer, max_bytes, val_fraction) -> str:
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]
+    blob = json.dumps([CACHE_VERSION, sys.version, str(path), stats, tokenizer.cache_key(), max_bytes, val_fraction])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def corpus_fingerprint(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_fraction: float = VAL_FRACTION) -> str:
     """A hash of what decides a corpus' documents and split, the tokenizer aside: this code's CACHE_VERSION,
     the split settings and every kept file's name (relative to the corpus root) and bytes: touching a file
-    keeps it, editing, adding or removing one changes it."""
-    base, files = list_documents(path, max_bytes)
+    keeps it, editing, adding or removing one changes it. A prepared folder's is its manifest's."""
+    from dsmoe.prepare import MANIFEST, is_prepared
+    if is_prepared(path):
+        return hashlib.sha256(Path(path, MANIFEST).read_bytes()).hexdigest()[:20]  # type: ignore[arg-type]
+    base, files = list_documents(path, max_bytes if path is None else 1 << 62)
     h = hashlib.sha256(json.dumps([CACHE_VERSION, path is None, max_bytes, val_fraction]).encode())
     for p in files:
         h.update(f"\0{p.relative_to(base)}\0".encode())
@@ -367,39 +486,49 @@ def corpus_fingerprint(path: str | None, max_bytes: int = MAX_CORPUS_BYTES, val_
     return h.hexdigest()[:20]
 
 
-def load_corpus(path: str | None, tokenizer, cache_dir=None, max_bytes: int = MAX_CORPUS_BYTES,
+def load_corpus(data: str | None, tokenizer, cache_dir=None, max_bytes: int = MAX_CORPUS_BYTES,
                 val_fraction: float = VAL_FRACTION) -> Corpus:
-    """Read, split and encode a corpus (path None = the standard library), through a token cache.
+    """The corpus `--data` names (see parse_data): prepared folders are read as they are (their tokenizer must be
+    this one); raw paths are prepared on the fly into the cache (max_bytes caps the standard library only).
 
-    cache_dir None = default_cache_dir(); False = no cache.
+    cache_dir None = default_cache_dir(); False = a temporary folder, removed once its shards are mapped.
     The cache key covers the tokenizer, the Python version and every file's path, size and mtime, so
-    an edited file or another tokenizer re-encodes.
+    an edited file or another tokenizer prepares again.
     """
-    root, files = list_documents(path, max_bytes)
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    cache = None
-    if cache_dir:
-        cache = Path(cache_dir) / f"corpus-{_corpus_key(path, root, files, tokenizer, max_bytes, val_fraction)}.pt"
-        if cache.exists():
-            try:
-                d = torch.load(cache, weights_only=True)
-                return Corpus(d["train"], d["val"], {**json.loads(d["info"]), "cache": str(cache)})
-            except Exception:
-                pass  # unreadable cache: rebuild it below
-    split = read_split(path, max_bytes, val_fraction)
-    train, val = (_encode(tokenizer, [t for _, t in split[s]]) for s in ("train", "val"))
-    info = {"source": path or "stdlib", "train_docs": len(split["train"]), "val_docs": len(split["val"]),
-            "train_tokens": len(train), "val_tokens": len(val)}
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"train": train, "val": val, "info": json.dumps(info)}, tmp)
-            os.replace(tmp, cache)
-            info["cache"] = str(cache)
-        except OSError:  # a read-only or odd cache folder costs the next run an encode, never this run
-            pass
-    return Corpus(train, val, info)
+    parts = parse_data(data)
+    sets = [_token_set(path, tokenizer, cache_dir, max_bytes, val_fraction) for path, _ in parts]
+    weights = [w for _, w in parts]
+    info: dict = {"source": data or "stdlib", "folders": [str(s.folder) for s in sets], "weights": weights}
+    for split in ("train", "val"):
+        info[f"{split}_tokens"] = sum(s.size(split) for s in sets)
+        info[f"{split}_docs"] = sum(s.docs[split] for s in sets)
+    return Corpus(sets, weights, info)
+
+
+def _token_set(path: str | None, tokenizer, cache_dir, max_bytes: int, val_fraction: float) -> TokenSet:
+    from dsmoe.prepare import PrepareError, is_prepared, prepare, source_files
+    if is_prepared(path):
+        tokens = TokenSet(path)  # type: ignore[arg-type]
+        key = tokens.manifest["tokenizer"]["key"]
+        if key != tokenizer.cache_key():
+            raise PrepareError(f"{path} was prepared with another tokenizer ({tokens.manifest['tokenizer']['kind']}, "
+                               f"{key}) than the model's ({tokenizer.kind}, {tokenizer.cache_key()}): prepare it with "
+                               "the model's (dsmoe prepare --tokenizer MODEL_FOLDER)")
+        return tokens
+    cap = max_bytes if path is None else None
+    files = source_files([path], cap)
+    limit = MAX_DOC_CHARS if path is None else None
+    key = _corpus_key(path, files, tokenizer, cap, val_fraction)
+    if cache_dir is False:
+        with tempfile.TemporaryDirectory(prefix="dsmoe-corpus-") as tmp:
+            prepare([path], tmp, tokenizer, val_fraction=val_fraction, max_bytes=cap, max_doc_chars=limit,
+                    progress=False)
+            return TokenSet(tmp)  # mapped: its files may go
+    folder = Path(default_cache_dir() if cache_dir is None else cache_dir) / f"prepared-{key}"
+    big = sum(p.stat().st_size for p, _ in files) > 64 << 20
+    prepare([path], folder, tokenizer, val_fraction=val_fraction, max_bytes=cap, max_doc_chars=limit,
+            progress=big, wait=True)
+    return TokenSet(folder)
 
 
 def build_tokenizer(kind: str, path: str | None, vocab_size: int = 2048, cache_dir=None,
@@ -409,8 +538,8 @@ def build_tokenizer(kind: str, path: str | None, vocab_size: int = 2048, cache_d
         return ByteTokenizer()
     if kind != "bpe":
         raise ValueError(f"tokenizer={kind!r} is not allowed; choose 'byte' or 'bpe'")
-    root, files = list_documents(path, max_bytes)
-    key = _corpus_key(path, root, files, ByteTokenizer(), max_bytes, vocab_size)
+    from dsmoe.prepare import source_files
+    key = _corpus_key(path, source_files([path], max_bytes), ByteTokenizer(), max_bytes, vocab_size)
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     cached = Path(cache_dir, f"bpe-{key}") if cache_dir else None
     if cached is not None and (cached / "bpe.json").exists():
@@ -418,14 +547,9 @@ def build_tokenizer(kind: str, path: str | None, vocab_size: int = 2048, cache_d
             return BPETokenizer.load(cached)
         except Exception:  # a cache cut short by a crash: train again below
             pass
-    # a few MB of text learn a small vocabulary well and keep training to seconds
-    texts, budget = [], 4_000_000
-    for _, text in read_split(path, max_bytes)["train"]:
-        texts.append(text[:budget])
-        budget -= len(texts[-1])
-        if budget <= 0:
-            break
-    tok = BPETokenizer.train(texts, vocab_size)
+    from dsmoe.prepare import train_bpe
+    cap, limit = (max_bytes, MAX_DOC_CHARS) if path is None else (None, None)
+    tok = train_bpe([path], vocab_size, max_bytes=cap, max_doc_chars=limit)
     if cached is not None:
         try:
             cached.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dsmoe.data import Corpus
+from dsmoe.data import Corpus, document_ids
 from dsmoe.metrics import max_violation
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.context import Context, SingleProcess
@@ -21,24 +21,27 @@ def autocast(device: str):
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: int, batches: int,
-             device: str = "cpu", split: str = "val", ctx: Context | None = None) -> dict:
+             device: str = "cpu", split: str = "val", ctx: Context | None = None, eos_id: int | None = None) -> dict:
     """Loss, perplexity, per-layer MaxVio_global and load [L, E] from the load summed over the whole pass.
 
     Windows are spread evenly over the split (no RNG, so evaluating never shifts training). The model runs
     in eval mode under no_grad, so the balancing counts are untouched. Under a distributed context each
-    rank evaluates its share of every batch and the sums are all-reduced.
+    rank evaluates its share of every batch and the sums are all-reduced. eos_id: documents masked apart
+    (TrainConfig.doc_mask), each starting after an EOS.
     """
     ctx = ctx or SingleProcess()
     was_training = model.training
     model.eval()
     n = batches * batch_size
-    starts = torch.linspace(0, len(getattr(corpus, split)) - seq_len - 1, n).long()
+    starts = corpus.spread(split, n, seq_len)
     total_loss = torch.zeros((), device=device)
     load_LE = None
     for i in range(0, n, batch_size):
-        x, y = ctx.local_batch(*corpus.windows(split, starts[i:i + batch_size], seq_len))
+        (local,) = ctx.local_batch(starts[i:i + batch_size])
+        x, y = corpus.windows(split, local, seq_len)
+        docs = None if eos_id is None else document_ids(x, eos_id).to(device)
         with autocast(device):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), docs_BS=docs)
         total_loss += loss.float() * len(x)
         stats = model.routing_stats()
         if stats:

@@ -89,7 +89,7 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
 
 def window_starts(corpus: Corpus, batches: int, batch_size: int, seq_len: int) -> torch.Tensor:
     """Starts of batches * batch_size windows spread evenly over the validation split (as dsmoe.evaluate)."""
-    return torch.linspace(0, len(corpus.val) - seq_len - 1, batches * batch_size).long()
+    return corpus.spread("val", batches * batch_size, seq_len)
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ Blocks are pre-norm: x = x + attn(norm(x)); x = x + ffn(norm(x)). Attention is r
 Multi-head Latent Attention (dsmoe.attention). The first `first_k_dense` blocks use a dense SwiGLU FFN,
 the rest a dsmoe.MoE (DeepSeekMoE §4.1: the first layer stays dense because its load balance converges
 slowly). Optional multi-token prediction modules (DeepSeek-V3 §2.2) train on later tokens and are skipped
-at inference.
+at inference. Document masking (`docs_BS`) lets a row pack several documents: each token attends only to its
+own document, whose rotary positions start at 0, so each computes as if alone.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden) if cfg.moe is None or layer < cfg.first_k_dense else MoE(cfg.moe)
 
-    def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rot_SR, cache)
+    def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None,
+                mask_B1ST: torch.Tensor | None = None) -> torch.Tensor:
+        """rot_SR: the tokens' rotary table, [S, R/2, 2] or per row [B, S, R/2, 2]; mask_B1ST: None is causal."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rot_SR, cache, mask_B1ST)
         x_BSD = x_BSD + self.ffn(self.ffn_norm(x_BSD))
         return x_BSD
 
@@ -51,10 +54,18 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, cfg.n_layers + depth)
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
 
-    def forward(self, emb_BSD: torch.Tensor, h_BSD: torch.Tensor, rot_SR: torch.Tensor) -> torch.Tensor:
+    def forward(self, emb_BSD: torch.Tensor, h_BSD: torch.Tensor, rot_SR: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
         x_BSD = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
-        y_BSD: torch.Tensor = self.norm(self.block(x_BSD, rot_SR))
+        y_BSD: torch.Tensor = self.norm(self.block(x_BSD, rot_SR, None, mask_B1SS))
         return y_BSD
+
+
+def next_token_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not -1; 0 (not NaN) when a batch has none, as a fine-tuning
+    batch of prompt tokens only can."""
+    total = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-1, reduction="sum")
+    return total / (targets_BS != -1).sum().clamp(min=1)
 
 
 class MoETransformer(nn.Module):
@@ -96,9 +107,15 @@ class MoETransformer(nn.Module):
             is_output = name.endswith(("wo.weight", "o_proj.weight", "down_proj.weight", "w_down"))
             nn.init.normal_(p, std=resid_std if is_output else 0.02)
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None,
+                docs_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits_BSV, loss); loss is the mean next-token cross-entropy (None without targets).
+
+        docs_BS (integers, idx_BS's shape, non-decreasing along each row, e.g. 0 0 0 1 1 2) numbers the documents
+        packed in a row: each token attends only to earlier tokens of its own document and its rotary position
+        restarts at 0 there, so each document computes as if alone (not with a KV cache). Targets are the
+        caller's: a target that crosses into the next document is trained on unless it is -1. The MTP modules
+        leave out their predictions that would join two documents.
 
         The MoE layers' auxiliary losses of this forward are in `self.aux_loss()`; in training with targets
         the multi-token-prediction loss (weighted) is in `self.mtp_loss`.
@@ -110,43 +127,61 @@ class MoETransformer(nn.Module):
         inputs (MoEConfig.check_inputs). dsmoe's training loop turns those off: its ids come from a tokenizer
         checked against vocab_size at the start, and it checks the loss at its log points instead.
         """
-        B, S = self._check_ids(idx_BS, targets_BS, cache)
+        B, S = self._check_ids(idx_BS, targets_BS, cache, docs_BS)
         start = cache.pos if cache is not None else 0
         x_BSD = self.embed(idx_BS)
-        rot_SR = self.rot[start:start + S]
+        rot_SR, mask_B1SS = self._rotary_and_mask(start, S, docs_BS)
         for block in self.layers:
-            x_BSD = block(x_BSD, rot_SR, cache)
+            x_BSD = block(x_BSD, rot_SR, cache, mask_B1SS)
         if cache is not None:
             cache.pos += S
         h_BSD = self.norm(x_BSD)
         logits_BSV = self.head(h_BSD)
         loss = None
         if targets_BS is not None:
-            loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-1)
+            loss = next_token_loss(logits_BSV, targets_BS)
             if self.mtp and self.training:
-                self.mtp_loss = self._mtp_loss(idx_BS, targets_BS, h_BSD)
+                self.mtp_loss = self._mtp_loss(idx_BS, targets_BS, h_BSD, docs_BS)
         return logits_BSV, loss
 
-    def _mtp_loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor, h_BSD: torch.Tensor) -> torch.Tensor:
+    def _rotary_and_mask(self, start: int, S: int, docs_BS: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rotary table of tokens start..start+S and their attention mask: [S, R/2, 2] and None (causal)
+        without documents; with them the table per row [B, S, R/2, 2] and the block-causal mask [B, 1, S, S]."""
+        if docs_BS is None:
+            return self.rot[start:start + S], None
+        mask_B1SS, pos_BS = doc_mask(docs_BS)
+        return self.rot[pos_BS], mask_B1SS
+
+    def _mtp_loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor, h_BSD: torch.Tensor,
+                  docs_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Depth k predicts token i+k+1 from depth k-1's state at i and the embedding of token i+k; the
-        cross-entropies are averaged over depths and weighted (DeepSeek-V3 eq. 21-25)."""
+        cross-entropies are averaged over depths and weighted (DeepSeek-V3 eq. 21-25).
+
+        With documents, position i keeps the document of its state (token i's): attention and rotary positions
+        follow it, and a position whose token i+k lies in a later document is left out of the loss. The others
+        then see only their own document, as if it ran alone."""
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             S = idx_BS.shape[1] - k
             if S <= 0:
                 break
-            h_BSD = module(self.embed(idx_BS[:, k:]), h_BSD[:, :S], self.rot[:S])
+            tgt_BS, docs_k_BS = targets_BS[:, k:], None
+            if docs_BS is not None:
+                docs_k_BS = docs_BS[:, :S]
+                tgt_BS = tgt_BS.masked_fill(docs_k_BS != docs_BS[:, k:], -1)
+            rot_SR, mask_B1SS = self._rotary_and_mask(0, S, docs_k_BS)
+            h_BSD = module(self.embed(idx_BS[:, k:]), h_BSD[:, :S], rot_SR, mask_B1SS)
             logits_BSV = self.head(h_BSD)
-            losses.append(F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS[:, k:].flatten(),
-                                          ignore_index=-1))
+            losses.append(next_token_loss(logits_BSV, tgt_BS))
         if not losses:
             return h_BSD.new_zeros(())
         return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
 
     # ---- argument checks --------------------------------------------------------------------------
 
-    def _check_ids(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None, cache: KVCache | None
-                   ) -> tuple[int, int]:
+    def _check_ids(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None, cache: KVCache | None,
+                   docs_BS: torch.Tensor | None = None) -> tuple[int, int]:
         """forward's arguments (see its docstring); returns (B, S)."""
         _check_tokens("idx_BS", idx_BS, (torch.long, torch.int32), self.embed.weight.device)
         B, S = idx_BS.shape
@@ -162,17 +197,24 @@ class MoETransformer(nn.Module):
             _check_tokens("targets_BS", targets_BS, (torch.long,), idx_BS.device)
             if targets_BS.shape != idx_BS.shape:
                 raise ValueError(f"targets_BS has shape {tuple(targets_BS.shape)}, idx_BS {(B, S)}: they must be equal")
+        if docs_BS is not None:
+            _check_docs(docs_BS, idx_BS, cache)
         checks_values = not self.training or (self.cfg.moe is not None and self.cfg.moe.check_inputs)
         if cache is None and checks_values and not torch.compiler.is_compiling():
-            self._check_id_values(idx_BS, targets_BS)
+            self._check_id_values(idx_BS, targets_BS, docs_BS)
         return B, S
 
-    def _check_id_values(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> None:
-        """Ids in [0, vocab_size), targets there or -1 (ignored): one host sync for the four extremes."""
+    def _check_id_values(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                         docs_BS: torch.Tensor | None = None) -> None:
+        """Ids in [0, vocab_size), targets there or -1 (ignored), document numbers non-decreasing along each row:
+        one host sync for the four extremes and the count of rows whose numbers decrease."""
         if idx_BS.is_meta:
             return  # no values to check
         tensors = [idx_BS] if targets_BS is None else [idx_BS, targets_BS]
-        extremes = torch.stack([e.long() for t in tensors for e in torch.aminmax(t)]).tolist()
+        checks = [e.long() for t in tensors for e in torch.aminmax(t)]
+        if docs_BS is not None:
+            checks.append((docs_BS[:, 1:] < docs_BS[:, :-1]).any(dim=1).sum())
+        extremes = torch.stack(checks).tolist()
         V = self.cfg.vocab_size
         if extremes[0] < 0 or extremes[1] >= V:
             raise ValueError(f"idx_BS holds token ids from {extremes[0]} to {extremes[1]}: they must be in "
@@ -180,6 +222,9 @@ class MoETransformer(nn.Module):
         if targets_BS is not None and (extremes[2] < -1 or extremes[3] >= V):
             raise ValueError(f"targets_BS holds ids from {extremes[2]} to {extremes[3]}: they must be in "
                              f"[0, vocab_size={V}), or -1 (ignored)")
+        if docs_BS is not None and extremes[-1]:
+            raise ValueError(f"docs_BS decreases along {extremes[-1]} row(s): document numbers must be "
+                             f"non-decreasing along each row (e.g. 0, 0, 0, 1, 1, 2: one run per document)")
 
     # ---- MoE bookkeeping --------------------------------------------------------------------------
 
@@ -240,13 +285,37 @@ class MoETransformer(nn.Module):
         return out
 
 
-def _check_tokens(name: str, t: object, dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
-    """A (B, S) tensor of token ids on `device`, with B, S >= 1 (its values are checked apart: a host sync)."""
+def doc_mask(docs_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document masking of packed rows: (mask_B1SS, pos_BS). Token i attends to tokens j <= i of its own
+    document (True = attend); its rotary position is its index in that document, the count of the earlier
+    tokens it sees. For non-decreasing numbers: i minus the index of its document's first token."""
+    S = docs_BS.shape[1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=docs_BS.device).tril()
+    mask_BSS = (docs_BS[:, :, None] == docs_BS[:, None, :]) & causal_SS
+    pos_BS = mask_BSS.sum(dim=-1) - 1
+    return mask_BSS[:, None], pos_BS
+
+
+def _check_docs(docs_BS: torch.Tensor, idx_BS: torch.Tensor, cache: KVCache | None) -> None:
+    """forward's document numbers: type, shape and device (their order is checked with the ids' values)."""
+    if cache is not None:
+        raise ValueError("docs_BS cannot be used with a KV cache: document masking is for whole packed rows "
+                         "(training, evaluation); decode each document with its own cache")
+    _check_tokens("docs_BS", docs_BS, (torch.long, torch.int32), idx_BS.device, what="document numbers")
+    if docs_BS.shape != idx_BS.shape:
+        raise ValueError(f"docs_BS has shape {tuple(docs_BS.shape)}, idx_BS {tuple(idx_BS.shape)}: they must be "
+                         f"equal (one document number per token)")
+
+
+def _check_tokens(name: str, t: object, dtypes: tuple[torch.dtype, ...], device: torch.device,
+                  what: str = "token ids") -> None:
+    """A (B, S) tensor of token ids (or `what`) on `device`, with B, S >= 1 (its values are checked apart: a
+    host sync)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of {what}, got {type(t).__name__}")
     if t.dtype not in dtypes:
         allowed = " or ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must hold integer token ids ({allowed}), got dtype {t.dtype}")
+        raise TypeError(f"{name} must hold integer {what} ({allowed}), got dtype {t.dtype}")
     if t.dim() != 2 or 0 in t.shape:
         raise ValueError(f"{name} must have shape (batch, sequence), both >= 1, got {tuple(t.shape)}")
     if t.device != device:

@@ -115,15 +115,16 @@ def _step(line: str) -> float:
 
 
 class RunLock:
-    """An exclusive lock on a run directory (RUN/.lock, flock): two trainings never write one run."""
+    """An exclusive lock on a directory (DIR/.lock, flock): two trainings never write one run, two `prepare`s
+    never one corpus. `wait`: block until the other one is done instead of refusing."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, what: str = "training", wait: bool = False):
         self.file = (run_dir / ".lock").open("a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             self.file.close()
-            raise ValueError(f"another training is writing to {run_dir} (it holds {run_dir / '.lock'}); "
+            raise ValueError(f"another {what} is writing to {run_dir} (it holds {run_dir / '.lock'}); "
                              "wait for it or choose another --out") from None
 
     def release(self) -> None:

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from dsmoe import checkpoint
 from dsmoe.config import ModelConfig, TrainConfig
-from dsmoe.data import Corpus, Tokenizer, build_tokenizer, load_corpus, load_tokenizer
+from dsmoe.data import Corpus, Tokenizer, build_tokenizer, document_ids, load_corpus, load_tokenizer, parse_data
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import Context, init_context, launch_world, layout_for_launch
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
+from dsmoe.prepare import is_prepared
 from dsmoe.presets import apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config, load_hf_weights, save_pretrained
 from dsmoe.runtime import MetricsLog, RunLock, StopFlag
@@ -121,7 +122,7 @@ class Run:
 
     def evaluate(self) -> dict[str, Any]:
         ev = evaluate(self.model, self.corpus, self.cfg.batch_size, self.seq_len, self.cfg.eval_batches,
-                      self.device, ctx=self.ctx)
+                      self.device, ctx=self.ctx, eos_id=self.tokenizer.eos_id if self.cfg.doc_mask else None)
         self.ctx.reshard(self.model)
         self.log.write({"kind": "eval", "step": self.step, "val_loss": ev["loss"], "val_ppl": ev["ppl"],
                         "maxvio_global": ev["maxvio_global"], "load": ev["load"]})
@@ -293,12 +294,18 @@ def _resumed(model_cfg: ModelConfig, cfg: TrainConfig
 def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
           ) -> tuple[ModelConfig, Tokenizer, Corpus, int]:
     """(model config, tokenizer, corpus, seq_len): a resumed run's tokenizer, a HuggingFace folder's own (the
-    byte tokenizer when it has none), or one built for the data, which then sets the vocabulary."""
+    byte tokenizer when it has none), a prepared folder's (the first of a mixture's), or one built for the data;
+    the last two set the vocabulary. Every prepared folder must have been tokenized by the run's tokenizer."""
     if tokenizer is None and cfg.init:
         tokenizer = load_tokenizer(cfg.init)
     if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.bpe_vocab_size)
+        prepared = [path for path, _ in parse_data(cfg.data) if is_prepared(path)]
+        tokenizer = (load_tokenizer(prepared[0]) if prepared else
+                     build_tokenizer(cfg.tokenizer, parse_data(cfg.data)[0][0], cfg.bpe_vocab_size))
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    if cfg.doc_mask and tokenizer.eos_id is None:
+        raise ValueError(f"doc_mask=true finds documents by their EOS token, and the {tokenizer.kind} tokenizer has "
+                         "none (its tokenizer_config.json names no eos_token)")
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model_cfg.vocab_size}")
@@ -306,7 +313,7 @@ def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
     corpus = load_corpus(cfg.data, tokenizer)
-    corpus.check(seq_len)
+    corpus.check(seq_len, model_cfg.vocab_size)
     return model_cfg, tokenizer, corpus, seq_len
 
 
@@ -337,13 +344,14 @@ def _restore(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
 class Meter:
     """Loss, auxiliary loss, MaxVio_batch [L] and load [L, E] summed on the device between log points."""
 
-    def __init__(self, model: MoETransformer, device: str):
+    def __init__(self, model: MoETransformer, device: str, sets: int = 1):
         layers = model.moe_layers()
         E = layers[0].cfg.n_routed_experts if layers else 0
         self.loss, self.aux = torch.zeros((), device=device), torch.zeros((), device=device)
         self.maxvio_L = torch.zeros(len(layers), device=device)
         self.load_LE = torch.zeros(len(layers), E, device=device, dtype=torch.long)
         self.steps, self.t0 = 0, time.perf_counter()
+        self.mix = torch.zeros(sets, dtype=torch.long)  # windows drawn from each set of a mixture
 
     def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: dict[str, torch.Tensor], grad_accum: int) -> None:
         """One micro-batch's numbers (no host sync)."""
@@ -360,11 +368,24 @@ class Meter:
         packed = ctx.all_reduce_(torch.stack([self.loss, self.aux, torch.tensor(float(stop), device=self.loss.device)]))
         loss, aux, stops = (packed / ctx.world / n).tolist()
         row = {"loss": loss, "aux_loss": aux, "maxvio": (self.maxvio_L / n).tolist(),
+               "mix": (self.mix / self.mix.sum().clamp(min=1)).tolist(),
                "load": ctx.all_reduce_(self.load_LE).tolist(), "seconds": time.perf_counter() - self.t0}
-        for t in (self.loss, self.aux, self.maxvio_L, self.load_LE):
+        for t in (self.loss, self.aux, self.maxvio_L, self.load_LE, self.mix):
             t.zero_()
         self.steps, self.t0 = 0, time.perf_counter()
         return row, stops > 0
+
+
+def next_batch(run: Run, meter: Meter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's rows of the next global batch: every rank draws the same window starts (so a resumed run, at
+    any world size, sees the tokens the uninterrupted one would) and reads only its own windows."""
+    starts_B = run.corpus.sample("train", run.cfg.batch_size, run.seq_len, run.data_rng)
+    if len(run.corpus.sets) > 1:
+        meter.mix += run.corpus.set_of("train", starts_B).bincount(minlength=len(run.corpus.sets))
+    (local_B,) = run.ctx.local_batch(starts_B)
+    x, y = run.corpus.windows("train", local_B, run.seq_len)
+    docs = document_ids(x, run.tokenizer.eos_id).to(run.device) if run.cfg.doc_mask else None
+    return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), docs
 
 
 def train_step(run: Run, meter: Meter) -> int:
@@ -376,10 +397,9 @@ def train_step(run: Run, meter: Meter) -> int:
     if layers and k != layers[0].cfg.top_k:
         model.set_top_k(k)
     for _ in range(cfg.grad_accum):
-        x, y = run.ctx.local_batch(*run.corpus.batch("train", cfg.batch_size, run.seq_len, run.data_rng))
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x, y, docs = next_batch(run, meter)
         with autocast(run.device):
-            _, loss = model(x, y)
+            _, loss = model(x, y, docs_BS=docs)
             aux = model.aux_loss()
         # aux losses are scaled like the main loss, or accumulation would inflate their weight
         ((loss + aux) / cfg.grad_accum).backward()
@@ -440,7 +460,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
         say(f"step 0: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} (untrained)")
 
     bar = tqdm(total=cfg.steps, initial=run.step, dynamic_ncols=True, desc="train") if progress else None
-    meter, stopped = Meter(run.model, run.device), False
+    meter, stopped = Meter(run.model, run.device, len(run.corpus.sets)), False
     run.model.train()
     with StopFlag() as stop:
         while run.step < cfg.steps and not stopped:
@@ -477,6 +497,9 @@ def _introduce(run: Run, say: Callable[..., None]) -> None:
         f"({len(run.model.moe_layers())} MoE layers{mtp}) | data: {run.corpus.info['train_tokens']:,} train / "
         f"{run.corpus.info['val_tokens']:,} val tokens ({run.tokenizer.kind}) | device {run.device} | "
         f"run dir {run.run_dir}")
+    if len(run.corpus.sets) > 1:
+        say("data mixture: " + ", ".join(f"{folder} x {w / sum(run.corpus.weights):.2f}"
+                                         for folder, w in zip(run.corpus.info["folders"], run.corpus.weights)))
     if cfg.activation_checkpointing:
         B = cfg.batch_size // run.ctx.world
         with_ac, without = (step_memory(model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),
@@ -496,10 +519,14 @@ def _log_point(run: Run, meter: Meter, k: int, stop_requested: bool, bar: tqdm |
     row = {"kind": "train", "step": done, "loss": m["loss"], "aux_loss": m["aux_loss"],
            "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step * n / m["seconds"],
            "top_k": k, "maxvio": m["maxvio"], "load": m["load"]}
+    mix = ""
+    if len(run.corpus.sets) > 1:  # the realized share of each set of the mixture
+        row["mix"] = m["mix"]
+        mix = " | mix " + "/".join(f"{p:.2f}" for p in m["mix"])
     run.log.write(row)
     if bar is not None:
         bar.set_postfix_str(f"loss {row['loss']:.3f} | {row['tokens_per_s']:,.0f} tok/s | lr {row['lr']:.2e} | "
-                            f"MaxVio {_mean(row['maxvio']):.2f}")
+                            f"MaxVio {_mean(row['maxvio']):.2f}{mix}")
         bar.update(n)
     return stopped
 
@@ -541,6 +568,10 @@ def _summary(run: Run, ev: dict[str, Any]) -> dict[str, Any]:
         "num_params": run.model_cfg.num_params(), "num_active_params": run.model_cfg.num_active_params(),
         "train_loss": train_rows[-1]["loss"] if train_rows else float("nan"),
     }
+    if len(run.corpus.sets) > 1:
+        mixes = [r["mix"] for r in train_rows if "mix" in r]
+        summary["mix_weights"] = run.corpus.weights
+        summary["mix_realized"] = [_mean(m[i] for m in mixes) for i in range(len(run.corpus.sets))]
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsmoe.cli import bench, demo, evaluate, export, generate, inspection, report, study, train
+from dsmoe.cli import bench, demo, evaluate, export, generate, inspection, prepare, report, study, train
 from dsmoe.cli.format import HelpFormatter
 from dsmoe.runtime import keep_freed_memory
 
 # name -> (module, help)
 COMMANDS = {
     "bench": (bench, "benchmarks: layer | train | ep"),
+    "prepare": (prepare, "tokenize text, JSONL or Parquet sources of any size into memory-mapped token shards"),
     "train": (train, "train a DeepSeekMoE language model (default: the stdlib corpus)"),
     "eval": (evaluate, "validation loss, perplexity, MaxVio_global and expert load of a checkpoint"),
     "generate": (generate, "sample text from a checkpoint"),

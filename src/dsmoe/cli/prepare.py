@@ -1,0 +1,51 @@
+"""`dsmoe prepare SRC... --out DIR`: tokenize a corpus into memory-mapped token shards (dsmoe.prepare)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dsmoe.cli.format import check_at_least
+from dsmoe.config import BPE_MIN_VOCAB
+from dsmoe.data import ByteTokenizer, HFTokenizer, Tokenizer
+from dsmoe.prepare import SHARD_TOKENS, prepare, train_bpe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="text files, folders, .jsonl / .jsonl.gz (one JSON document per line) or .parquet files")
+    p.add_argument("--out", required=True, metavar="DIR", help="the prepared folder (new, or one to resume)")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
+                   help="byte; bpe (trained here on the first 4 MB of training text); or a HuggingFace model folder "
+                        "whose tokenizer.json to use (to fine-tune that model with train --init)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="the BPE tokenizer's vocabulary")
+    p.add_argument("--field", default="text", help="the JSONL field or Parquet column that holds the text")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of documents held out for validation")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count and skip JSONL lines that are not JSON or lack the field, instead of stopping")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per chunk (the unit of resuming)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "workers", "shard_tokens")
+    check_at_least(args, BPE_MIN_VOCAB, "vocab_size")
+    tokenizer: Tokenizer
+    if args.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
+    elif args.tokenizer == "bpe":
+        tokenizer = train_bpe(args.sources, args.vocab_size, args.field, args.val_fraction)
+    else:
+        tokenizer = HFTokenizer.load(args.tokenizer)
+    result = prepare(args.sources, args.out, tokenizer, field=args.field, val_fraction=args.val_fraction,
+                     workers=args.workers, skip_bad=args.skip_bad, shard_tokens=args.shard_tokens,
+                     progress=not args.quiet)
+    m = result.manifest
+    counts = {s: sum(c[s]["tokens"] for c in m["chunks"]) for s in ("train", "val")}
+    docs = {s: sum(c[s]["docs"] for c in m["chunks"]) for s in ("train", "val")}
+    skipped = ", ".join(f"{n:,} {what}" for what, n in m["skipped"].items())
+    print(f"{'prepared' if result.done else 'already prepared (nothing to do)'}: {result.out} | "
+          f"train {counts['train']:,} tokens / {docs['train']:,} docs, val {counts['val']:,} / {docs['val']:,} | "
+          f"{m['tokenizer']['kind']} tokenizer, vocab {m['vocab_size']:,}, {m['dtype']}, {len(m['chunks'])} chunks"
+          + (f" | skipped {skipped}" if skipped else ""))
+    return 0

@@ -1,0 +1,626 @@
+"""`dsmoe prepare`: a corpus of any size into memory-mapped token shards.
+
+Sources are text files, folders, JSON Lines (`.jsonl`, `.jsonl.gz`: one document per line) and Parquet files.
+Documents stream through in a fixed order (each source's files in hash order of their paths), are split into
+train and validation by a hash of their name (a file, or FILE:LINE), tokenized in worker processes, and
+written as chunks: chunk k is `train-0000k.bin` and `val-0000k.bin`, raw token ids (uint16 where the vocabulary
+fits, else uint32) with documents joined by the tokenizer's EOS, `.idx` (int64 offsets of each document's first
+token) and, where a chunk holds fine-tuning data, `.mask` (uint8, 1 = a token the loss trains on).
+
+`manifest.json` records the tokenizer (its files are saved beside it) and its hash, the settings, every source
+file's size, and each chunk's token and document counts and SHA-256s. It is rewritten (atomically) after each
+chunk with where the next one starts, so an interrupted run resumes there, and a finished run again on the same
+sources does nothing. Memory stays that of a few batches of text, whatever the corpus' size.
+
+Fine-tuning records (`{"prompt": ..., "completion": ...}`, or `{"messages": [{"role", "content"}, ...]}`
+rendered with the tokenizer's chat template where it has one) are segments: only the completion, or the
+assistant's turns, are trained on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import sysconfig
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dsmoe.data import (
+    Tokenizer,
+    _path_hash,
+    _text_files,
+    load_tokenizer,
+    stdlib_files,
+)
+from dsmoe.runtime import RunLock, optional_import
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SHARD_TOKENS = 1 << 27     # tokens per chunk (256 MB of uint16): a chunk is the unit of resumption
+BATCH_CHARS = 1 << 20      # text per work item sent to a worker
+PIECE_BYTES = 4 << 20      # a text file longer than this is read in pieces (cut at a newline)
+SPLITS = ("train", "val")
+
+
+class PrepareError(ValueError):
+    """A source or prepared folder that cannot be used: names the file and what to do."""
+
+
+# ---- sources ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """A document, or one piece of a long text file: segments (text, trained), and where the document starts
+    (a new one begins at this unit) and ends (EOS follows)."""
+
+    segments: tuple[tuple[str, bool], ...]
+    split: str
+    first: bool = True
+    last: bool = True
+
+
+@dataclass
+class Settings:
+    """What decides the prepared tokens (the worker count does not)."""
+
+    sources: list[str]
+    tokenizer: str                 # the tokenizer's cache key (kind and hash)
+    field: str = "text"
+    val_fraction: float = 0.2
+    shard_tokens: int = SHARD_TOKENS
+    skip_bad: bool = False
+    max_bytes: int | None = None   # stop after this many bytes of files (the built-in default corpus' cap)
+    max_doc_chars: int | None = None
+    files: list[list[Any]] = dataclasses.field(default_factory=list)  # [path, bytes, mtime_ns] of every file read
+
+
+def source_files(sources: list[str | None], max_bytes: int | None = None) -> list[tuple[Path, Path]]:
+    """(file, base) of every source in reading order: a folder's files (not hidden ones) in hash order of their
+    path below it; None = the standard library. max_bytes: stop once the files so far hold that many bytes."""
+    out: list[tuple[Path, Path]] = []
+    for src in sources:
+        if src is None:
+            root, files = Path(sysconfig.get_paths()["stdlib"]), stdlib_files()
+        else:
+            root = Path(src).expanduser()
+            if not root.exists():
+                raise FileNotFoundError(f"source {str(root)!r} does not exist (give text files, folders, .jsonl, "
+                                        ".jsonl.gz or .parquet files)")
+            files = _text_files(root)
+            if not files or (root.is_file() and root.stat().st_size == 0):
+                raise PrepareError(f"source {str(root)!r} is empty: it holds no files with text")
+        base = root if root.is_dir() else root.parent
+        files.sort(key=lambda p: _path_hash("order:" + str(p.relative_to(base))))
+        out += [(p, base) for p in files]
+    if max_bytes is not None:
+        kept, total = [], 0
+        for p, base in out:
+            if total >= max_bytes:
+                break
+            kept.append((p, base))
+            total += p.stat().st_size
+        out = kept
+    return out
+
+
+def _split(name: str, val_fraction: float) -> str:
+    return "val" if _path_hash(name) < val_fraction else "train"
+
+
+def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
+    """A text file as one document (None when binary or not UTF-8), in pieces cut at newlines."""
+    split = _split(name, settings.val_fraction)
+    with path.open("rb") as f:
+        raw = f.read(PIECE_BYTES)
+        if not raw or b"\0" in raw:
+            return
+        first = True
+        while raw:
+            more = f.read(PIECE_BYTES)
+            if more and b"\n" in raw:  # cut after the last newline; the rest starts the next piece
+                cut = raw.rindex(b"\n") + 1
+                raw, more = raw[:cut], raw[cut:] + more
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if first:
+                    return  # not a UTF-8 text file: skipped, as binary files are
+                text = raw.decode("utf-8", errors="replace")
+            if settings.max_doc_chars is not None:
+                text, more = text[:settings.max_doc_chars], b""
+            yield Unit(((text, True),), split, first, not more)
+            first, raw = False, more
+
+
+def _record_segments(record: Any, where: str, settings: Settings, template: Callable | None
+                     ) -> tuple[tuple[str, bool], ...]:
+    """The (text, trained) segments of one JSON record, or a PrepareError naming the line."""
+    if not isinstance(record, dict):
+        raise PrepareError(f"{where}: a {type(record).__name__}, not a JSON object")
+    if "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise PrepareError(f"{where}: 'prompt' and 'completion' must be strings")
+        return ((prompt, False), (completion, True))
+    if "messages" in record:
+        return _chat_segments(record["messages"], where, template)
+    if settings.field not in record:
+        raise PrepareError(f"{where}: no field {settings.field!r} (the record has {sorted(record)[:8]}); choose "
+                           "it with --field, or give prompt/completion or messages records")
+    text = record[settings.field]
+    if not isinstance(text, str):
+        raise PrepareError(f"{where}: field {settings.field!r} is a {type(text).__name__}, not text")
+    return ((text, True),)
+
+
+def _chat_segments(messages: Any, where: str, template: Callable | None) -> tuple[tuple[str, bool], ...]:
+    """A conversation rendered turn by turn (the chat template's, else `role: content` lines): each turn is
+    the text the rendering of the conversation up to it adds; the assistant's turns are trained on."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise PrepareError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    segments, before = [], ""
+    for i, message in enumerate(messages):
+        if template is None:
+            text = before + f"{message['role']}: {message['content']}\n"
+        else:
+            text = template(messages=messages[:i + 1], add_generation_prompt=False)
+        if not text.startswith(before):
+            raise PrepareError(f"{where}: the chat template renders the conversation differently turn by turn, "
+                               "so its turns cannot be masked; render the text yourself (a 'text' field)")
+        segments.append((text[len(before):], message["role"] == "assistant"))
+        before = text
+    return tuple(segments)
+
+
+def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable | None,
+                 skipped: collections.Counter) -> Iterator[Unit]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        line_no = 0
+        while True:
+            try:
+                line = f.readline()
+            except (UnicodeDecodeError, EOFError, OSError) as e:  # a bad byte, a truncated gzip stream
+                raise PrepareError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
+            if not line:
+                return
+            line_no += 1
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                segments = _record_segments(_json(line, where), where, settings, template)
+            except PrepareError as e:
+                if not settings.skip_bad:
+                    raise PrepareError(f"{e}; fix the line, or pass --skip-bad to count and skip bad lines") from None
+                skipped["bad lines"] += 1
+                continue
+            yield Unit(segments, _split(f"{name}:{line_no}", settings.val_fraction))
+
+
+def _json(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
+
+
+def _parquet_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
+    pq = optional_import("pyarrow.parquet", "reading Parquet files")
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's own error types
+        raise PrepareError(f"{path}: not a readable Parquet file ({str(e)[:200]})") from None
+    schema = file.schema_arrow
+    if settings.field not in schema.names:
+        raise PrepareError(f"{path}: no column {settings.field!r} (it has {schema.names[:8]}); choose it with --field")
+    kind = str(schema.field(settings.field).type)
+    if kind not in ("string", "large_string", "string_view"):
+        raise PrepareError(f"{path}: column {settings.field!r} holds {kind}, not text; choose a text column "
+                           "with --field")
+    row = 0
+    for batch in file.iter_batches(columns=[settings.field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text:
+                yield Unit(((text, True),), _split(f"{name}:{row}", settings.val_fraction))
+
+
+def units(files: list[tuple[Path, Path]], settings: Settings, template: Callable | None,
+          skipped: collections.Counter, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, Unit]]:
+    """(file index, unit index in the file, unit) of every document piece from `start` on."""
+    for i in range(start[0], len(files)):
+        path, base = files[i]
+        name = str(path.relative_to(base))
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            stream = _jsonl_units(path, name, settings, template, skipped)
+        elif path.name.endswith(".parquet"):
+            stream = _parquet_units(path, name, settings)
+        else:
+            stream = _text_units(path, name, settings)
+        n = -1
+        for n, unit in enumerate(stream):
+            if (i, n) >= start:
+                yield i, n, unit
+        if n < 0:
+            skipped["files without text"] += 1
+
+
+# ---- tokenizing (in worker processes) --------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def encode_units(batch: list[Unit], tokenizer: Tokenizer | None = None) -> dict[str, tuple[np.ndarray, np.ndarray,
+                                                                                           np.ndarray | None]]:
+    """Per split: (tokens int64, offsets of documents starting in the batch, loss mask uint8 or None = all
+    trained). Every document ends with EOS (when the tokenizer has one), trained on if its last segment is."""
+    tok = tokenizer or _worker_tokenizer
+    assert tok is not None
+    encoded = iter(tok.encode_many([text for unit in batch for text, _ in unit.segments]))
+    eos = np.array([] if tok.eos_id is None else [tok.eos_id], dtype=np.int64)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    starts: dict[str, list[int]] = {s: [] for s in SPLITS}
+    sizes = dict.fromkeys(SPLITS, 0)
+    for unit in batch:
+        if unit.first:
+            starts[unit.split].append(sizes[unit.split])
+        for (_, trained), ids in zip(unit.segments, encoded):
+            parts[unit.split].append(ids.astype(np.int64))
+            masks[unit.split].append(np.full(len(ids), trained, dtype=np.uint8))
+            sizes[unit.split] += len(ids)
+        if unit.last and len(eos):
+            parts[unit.split].append(eos)
+            masks[unit.split].append(np.full(1, unit.segments[-1][1], dtype=np.uint8))
+            sizes[unit.split] += 1
+    out = {}
+    for s in SPLITS:
+        tokens = np.concatenate(parts[s]) if parts[s] else np.zeros(0, np.int64)
+        mask = np.concatenate(masks[s]) if masks[s] else np.zeros(0, np.uint8)
+        out[s] = (tokens, np.asarray(starts[s], dtype=np.int64), None if mask.all() else mask)
+    return out
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+class _File:
+    """A file written through a .tmp name with its SHA-256 kept as it grows; renamed when done."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.f = self.tmp.open("wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, array: np.ndarray) -> None:
+        data = array.tobytes()
+        self.f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
+    def finish(self) -> str:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.sha.hexdigest()
+
+    def discard(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class _SplitWriter:
+    """One split of one chunk: tokens, document offsets, and the loss mask once a token is not trained on."""
+
+    def __init__(self, out: Path, split: str, chunk: int, dtype: np.dtype):
+        self.stem, self.dtype = out / f"{split}-{chunk:05d}", dtype
+        self.bin, self.idx = _File(self.stem.with_suffix(".bin")), _File(self.stem.with_suffix(".idx"))
+        self.mask: _File | None = None
+        self.tokens = self.docs = self.max_id = 0
+
+    def write(self, tokens: np.ndarray, starts: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is not None and self.mask is None:  # the tokens so far were all trained on
+            self.mask = _File(self.stem.with_suffix(".mask"))
+            self.mask.write(np.ones(self.tokens, dtype=np.uint8))
+        self.bin.write(tokens.astype(self.dtype))
+        self.idx.write(starts + self.tokens)
+        if self.mask is not None:
+            self.mask.write(np.ones(len(tokens), np.uint8) if mask is None else mask)
+        self.tokens += len(tokens)
+        self.docs += len(starts)
+        self.max_id = max(self.max_id, int(tokens.max()) if len(tokens) else 0)
+
+    def files(self) -> list[_File]:
+        return [f for f in (self.bin, self.idx, self.mask) if f is not None]
+
+    def finish(self) -> dict[str, Any]:
+        sha = {f.path.name: f.finish() for f in self.files()}
+        return {"file": self.bin.path.name, "tokens": self.tokens, "docs": self.docs, "max_id": self.max_id,
+                "mask": self.mask is not None, "sha256": sha}
+
+    def discard(self) -> None:
+        for f in self.files():
+            f.discard()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    out: Path
+    manifest: dict[str, Any]
+    done: bool          # False: it was prepared already (nothing to do)
+
+
+def prepare(sources: list[str | None], out: str | Path, tokenizer: Tokenizer, *, field: str = "text",
+            val_fraction: float = 0.2, workers: int = 1, skip_bad: bool = False, shard_tokens: int = SHARD_TOKENS,
+            max_bytes: int | None = None, max_doc_chars: int | None = None, progress: bool = True,
+            wait: bool = False) -> Result:
+    """Tokenize sources into `out` (see the module's docstring). Resumes an interrupted run; on the same sources
+    and settings as a finished one it does nothing. `wait`: wait for another prepare of `out` to finish (the
+    on-the-fly cache of raw paths) instead of refusing."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    if workers < 1 or shard_tokens < 1:
+        raise ValueError(f"workers={workers} and shard_tokens={shard_tokens} must be >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, what="dsmoe prepare", wait=wait)
+    try:
+        files = source_files(sources, max_bytes)
+        names = [None if s is None else str(Path(s).expanduser().resolve()) for s in sources]
+        settings = Settings([str(s) for s in names], tokenizer.cache_key(), field, val_fraction, shard_tokens,
+                            skip_bad, max_bytes, max_doc_chars,
+                            [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p, _ in files])
+        manifest = _start(out, settings, tokenizer)
+        if manifest.get("complete"):
+            return Result(out, manifest, done=False)
+        _run(out, files, settings, tokenizer, manifest, workers, progress)
+        return Result(out, manifest, done=True)
+    finally:
+        lock.release()
+
+
+def _start(out: Path, settings: Settings, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The manifest to continue: the folder's own when it was prepared with these settings, else a new one (the
+    folder must then hold no prepared set)."""
+    path = out / MANIFEST
+    if path.exists():
+        manifest = read_manifest(out)
+        if manifest["settings"] == asdict(settings):
+            for stray in out.glob("*.tmp"):  # the chunk an interrupted run was writing
+                stray.unlink()
+            return manifest
+        old = manifest["settings"]
+        diff = [k for k in old if old[k] != asdict(settings).get(k)]
+        raise PrepareError(f"{out} holds tokens prepared from other sources or settings (they differ in "
+                           f"{', '.join(diff)}); choose another --out, or delete the folder to prepare it again")
+    if any(p.name != ".lock" for p in out.iterdir()):
+        raise PrepareError(f"{out} is not empty and holds no {MANIFEST}: choose an empty or new --out folder")
+    tokenizer.save(out)
+    manifest = {"format": FORMAT, "complete": False, "settings": asdict(settings),
+            "tokenizer": {"kind": tokenizer.kind, "key": tokenizer.cache_key()},
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "dtype": token_dtype(tokenizer.vocab_size).name, "chunks": [], "next": [0, 0], "skipped": {}}
+    _write_manifest(out, manifest)  # from here on the folder resumes
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+
+
+def _batches(stream: Iterator[tuple[int, int, Unit]]) -> Iterator[tuple[list[Unit], tuple[int, int]]]:
+    """Units grouped into work items of about BATCH_CHARS, each with the position after it."""
+    batch: list[Unit] = []
+    chars, position = 0, (0, 0)
+    for i, n, unit in stream:
+        batch.append(unit)
+        chars += sum(len(t) for t, _ in unit.segments)
+        position = (i, n + 1)
+        if chars >= BATCH_CHARS:
+            yield batch, position
+            batch, chars = [], 0
+    if batch:
+        yield batch, position
+
+
+def _encoded(batches: Iterator[tuple[list[Unit], tuple[int, int]]], tokenizer: Tokenizer, out: Path,
+             workers: int) -> Iterator[tuple[dict[str, Any], tuple[int, int], int]]:
+    """(encoded batch, position after it, characters) in order: in this process, or by `workers` processes with
+    at most 2 x workers batches in flight (memory stays bounded)."""
+    if workers == 1:
+        for batch, position in batches:
+            yield encode_units(batch, tokenizer), position, sum(len(t) for u in batch for t, _ in u.segments)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no inherited threads or tokenizer state
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(out),)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch, position in batches:
+            chars = sum(len(t) for u in batch for t, _ in u.segments)
+            pending.append((pool.apply_async(encode_units, (batch,)), position, chars))
+            if len(pending) >= 2 * workers:
+                job, pos, n = pending.popleft()
+                yield job.get(), pos, n
+        while pending:
+            job, pos, n = pending.popleft()
+            yield job.get(), pos, n
+
+
+def _run(out: Path, files: list[tuple[Path, Path]], settings: Settings, tokenizer: Tokenizer,
+         manifest: dict[str, Any], workers: int, progress: bool) -> None:
+    template = chat_template(tokenizer)
+    skipped: collections.Counter = collections.Counter(manifest["skipped"])
+    start: tuple[int, int] = (manifest["next"][0], manifest["next"][1])
+    total = sum(size for _, size, _ in settings.files)
+    done_bytes = sum(size for _, size, _ in settings.files[:start[0]])
+    bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
+               dynamic_ncols=True)
+    dtype = np.dtype(manifest["dtype"])
+    writers: dict[str, _SplitWriter] | None = None
+    t0, tokens, docs, file_index = time.perf_counter(), 0, 0, start[0]
+    try:
+        stream = _batches(units(files, settings, template, skipped, start))
+        for encoded, position, _ in _encoded(stream, tokenizer, out, workers):
+            if writers is None:
+                writers = {s: _SplitWriter(out, s, len(manifest["chunks"]), dtype) for s in SPLITS}
+            for s in SPLITS:
+                writers[s].write(*encoded[s])
+                tokens += len(encoded[s][0])
+                docs += len(encoded[s][1])
+            if position[0] > file_index:
+                bar.update(sum(size for _, size, _ in settings.files[file_index:position[0]]))
+                file_index = position[0]
+            bar.set_postfix_str(f"{docs:,} docs, {tokens / (time.perf_counter() - t0):,.0f} tokens/s")
+            if sum(w.tokens for w in writers.values()) >= settings.shard_tokens:
+                _commit(out, manifest, writers, position, skipped)
+                writers = None
+        if writers is not None:
+            _commit(out, manifest, writers, (len(files), 0), skipped)
+            writers = None
+    except BaseException as e:
+        if writers is not None:
+            for w in writers.values():
+                w.discard()
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise OSError(f"writing {out} failed ({e.strerror or e}); the {len(manifest['chunks'])} chunks written "
+                          "before are complete: free space or fix the folder and run the same command to go on"
+                          ) from None
+        raise
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
+    _finish(out, manifest, settings, skipped)
+
+
+def _commit(out: Path, manifest: dict[str, Any], writers: dict[str, _SplitWriter], position: tuple[int, int],
+            skipped: collections.Counter) -> None:
+    """Files renamed first, then the manifest that names them: a crash between leaves unlisted files that the
+    next run overwrites."""
+    manifest["chunks"].append({s: writers[s].finish() for s in SPLITS})
+    manifest["next"], manifest["skipped"] = list(position), dict(skipped)
+    _write_manifest(out, manifest)
+
+
+def _finish(out: Path, manifest: dict[str, Any], settings: Settings, skipped: collections.Counter) -> None:
+    """Check the result, hold out the tail when no document fell into one split, and mark it complete."""
+    sizes = {s: sum(c[s]["tokens"] for c in manifest["chunks"]) for s in SPLITS}
+    if not any(sizes.values()):
+        what = ", ".join(f"{n} {k}" for k, n in skipped.items()) or "no documents"
+        raise PrepareError(f"sources {settings.sources} hold no text to train on ({what})")
+    if not sizes["val"] or not sizes["train"]:  # too few documents to split by document: cut the token stream
+        _hold_out_tail(out, manifest, max(settings.val_fraction, 0.1))
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+
+
+def _hold_out_tail(out: Path, manifest: dict[str, Any], fraction: float) -> None:
+    """All tokens in one split: the last `fraction` of them become the validation split (train the rest), each
+    chunk's share moved into its own other-split files."""
+    full = "train" if any(c["train"]["tokens"] for c in manifest["chunks"]) else "val"
+    total = sum(c[full]["tokens"] for c in manifest["chunks"])
+    cut = total - max(1, int(total * fraction))
+    dtype = np.dtype(manifest["dtype"])
+    offset = 0
+    for k, chunk in enumerate(manifest["chunks"]):
+        n, local = chunk[full]["tokens"], max(0, cut - offset)
+        offset += n
+        tokens, starts, mask = _read_chunk(out, chunk[full], dtype)
+        for s, (lo, hi) in (("train", (0, min(local, n))), ("val", (min(local, n), n))):
+            part = starts[(starts >= lo) & (starts < hi)] - lo
+            if s == "val" and hi > lo and (not len(part) or part[0] != 0):
+                part = np.concatenate([[0], part])  # the document cut in two starts again here
+            w = _SplitWriter(out, s, k, dtype)
+            w.write(tokens[lo:hi], part, None if mask is None else mask[lo:hi])
+            chunk[s] = w.finish()
+
+
+def _read_chunk(out: Path, entry: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    stem = out / entry["file"][:-len(".bin")]
+    tokens = np.fromfile(stem.with_suffix(".bin"), dtype=dtype)
+    starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
+    mask = np.fromfile(stem.with_suffix(".mask"), dtype=np.uint8) if entry["mask"] else None
+    return tokens, starts, mask
+
+
+def train_bpe(sources: list[str | None], vocab_size: int, field: str = "text", val_fraction: float = 0.2,
+              budget: int = 4_000_000, max_bytes: int | None = None, max_doc_chars: int | None = None) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on the first `budget` characters of the sources' training documents
+    (read as prepare reads them; fine-tuning records contribute their text). A few MB learn a small vocabulary
+    well and keep training to seconds."""
+    from dsmoe.data import BPETokenizer
+    settings = Settings([str(s) for s in sources], "", field, val_fraction, skip_bad=True,
+                        max_doc_chars=max_doc_chars)
+    texts: list[str] = []
+    for _, _, unit in units(source_files(sources, max_bytes), settings, None, collections.Counter()):
+        if unit.split == "train":
+            texts += [text[:budget] for text, _ in unit.segments]
+            budget -= sum(len(t) for t in texts[-len(unit.segments):])
+            if budget <= 0:
+                break
+    if not texts:
+        raise PrepareError(f"sources {sources} hold no training text to learn a BPE vocabulary from")
+    return BPETokenizer.train(texts, vocab_size)
+
+
+def chat_template(tokenizer: Tokenizer) -> Callable | None:
+    """The tokenizer's chat template (tokenizer_config.json's `chat_template`) as a function of messages, or
+    None (conversations are then rendered as `role: content` lines)."""
+    source = getattr(tokenizer, "config", {}).get("chat_template")
+    if not isinstance(source, str):
+        return None
+    sandbox = optional_import("jinja2.sandbox", "rendering the tokenizer's chat template")
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(source)
+    specials = {k: v if isinstance(v, str) else (v or {}).get("content", "")
+                for k, v in tokenizer.config.items() if k.endswith("_token")}  # type: ignore[union-attr]
+    return lambda **kw: template.render(**specials, **kw)
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """A prepared folder's manifest, or a PrepareError saying what is wrong with it."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PrepareError(f"{folder} is not a prepared corpus: it has no {MANIFEST} (make one with "
+                           f"`dsmoe prepare SOURCES --out {folder}`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrepareError(f"{path} is corrupt ({e}); prepare the corpus again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PrepareError(f"{path} is not a dsmoe prepared-corpus manifest of format {FORMAT}; prepare it again")
+    return manifest
+
+
+def is_prepared(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / MANIFEST).is_file()
+

@@ -1,0 +1,385 @@
+"""dsmoe prepare: sources to memory-mapped token shards, resuming, mixtures, fine-tuning masks, bad input."""
+
+import errno
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dsmoe import cli, prepare
+from dsmoe.data import ByteTokenizer, Corpus, HFTokenizer, TokenSet, document_ids, load_corpus, parse_data
+from dsmoe.prepare import PrepareError
+from dsmoe.runtime import RunLock
+
+BYTE = ByteTokenizer()
+EOS = BYTE.eos_id
+
+
+def texts(root: Path, n: int = 40, words: int = 20) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"doc{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox jumps. " * words)
+    return root
+
+
+def jsonl(path: Path, records: list, gz: bool = False) -> Path:
+    lines = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+    return path
+
+
+def decoded(folder: Path, split: str) -> list[str]:
+    """A prepared split's documents as text (split at EOS)."""
+    ts = TokenSet(folder)
+    ids = ts.read(split, 0, ts.size(split))[0]
+    docs: list[str] = []
+    cur: list[int] = []
+    for t in ids.tolist():
+        if t == EOS:
+            docs.append(BYTE.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return docs
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".idx", ".mask")}
+
+
+# ---- sources ----------------------------------------------------------------------------------------
+
+def test_a_folder_prepares_every_document_whole_into_one_split(tmp_path):
+    src = texts(tmp_path / "src")
+    result = prepare.prepare([str(src)], tmp_path / "out", BYTE, progress=False)
+    assert result.done and result.manifest["complete"] and result.manifest["dtype"] == "uint16"
+    train, val = decoded(tmp_path / "out", "train"), decoded(tmp_path / "out", "val")
+    originals = sorted(p.read_text() for p in src.iterdir())
+    assert sorted(train + val) == originals and train and val  # each document whole, in exactly one split
+    prepare.prepare([str(src)], tmp_path / "out2", BYTE, progress=False)
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "out2")  # deterministic
+    starts = np.fromfile(tmp_path / "out" / "train-00000.idx", dtype=np.int64)
+    assert len(starts) == len(train) and starts[0] == 0
+    assert result.manifest["chunks"][0]["train"]["docs"] == len(train)
+
+
+def test_jsonl_gzip_and_parquet_sources_read_their_field(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    docs = [f"record {i} " * 5 for i in range(30)]
+    jsonl(tmp_path / "a.jsonl", [{"body": d} for d in docs[:10]])
+    jsonl(tmp_path / "b.jsonl.gz", [{"body": d} for d in docs[10:20]], gz=True)
+    pq.write_table(pa.table({"body": docs[20:], "n": list(range(10))}), tmp_path / "c.parquet")
+    sources = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+    prepare.prepare(sources, tmp_path / "out", BYTE, field="body", progress=False)
+    got = decoded(tmp_path / "out", "train") + decoded(tmp_path / "out", "val")
+    assert sorted(got) == sorted(docs)
+
+
+def test_two_workers_write_the_same_shards_as_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 2000)  # many work items
+    src = texts(tmp_path / "src", n=60)
+    prepare.prepare([str(src)], tmp_path / "one", BYTE, workers=1, progress=False)
+    prepare.prepare([str(src)], tmp_path / "two", BYTE, workers=2, progress=False)
+    assert files_of(tmp_path / "one") == files_of(tmp_path / "two")
+
+
+def test_a_long_text_file_is_read_in_pieces_as_one_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 1000)
+    text = "".join(f"line {i} of a long file\n" for i in range(500))
+    (tmp_path / "big.txt").write_text(text)
+    prepare.prepare([str(tmp_path / "big.txt")], tmp_path / "out", BYTE, progress=False)
+    ts = TokenSet(tmp_path / "out")
+    # one document: too few to split by document, so the tail of its tokens is held out
+    assert ts.docs == {"train": 1, "val": 1}
+    whole = np.concatenate([ts.read(s, 0, ts.size(s))[0] for s in ("train", "val")])
+    assert BYTE.decode(whole.tolist()) == text and whole[-1] == EOS
+    assert ts.size("val") == max(1, int(len(whole) * 0.2))
+
+
+# ---- resuming ---------------------------------------------------------------------------------------
+
+def test_an_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
+    src = texts(tmp_path / "src", n=60)
+    kw = {"shard_tokens": 3000, "progress": False}
+    prepare.prepare([str(src)], tmp_path / "full", BYTE, **kw)
+    real, commits = prepare._commit, []
+
+    def commit_then_die(*args):
+        real(*args)
+        commits.append(1)
+        if len(commits) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw)
+    monkeypatch.setattr(prepare, "_commit", real)
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert not manifest["complete"] and len(manifest["chunks"]) == 2
+    with pytest.raises(PrepareError, match="did not finish"):
+        TokenSet(tmp_path / "cut")
+    assert prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw).done
+    assert files_of(tmp_path / "cut") == files_of(tmp_path / "full") and len(files_of(tmp_path / "full")) > 8
+    again = prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw)
+    assert not again.done  # the same sources once more: nothing to do
+
+
+def test_disk_full_keeps_the_chunks_before_and_a_rerun_finishes(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
+    src = texts(tmp_path / "src", n=60)
+    kw = {"shard_tokens": 3000, "progress": False}
+    prepare.prepare([str(src)], tmp_path / "full", BYTE, **kw)
+    real, writes = prepare._File.write, []
+
+    def write(self, array):
+        writes.append(1)
+        if len(writes) == 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, array)
+
+    monkeypatch.setattr(prepare._File, "write", write)
+    with pytest.raises(OSError, match="No space left on device.*chunks written before are complete"):
+        prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw)
+    monkeypatch.setattr(prepare._File, "write", real)
+    assert not list((tmp_path / "cut").glob("*.tmp"))  # nothing half-written is left
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert manifest["chunks"]
+    for chunk in manifest["chunks"]:  # the chunks before are whole: those of the uninterrupted run
+        for split in ("train", "val"):
+            for name in chunk[split]["sha256"]:
+                assert files_of(tmp_path / "full")[name] == (tmp_path / "cut" / name).read_bytes()
+    prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw)
+    assert files_of(tmp_path / "cut") == files_of(tmp_path / "full")
+
+
+def test_other_sources_into_a_prepared_folder_are_refused(tmp_path):
+    prepare.prepare([str(texts(tmp_path / "a"))], tmp_path / "out", BYTE, progress=False)
+    with pytest.raises(PrepareError, match="other sources or settings.*sources"):
+        prepare.prepare([str(texts(tmp_path / "b", n=5))], tmp_path / "out", BYTE, progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match="not empty"):
+        prepare.prepare([str(tmp_path / "a")], tmp_path / "busy", BYTE, progress=False)
+
+
+def test_two_prepares_into_one_folder_at_once_are_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    lock = RunLock(tmp_path / "out", what="dsmoe prepare")
+    try:
+        with pytest.raises(ValueError, match="another dsmoe prepare is writing to"):
+            prepare.prepare([str(texts(tmp_path / "a"))], tmp_path / "out", BYTE, progress=False)
+    finally:
+        lock.release()
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def prepared(tmp_path):
+    prepare.prepare([str(texts(tmp_path / "src"))], tmp_path / "out", BYTE, progress=False)
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "remove"])
+def test_a_damaged_shard_is_an_error_naming_it(prepared, damage):
+    path = prepared / "train-00000.bin"
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[:-2])
+    elif damage == "flip":
+        path.write_bytes(data[:10] + bytes([data[10] ^ 1]) + data[11:])
+    else:
+        path.unlink()
+    match = {"truncate": "truncated", "flip": "does not match its SHA-256", "remove": "missing"}[damage]
+    with pytest.raises(PrepareError, match=f"train-00000.bin.*{match}|{match}"):
+        load_corpus(str(prepared), BYTE)
+
+
+def test_a_folder_of_another_tokenizer_or_vocabulary_is_refused(prepared, tmp_path):
+    from dsmoe.data import BPETokenizer
+    bpe = BPETokenizer.train(["some text to learn from " * 50], vocab_size=300)
+    with pytest.raises(PrepareError, match="prepared with another tokenizer.*byte"):
+        load_corpus(str(prepared), bpe)
+    corpus = load_corpus(str(prepared), BYTE)
+    with pytest.raises(ValueError, match="token id 257, beyond the model's vocab_size=200"):
+        corpus.check(16, vocab_size=200)
+    corpus.check(16, vocab_size=BYTE.vocab_size)
+
+
+def test_windows_come_from_the_memory_map_across_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 500)
+    prepare.prepare([str(texts(tmp_path / "src", n=60))], tmp_path / "out", BYTE, shard_tokens=1000, progress=False)
+    ts = TokenSet(tmp_path / "out")
+    assert len(ts.chunks["train"]) > 3 and all(isinstance(a, np.memmap) for a, _ in ts.chunks["train"])
+    whole = np.concatenate([np.asarray(a) for a, _ in ts.chunks["train"]]).astype(np.int64)
+    corpus = Corpus([ts], [1.0], {})
+    starts = torch.tensor([0, 995, 1990, len(whole) - 33])
+    x, y = corpus.windows("train", starts, 32)
+    for row, s in enumerate(starts.tolist()):
+        assert x[row].tolist() == whole[s:s + 32].tolist() and y[row].tolist() == whole[s + 1:s + 33].tolist()
+
+
+def test_a_mixture_samples_by_weight_deterministically(tmp_path):
+    a = prepare.prepare([str(texts(tmp_path / "a"))], tmp_path / "pa", BYTE, progress=False).out
+    b = prepare.prepare([str(texts(tmp_path / "b", n=10, words=200))], tmp_path / "pb", BYTE, progress=False).out
+    corpus = load_corpus(f"{a}=0.7,{b}=0.3", BYTE)
+    draw = [corpus.sample("train", 4000, 16, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
+    share = corpus.set_of("train", draw[0]).bincount(minlength=2) / 4000
+    assert abs(share[0].item() - 0.7) < 0.03
+    x, _ = corpus.windows("train", draw[0][:64], 16)  # every window inside one set
+    sizes = [s.size("train") for s in corpus.sets]
+    assert ((draw[0] < sizes[0] - 16) | ((draw[0] >= sizes[0]) & (draw[0] < sum(sizes) - 16))).all()
+    spread = corpus.set_of("val", corpus.spread("val", 10, 16)).bincount(minlength=2)
+    assert spread.tolist() == [7, 3]
+    assert corpus.info["train_tokens"] == sum(sizes)
+
+
+@pytest.mark.parametrize("spec", ["a=0,b=1", "a=x", "=0.5", "a=inf"])
+def test_a_bad_mixture_is_a_clear_error(spec):
+    with pytest.raises(ValueError, match="expected PATH=WEIGHT"):
+        parse_data(spec)
+
+
+def test_document_ids_start_after_each_eos():
+    x = torch.tensor([[5, EOS, 6, 7, EOS, EOS, 8]])
+    assert document_ids(x, EOS).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+
+
+# ---- fine-tuning data -------------------------------------------------------------------------------
+
+def test_prompt_completion_trains_on_the_completion_only(tmp_path):
+    records = [{"prompt": f"Q{i}: what is {i}+{i}? ", "completion": f"A: {2 * i}."} for i in range(40)]
+    prepare.prepare([str(jsonl(tmp_path / "sft.jsonl", records))], tmp_path / "out", BYTE, progress=False)
+    corpus = load_corpus(str(tmp_path / "out"), BYTE)
+    ts = corpus.sets[0]
+    ids, mask = ts.read("train", 0, ts.size("train"))
+    assert mask is not None
+    trained = "".join(chr(t) for t, m in zip(ids.tolist(), mask.tolist()) if m and t < 256)
+    assert "A: " in trained and "Q" not in trained and "what" not in trained
+    assert all(m == 1 for t, m in zip(ids.tolist(), mask.tolist()) if t == EOS)  # EOS ends a completion
+    x, y = corpus.windows("train", torch.tensor([0]), len(ids) - 1)
+    assert torch.equal(y[0] == -1, torch.from_numpy(mask[1:] == 0))  # the loss ignores the prompt
+
+
+def test_messages_are_rendered_with_the_chat_template_and_only_the_assistant_trained(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {c: i for i, c in enumerate("<>|abcdefghijklmnopqrstuvwxyz:? ")}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(["<eos>"])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
+    hf = HFTokenizer.load(folder)
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                             {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]}] * 30
+    prepare.prepare([str(jsonl(tmp_path / "chat.jsonl", records))], tmp_path / "out", hf, progress=False)
+    ts = TokenSet(tmp_path / "out")
+    ids, mask = ts.read("train", 0, ts.size("train"))
+    first = ids[:np.argmax(ids == hf.eos_id) + 1]
+    trained = hf.decode(first[mask[:len(first)] == 1].tolist()).replace(" ", "")
+    assert trained == "<|assistant|>hello<|assistant|>because"
+    assert hf.decode(first.tolist()).replace(" ", "").startswith("<|user|>hi<|assistant|>hello")
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, match", [("{not json", "line 2: not JSON"), ('{"other": 1}', "line 2: no field 'text'"),
+                                         ('{"text": 5}', "line 2: field 'text' is a int"),
+                                         ("[1, 2]", "line 2: a list")])
+def test_a_bad_jsonl_line_names_its_number_or_is_skipped(tmp_path, line, match):
+    good = [{"text": f"more {i} " * 20} for i in range(20)]
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "good " * 20}, line, *good])
+    with pytest.raises(PrepareError, match=f"{match}.*--skip-bad"):
+        prepare.prepare([str(path)], tmp_path / "out", BYTE, progress=False)
+    result = prepare.prepare([str(path)], tmp_path / "out2", BYTE, skip_bad=True, progress=False)
+    assert result.manifest["skipped"] == {"bad lines": 1}
+
+
+def test_an_empty_source_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nothing").mkdir()
+    for src in ("empty.txt", "nothing"):
+        with pytest.raises(PrepareError, match="is empty"):
+            prepare.prepare([str(tmp_path / src)], tmp_path / f"out-{src}", BYTE, progress=False)
+    jsonl(tmp_path / "blank.jsonl", ["", "  "])
+    with pytest.raises(PrepareError, match="hold no text"):
+        prepare.prepare([str(tmp_path / "blank.jsonl")], tmp_path / "out-blank", BYTE, progress=False)
+
+
+def test_a_parquet_column_that_is_not_text_is_refused(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "n.parquet")
+    with pytest.raises(PrepareError, match="column 'text' holds int64, not text"):
+        prepare.prepare([str(tmp_path / "n.parquet")], tmp_path / "out", BYTE, progress=False)
+    with pytest.raises(PrepareError, match="no column 'body'"):
+        prepare.prepare([str(tmp_path / "n.parquet")], tmp_path / "out2", BYTE, field="body", progress=False)
+
+
+def test_the_command_prepares_and_then_has_nothing_to_do(tmp_path, capsys):
+    src = texts(tmp_path / "src")
+    argv = ["prepare", str(src), "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(argv) == 0
+    assert "prepared:" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert "already prepared (nothing to do)" in capsys.readouterr().out
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe", "--vocab-size", "300",
+                     "--quiet"]) == 0
+    assert json.loads((tmp_path / "bpe" / "manifest.json").read_text())["tokenizer"]["kind"] == "bpe"
+    assert cli.main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().out
+
+
+# ---- training on prepared data ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_reads_its_own_rows_of_the_same_global_batch(prepared, world):
+    """Every rank draws the same starts and reads only its rows: the ranks' windows, in rank order, are the
+    one-process batch, so a run resumed at another world size sees the same tokens."""
+    from dsmoe.parallel.context import MeshContext
+    corpus = load_corpus(str(prepared), BYTE)
+    whole = corpus.batch("train", 8, 16, torch.Generator().manual_seed(5))
+    parts = []
+    for rank in range(world):
+        ctx = MeshContext.__new__(MeshContext)  # only local_batch, which needs rank and world
+        ctx.rank, ctx.world = rank, world
+        (local,) = ctx.local_batch(corpus.sample("train", 8, 16, torch.Generator().manual_seed(5)))
+        parts.append(corpus.windows("train", local, 16))
+    for i in range(2):
+        assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+
+
+def _train(tmp_path, name, *sets):
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+    fast = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "save_every=0", "log_every=1",
+            "warmup_steps=2", "tensorboard=false", "steps=4", f"out={tmp_path / name}"]
+    return train(*build_configs("debug", fast + list(sets)), progress=False)
+
+
+@pytest.mark.slow
+def test_training_reads_prepared_folders_mixtures_and_fine_tuning_data(tmp_path):
+    a = prepare.prepare([str(texts(tmp_path / "a"))], tmp_path / "pa", BYTE, progress=False).out
+    records = [{"prompt": f"Q{i}? ", "completion": f"A{i}. " * 8} for i in range(60)]
+    sft = jsonl(tmp_path / "sft.jsonl", records)
+    b = prepare.prepare([str(sft)], tmp_path / "pb", BYTE, progress=False).out
+    plain = _train(tmp_path, "plain", f"data={a}")
+    raw = _train(tmp_path, "raw", f"data={tmp_path / 'a'}")  # the raw folder, prepared on the fly: the same tokens
+    assert plain["val_loss"] == raw["val_loss"] and plain["train_loss"] == raw["train_loss"]
+    mixed = _train(tmp_path, "mixed", f"data={a}=0.5,{b}=0.5", "doc_mask=true")
+    assert mixed["mix_weights"] == [0.5, 0.5] and len(mixed["mix_realized"]) == 2
+    assert abs(sum(mixed["mix_realized"]) - 1) < 1e-6 and all(0 < p < 1 for p in mixed["mix_realized"])
+    rows = [json.loads(line) for line in open(tmp_path / "mixed" / "metrics.jsonl")]
+    assert all("mix" in r for r in rows if r["kind"] == "train")
+    assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
