@@ -431,13 +431,13 @@ def eval_worker(rank, world):
 
 
 def _cut_at_step_3():
-    """A Ctrl-C (a real SIGINT) at the third Corpus.batch call: step 3 finishes and the run stops at its log
+    """A Ctrl-C (a real SIGINT) at the third Corpus.sample call: step 3 finishes and the run stops at its log
     point with a checkpoint of step 3."""
     import signal
 
     from dsmoe.data import Corpus
 
-    real, calls = Corpus.batch, []
+    real, calls = Corpus.sample, []
 
     def batch(self, *args, **kwargs):
         calls.append(1)
@@ -445,7 +445,7 @@ def _cut_at_step_3():
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, *args, **kwargs)
 
-    Corpus.batch = batch
+    Corpus.sample = batch
     return real
 
 
@@ -640,7 +640,7 @@ def test_resume_at_another_layout(tmp_path, monkeypatch, capsys):
         with pytest.raises(KeyboardInterrupt):
             train(*build_configs("debug", TRAIN_SETS + [f"out={tmp_path / 'one'}"]), progress=False)
     finally:
-        Corpus.batch = real
+        Corpus.sample = real
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "one"))
     monkeypatch.setenv("DSMOE_EP", "2")
     assert launch(resume_worker, 2, tmp_path / "results-one") == [{}, {}]
@@ -731,7 +731,7 @@ def mesh_fault_worker(rank, world):
     from dsmoe.presets import build_configs
     from dsmoe.train import train
 
-    real, calls, fault = Corpus.batch, [], {}
+    real, calls, fault = Corpus.sample, [], {}
 
     def batch(self, *args, **kwargs):
         calls.append(1)
@@ -743,7 +743,7 @@ def mesh_fault_worker(rank, world):
                 time.sleep(6 * FAULT_TIMEOUT_S)
         return real(self, *args, **kwargs)
 
-    Corpus.batch = batch
+    Corpus.sample = batch
     sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", "expert_parallel=2", "steps=6"]
     try:
         train(*build_configs("debug", sets), progress=False)

@@ -383,3 +383,13 @@ def test_training_reads_prepared_folders_mixtures_and_fine_tuning_data(tmp_path)
     rows = [json.loads(line) for line in open(tmp_path / "mixed" / "metrics.jsonl")]
     assert all("mix" in r for r in rows if r["kind"] == "train")
     assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+
+
+def test_a_long_line_is_cut_between_characters(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 1001)
+    text = "é€😀a" * 700  # 2-, 3- and 4-byte characters on one line: no newline to cut at
+    (tmp_path / "line.txt").write_text(text)
+    prepare.prepare([str(tmp_path / "line.txt")], tmp_path / "out", BYTE, progress=False)
+    ts = TokenSet(tmp_path / "out")
+    whole = np.concatenate([ts.read(s, 0, ts.size(s))[0] for s in ("train", "val")])
+    assert BYTE.decode(whole.tolist()) == text

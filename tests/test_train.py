@@ -262,8 +262,8 @@ def test_nan_loss_stops_with_clear_error(tmp_path, monkeypatch):
     from dsmoe.model import MoETransformer
     real_forward = MoETransformer.forward
 
-    def nan_forward(self, idx, targets=None, cache=None):
-        logits, loss = real_forward(self, idx, targets, cache)
+    def nan_forward(self, idx, targets=None, cache=None, docs_BS=None):
+        logits, loss = real_forward(self, idx, targets, cache, docs_BS)
         return logits, (loss * float("nan") if loss is not None and self.training else loss)
 
     monkeypatch.setattr(MoETransformer, "forward", nan_forward)

@@ -310,9 +310,29 @@ class TokenSet:
                 for entry in entries:
                     self._verify(entry)
             self.chunks[split] = [self._open(e) for e in entries]
-            self.starts[split] = np.cumsum([0] + [e["tokens"] for e in entries])
         self.max_id = max((c[s]["max_id"] for c in manifest["chunks"] for s in ("train", "val")), default=0)
         self.docs = {s: sum(c[s]["docs"] for c in manifest["chunks"]) for s in ("train", "val")}
+        if "held_out" in manifest:
+            self._hold_out(manifest["held_out"]["from"], manifest["held_out"]["at"])
+        for split in ("train", "val"):
+            self.starts[split] = np.cumsum([0] + [len(tokens) for tokens, _ in self.chunks[split]])
+
+    def _hold_out(self, full: str, at: int) -> None:
+        """All documents fell into one split: its tokens from `at` on are the other split (views, no copy)."""
+        kept, moved, offset, before = [], [], 0, 0
+        entries = [c[full] for c in self.manifest["chunks"] if c[full]["tokens"]]  # as self.chunks[full]
+        for (tokens, mask), entry in zip(self.chunks[full], entries):
+            cut = min(max(at - offset, 0), len(tokens))
+            starts = np.fromfile(folder_file(self.folder, entry["file"][:-len(".bin")] + ".idx"), dtype=np.int64)
+            before += int((starts < cut).sum())
+            if cut:
+                kept.append((tokens[:cut], None if mask is None else mask[:cut]))
+            if cut < len(tokens):
+                moved.append((tokens[cut:], None if mask is None else mask[cut:]))
+            offset += len(tokens)
+        other = "val" if full == "train" else "train"
+        self.chunks[full], self.chunks[other] = kept, moved
+        self.docs = {full: before, other: self.docs[full] - before + 1}  # the document cut in two counts in both
 
     def _verify(self, entry: dict) -> None:
         from dsmoe.prepare import PrepareError

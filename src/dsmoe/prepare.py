@@ -128,8 +128,8 @@ def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
         first = True
         while raw:
             more = f.read(PIECE_BYTES)
-            if more and b"\n" in raw:  # cut after the last newline; the rest starts the next piece
-                cut = raw.rindex(b"\n") + 1
+            if more:  # cut after the last newline (else between characters); the rest starts the next piece
+                cut = raw.rindex(b"\n") + 1 if b"\n" in raw else _char_boundary(raw)
                 raw, more = raw[:cut], raw[cut:] + more
             try:
                 text = raw.decode("utf-8")
@@ -141,6 +141,16 @@ def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
                 text, more = text[:settings.max_doc_chars], b""
             yield Unit(((text, True),), split, first, not more)
             first, raw = False, more
+
+
+def _char_boundary(raw: bytes) -> int:
+    """The largest cut <= len(raw) that does not split a UTF-8 character."""
+    start = len(raw) - 1  # the last character's first byte (continuation bytes are 0b10xxxxxx)
+    while start > 0 and raw[start] & 0xC0 == 0x80 and len(raw) - start < 4:
+        start -= 1
+    lead = raw[start]
+    length = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return len(raw) if start + length <= len(raw) else start
 
 
 def _record_segments(record: Any, where: str, settings: Settings, template: Callable | None
@@ -424,9 +434,9 @@ def _start(out: Path, settings: Settings, tokenizer: Tokenizer) -> dict[str, Any
         raise PrepareError(f"{out} is not empty and holds no {MANIFEST}: choose an empty or new --out folder")
     tokenizer.save(out)
     manifest = {"format": FORMAT, "complete": False, "settings": asdict(settings),
-            "tokenizer": {"kind": tokenizer.kind, "key": tokenizer.cache_key()},
-            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "dtype": token_dtype(tokenizer.vocab_size).name, "chunks": [], "next": [0, 0], "skipped": {}}
+                "tokenizer": {"kind": tokenizer.kind, "key": tokenizer.cache_key()},
+                "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+                "dtype": token_dtype(tokenizer.vocab_size).name, "chunks": [], "next": [0, 0], "skipped": {}}
     _write_manifest(out, manifest)  # from here on the folder resumes
     return manifest
 
@@ -453,25 +463,24 @@ def _batches(stream: Iterator[tuple[int, int, Unit]]) -> Iterator[tuple[list[Uni
 
 
 def _encoded(batches: Iterator[tuple[list[Unit], tuple[int, int]]], tokenizer: Tokenizer, out: Path,
-             workers: int) -> Iterator[tuple[dict[str, Any], tuple[int, int], int]]:
-    """(encoded batch, position after it, characters) in order: in this process, or by `workers` processes with
-    at most 2 x workers batches in flight (memory stays bounded)."""
+             workers: int) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
+    """(encoded batch, position after it) in order: in this process, or by `workers` processes with at most
+    2 x workers batches in flight (memory stays bounded)."""
     if workers == 1:
         for batch, position in batches:
-            yield encode_units(batch, tokenizer), position, sum(len(t) for u in batch for t, _ in u.segments)
+            yield encode_units(batch, tokenizer), position
         return
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or tokenizer state
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(out),)) as pool:
         pending: collections.deque = collections.deque()
         for batch, position in batches:
-            chars = sum(len(t) for u in batch for t, _ in u.segments)
-            pending.append((pool.apply_async(encode_units, (batch,)), position, chars))
+            pending.append((pool.apply_async(encode_units, (batch,)), position))
             if len(pending) >= 2 * workers:
-                job, pos, n = pending.popleft()
-                yield job.get(), pos, n
+                job, pos = pending.popleft()
+                yield job.get(), pos
         while pending:
-            job, pos, n = pending.popleft()
-            yield job.get(), pos, n
+            job, pos = pending.popleft()
+            yield job.get(), pos
 
 
 def _run(out: Path, files: list[tuple[Path, Path]], settings: Settings, tokenizer: Tokenizer,
@@ -488,7 +497,7 @@ def _run(out: Path, files: list[tuple[Path, Path]], settings: Settings, tokenize
     t0, tokens, docs, file_index = time.perf_counter(), 0, 0, start[0]
     try:
         stream = _batches(units(files, settings, template, skipped, start))
-        for encoded, position, _ in _encoded(stream, tokenizer, out, workers):
+        for encoded, position in _encoded(stream, tokenizer, out, workers):
             if writers is None:
                 writers = {s: _SplitWriter(out, s, len(manifest["chunks"]), dtype) for s in SPLITS}
             for s in SPLITS:
@@ -530,44 +539,18 @@ def _commit(out: Path, manifest: dict[str, Any], writers: dict[str, _SplitWriter
 
 
 def _finish(out: Path, manifest: dict[str, Any], settings: Settings, skipped: collections.Counter) -> None:
-    """Check the result, hold out the tail when no document fell into one split, and mark it complete."""
+    """Check the result, hold out the tail of the tokens when no document fell into one split (no file is
+    rewritten: the manifest says where the split falls), and mark it complete."""
     sizes = {s: sum(c[s]["tokens"] for c in manifest["chunks"]) for s in SPLITS}
     if not any(sizes.values()):
         what = ", ".join(f"{n} {k}" for k, n in skipped.items()) or "no documents"
         raise PrepareError(f"sources {settings.sources} hold no text to train on ({what})")
-    if not sizes["val"] or not sizes["train"]:  # too few documents to split by document: cut the token stream
-        _hold_out_tail(out, manifest, max(settings.val_fraction, 0.1))
+    if not sizes["val"] or not sizes["train"]:  # too few documents to split by document: the stream's tail
+        full = "train" if sizes["train"] else "val"
+        at = sizes[full] - max(1, int(sizes[full] * max(settings.val_fraction, 0.1)))
+        manifest["held_out"] = {"from": full, "at": at}  # dsmoe.data.TokenSet splits there when it reads
     manifest["complete"] = True
     _write_manifest(out, manifest)
-
-
-def _hold_out_tail(out: Path, manifest: dict[str, Any], fraction: float) -> None:
-    """All tokens in one split: the last `fraction` of them become the validation split (train the rest), each
-    chunk's share moved into its own other-split files."""
-    full = "train" if any(c["train"]["tokens"] for c in manifest["chunks"]) else "val"
-    total = sum(c[full]["tokens"] for c in manifest["chunks"])
-    cut = total - max(1, int(total * fraction))
-    dtype = np.dtype(manifest["dtype"])
-    offset = 0
-    for k, chunk in enumerate(manifest["chunks"]):
-        n, local = chunk[full]["tokens"], max(0, cut - offset)
-        offset += n
-        tokens, starts, mask = _read_chunk(out, chunk[full], dtype)
-        for s, (lo, hi) in (("train", (0, min(local, n))), ("val", (min(local, n), n))):
-            part = starts[(starts >= lo) & (starts < hi)] - lo
-            if s == "val" and hi > lo and (not len(part) or part[0] != 0):
-                part = np.concatenate([[0], part])  # the document cut in two starts again here
-            w = _SplitWriter(out, s, k, dtype)
-            w.write(tokens[lo:hi], part, None if mask is None else mask[lo:hi])
-            chunk[s] = w.finish()
-
-
-def _read_chunk(out: Path, entry: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    stem = out / entry["file"][:-len(".bin")]
-    tokens = np.fromfile(stem.with_suffix(".bin"), dtype=dtype)
-    starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
-    mask = np.fromfile(stem.with_suffix(".mask"), dtype=np.uint8) if entry["mask"] else None
-    return tokens, starts, mask
 
 
 def train_bpe(sources: list[str | None], vocab_size: int, field: str = "text", val_fraction: float = 0.2,

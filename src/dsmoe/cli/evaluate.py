@@ -13,7 +13,8 @@ from dsmoe.evaluate import evaluate, load_table
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="DIR",
                    help="a dsmoe checkpoint or run directory, or a HuggingFace DeepSeek-V2/V3 folder")
-    p.add_argument("--data", help="text file or folder to evaluate on (default: the run's corpus)")
+    p.add_argument("--data", help="a prepared folder (dsmoe prepare), a text file or folder, or a mixture "
+                                   "a=0.7,b=0.3 to evaluate on (default: the run's corpus)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
     p.add_argument("--split", choices=["val", "train"], default="val",
                    help="evaluate on the held-out files or on windows of the training split")

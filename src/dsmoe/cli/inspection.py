@@ -13,7 +13,8 @@ from dsmoe.inspection import inspect
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="DIR", help="HuggingFace DeepSeek-V2/V3 folder, or dsmoe checkpoint / run directory")
     p.add_argument("--data", metavar="PATH",
-                   help="text file or folder (default: a dsmoe run's corpus; the Python standard library for HF)")
+                   help="a prepared folder, a text file or folder, or a mixture a=0.7,b=0.3 (default: a dsmoe "
+                        "run's corpus; the Python standard library for HF)")
     p.add_argument("--out", metavar="OUT",
                    help="report folder (default: DIR/inspect for a run directory, else runs/inspect-<name>)")
     p.add_argument("--batches", type=int, default=16, help="batches of the corpus pass")

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, a ModelConfig field, or moe.<field> (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
-    p.add_argument("--data", metavar="PATH", help="a text file or a folder of text files (default: the stdlib)")
+    p.add_argument("--data", metavar="PATH", help="a prepared folder (dsmoe prepare), a text file or folder, a "
+                                                 ".jsonl of records, or a mixture a=0.7,b=0.3 (default: the stdlib)")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or run directory")
     p.add_argument("--init", metavar="DIR",
                    help="fine-tune a HuggingFace DeepSeek-V2/V3 folder: its architecture and weights, the preset's "
