@@ -18,10 +18,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dsmoe import MoE, MoEConfig, TrainConfig, checkpoint, cli, hf
-from dsmoe.data import BPETokenizer, ByteTokenizer, load_tokenizer
 from dsmoe.memory import check_step_memory, step_memory
 from dsmoe.model import MoETransformer
 from dsmoe.presets import apply_sets, build_configs, preset
+from dsmoe.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 from dsmoe.train import build_optimizer, lr_factor
 
 BASE: dict[str, Any] = dict(dim=8, n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=4)

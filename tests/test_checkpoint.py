@@ -9,9 +9,9 @@ import torch
 from dsmoe import checkpoint
 from dsmoe.checkpoint import CheckpointError, load_checkpoint
 from dsmoe.config import TrainConfig
-from dsmoe.data import ByteTokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.presets import preset
+from dsmoe.tokenizer import ByteTokenizer
 
 
 def make_model(tie=True, seed=0):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsmoe.data import BPETokenizer, ByteTokenizer, load_corpus, load_tokenizer, stdlib_files
+from dsmoe.data import load_corpus, stdlib_files
+from dsmoe.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 
 @pytest.fixture

@@ -13,11 +13,12 @@ import torch
 
 from dsmoe import cli
 from dsmoe.analysis import disabled_counts
-from dsmoe.data import load_corpus, load_tokenizer
+from dsmoe.data import load_corpus
 from dsmoe.evaluate import evaluate
 from dsmoe.inspection import inspect
 from dsmoe.metrics import max_violation
 from dsmoe.pretrained import from_pretrained
+from dsmoe.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from dsmoe import cli, prepare
-from dsmoe.data import ByteTokenizer, Corpus, HFTokenizer, TokenSet, document_ids, load_corpus, parse_data
+from dsmoe.data import Corpus, TokenSet, document_ids, load_corpus, parse_data
 from dsmoe.prepare import PrepareError
 from dsmoe.runtime import RunLock
+from dsmoe.tokenizer import ByteTokenizer, HFTokenizer
 
 BYTE = ByteTokenizer()
 EOS = BYTE.eos_id
@@ -204,7 +205,7 @@ def test_a_damaged_shard_is_an_error_naming_it(prepared, damage):
 
 
 def test_a_folder_of_another_tokenizer_or_vocabulary_is_refused(prepared, tmp_path):
-    from dsmoe.data import BPETokenizer
+    from dsmoe.tokenizer import BPETokenizer
     bpe = BPETokenizer.train(["some text to learn from " * 50], vocab_size=300)
     with pytest.raises(PrepareError, match="prepared with another tokenizer.*byte"):
         load_corpus(str(prepared), bpe)
@@ -393,3 +394,11 @@ def test_a_long_line_is_cut_between_characters(tmp_path, monkeypatch):
     ts = TokenSet(tmp_path / "out")
     whole = np.concatenate([ts.read(s, 0, ts.size(s))[0] for s in ("train", "val")])
     assert BYTE.decode(whole.tolist()) == text
+
+
+def test_the_tokenizing_workers_import_no_torch():
+    """Each worker process imports dsmoe.prepare: without torch it costs tens of MB, not hundreds."""
+    import subprocess
+    import sys
+    code = "import sys, dsmoe.prepare; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -298,7 +298,7 @@ def test_a_folders_own_tokenizer_is_used(byte_folder, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from dsmoe.cli import main
-    from dsmoe.data import HFTokenizer, load_tokenizer
+    from dsmoe.tokenizer import HFTokenizer, load_tokenizer
 
     folder, _ = byte_folder
     vocab = {w: i for i, w in enumerate(["<eos>", "def", "return", "x", "f", "(", ")", ":", "+", "1"])}

@@ -20,11 +20,11 @@ from dsmoe import studies
 from dsmoe.cli import main
 from dsmoe.cli import study as study_cli
 from dsmoe.config import ModelConfig, MoEConfig
-from dsmoe.data import ByteTokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.presets import build_configs, preset
 from dsmoe.router import route
 from dsmoe.studies import runner
+from dsmoe.tokenizer import ByteTokenizer
 
 
 def micro_model() -> ModelConfig:

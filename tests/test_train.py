@@ -449,7 +449,7 @@ def test_only_the_dsmoe_executable_sets_the_allocator(monkeypatch):
     assert cli.main(argv) == 1 and calls == []
     monkeypatch.setattr("sys.argv", ["dsmoe", *argv])
     assert cli.command() == 1 and calls == [1]
-
+    assert cli.command(["prepare", "/nonexistent", "--out", "unused"]) == 1 and calls == [1]  # not for prepare
 
 def test_cli_takes_fewer_threads_on_a_busy_machine(monkeypatch, capsys):
     """`dsmoe train` under load: fewer torch threads, and it says so; --threads and OMP_NUM_THREADS win."""

@@ -31,11 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dsmoe.config import ModelConfig, TrainConfig
-from dsmoe.data import Tokenizer, load_tokenizer
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.fsdp import local
 from dsmoe.paths import FolderPathError, folder_file
 from dsmoe.pretrained import from_pretrained, has_non_finite, read_json
+from dsmoe.tokenizer import Tokenizer, load_tokenizer
 
 FILES = ("model.safetensors", "config.json", "state.pt")
 SHARDS = "shards"  # a sharded checkpoint's DCP folder, in place of model.safetensors

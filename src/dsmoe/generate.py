@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.data import Tokenizer
 from dsmoe.model import MoETransformer
+from dsmoe.tokenizer import Tokenizer
 
 
 def generate_text(model: MoETransformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 200,

@@ -29,11 +29,12 @@ from tqdm import tqdm
 from dsmoe import plots
 from dsmoe.analysis import KINDS, add_kind_counts, capture_routing, lift, mutual_information, redundancy
 from dsmoe.checkpoint import is_hf_folder, load_checkpoint, resolve
-from dsmoe.data import Corpus, load_corpus, load_tokenizer
+from dsmoe.data import Corpus, load_corpus
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.metrics import dead_experts, load_entropy, max_violation
 from dsmoe.model import MoETransformer
 from dsmoe.pretrained import from_pretrained
+from dsmoe.tokenizer import load_tokenizer
 
 DEFAULT_SEQ_LEN = 256  # for HF folders, whose max_position_embeddings is far longer than a corpus pass needs
 DEFAULT_BATCH_SIZE = 8

@@ -36,20 +36,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dsmoe.data import (
-    Tokenizer,
-    _path_hash,
-    _text_files,
-    load_tokenizer,
-    stdlib_files,
-)
 from dsmoe.runtime import RunLock, optional_import
+from dsmoe.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 SHARD_TOKENS = 1 << 27     # tokens per chunk (256 MB of uint16): a chunk is the unit of resumption
 BATCH_CHARS = 1 << 20      # text per work item sent to a worker
-PIECE_BYTES = 4 << 20      # a text file longer than this is read in pieces (cut at a newline)
+ENCODE_CHARS = 1 << 18     # text per call of the tokenizer: `tokenizers` holds ~500 bytes per token while it encodes
+PIECE_BYTES = 1 << 18      # a text file longer than this is read in pieces (cut at a newline)
 SPLITS = ("train", "val")
 
 
@@ -83,6 +78,28 @@ class Settings:
     max_bytes: int | None = None   # stop after this many bytes of files (the built-in default corpus' cap)
     max_doc_chars: int | None = None
     files: list[list[Any]] = dataclasses.field(default_factory=list)  # [path, bytes, mtime_ns] of every file read
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library .py files, sorted (site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "__pycache__")]  # not the stdlib
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files)
+
+
+def _path_hash(rel: str) -> float:
+    """A stable number in [0, 1) per document path: decides order and split, independent of the machine."""
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
+
+
+def _text_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
 
 
 def source_files(sources: list[str | None], max_bytes: int | None = None) -> list[tuple[Path, Path]]:
@@ -286,7 +303,7 @@ def encode_units(batch: list[Unit], tokenizer: Tokenizer | None = None) -> dict[
     trained). Every document ends with EOS (when the tokenizer has one), trained on if its last segment is."""
     tok = tokenizer or _worker_tokenizer
     assert tok is not None
-    encoded = iter(tok.encode_many([text for unit in batch for text, _ in unit.segments]))
+    encoded = _encode_in_parts(tok, [text for unit in batch for text, _ in unit.segments])
     eos = np.array([] if tok.eos_id is None else [tok.eos_id], dtype=np.int64)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -309,6 +326,19 @@ def encode_units(batch: list[Unit], tokenizer: Tokenizer | None = None) -> dict[
         mask = np.concatenate(masks[s]) if masks[s] else np.zeros(0, np.uint8)
         out[s] = (tokens, np.asarray(starts[s], dtype=np.int64), None if mask.all() else mask)
     return out
+
+
+def _encode_in_parts(tok: Tokenizer, texts: list[str]) -> Iterator[np.ndarray]:
+    """tok.encode_many over groups of about ENCODE_CHARS: the tokenizer's memory stays that of one group."""
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        group.append(text)
+        size += len(text)
+        if size >= ENCODE_CHARS:
+            yield from tok.encode_many(group)
+            group, size = [], 0
+    yield from tok.encode_many(group)
 
 
 # ---- writing ----------------------------------------------------------------------------------------
@@ -558,7 +588,6 @@ def train_bpe(sources: list[str | None], vocab_size: int, field: str = "text", v
     """A byte-level BPE tokenizer trained on the first `budget` characters of the sources' training documents
     (read as prepare reads them; fine-tuning records contribute their text). A few MB learn a small vocabulary
     well and keep training to seconds."""
-    from dsmoe.data import BPETokenizer
     settings = Settings([str(s) for s in sources], "", field, val_fraction, skip_bad=True,
                         max_doc_chars=max_doc_chars)
     texts: list[str] = []

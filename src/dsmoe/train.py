@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dsmoe import checkpoint
 from dsmoe.config import ModelConfig, TrainConfig
-from dsmoe.data import Corpus, Tokenizer, build_tokenizer, document_ids, load_corpus, load_tokenizer, parse_data
+from dsmoe.data import Corpus, build_tokenizer, document_ids, load_corpus, parse_data
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
@@ -39,6 +39,7 @@ from dsmoe.prepare import is_prepared
 from dsmoe.presets import apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config, load_hf_weights, save_pretrained
 from dsmoe.runtime import MetricsLog, RunLock, StopFlag
+from dsmoe.tokenizer import Tokenizer, load_tokenizer
 
 
 class TrainingDiverged(RuntimeError):

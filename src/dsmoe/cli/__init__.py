@@ -4,45 +4,51 @@ objects and return results. A ValueError, OSError, RuntimeError or ImportError f
 missing or unwritable file, a device that is not there, an optional package not installed) is printed as one
 line and exits 1; Ctrl-C exits 130.
 The installed command (`command`) also keeps freed memory in glibc's heap (dsmoe.runtime.keep_freed_memory), a
-process-wide choice that `main`, which tests and scripts call in their own process, leaves alone."""
+process-wide choice that `main`, which tests and scripts call in their own process, leaves alone; so does
+`dsmoe prepare`, whose freed batches would otherwise stay mapped."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from dsmoe.cli import bench, demo, evaluate, export, generate, inspection, prepare, report, study, train
 from dsmoe.cli.format import HelpFormatter
 from dsmoe.runtime import keep_freed_memory
 
-# name -> (module, help)
+# name -> (module in dsmoe.cli, help); a module is imported only for its own command, so that `dsmoe prepare`
+# (whose worker processes import the command's main module again) never imports torch
 COMMANDS = {
-    "bench": (bench, "benchmarks: layer | train | ep"),
-    "prepare": (prepare, "tokenize text, JSONL or Parquet sources of any size into memory-mapped token shards"),
-    "train": (train, "train a DeepSeekMoE language model (default: the stdlib corpus)"),
-    "eval": (evaluate, "validation loss, perplexity, MaxVio_global and expert load of a checkpoint"),
-    "generate": (generate, "sample text from a checkpoint"),
-    "report": (report, "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
-    "demo": (demo, "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
-    "export": (export, "write a dsmoe checkpoint as a HuggingFace DeepSeek-V2/V3 folder that transformers loads"),
-    "inspect": (inspection, "expert load, MaxVio, dead experts, specialization and redundancy of a HF or dsmoe model"),
-    "study": (study, "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
+    "bench": ("bench", "benchmarks: layer | train | ep"),
+    "prepare": ("prepare", "tokenize text, JSONL or Parquet sources of any size into memory-mapped token shards"),
+    "train": ("train", "train a DeepSeekMoE language model (default: the stdlib corpus)"),
+    "eval": ("evaluate", "validation loss, perplexity, MaxVio_global and expert load of a checkpoint"),
+    "generate": ("generate", "sample text from a checkpoint"),
+    "report": ("report", "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
+    "demo": ("demo", "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
+    "export": ("export", "write a dsmoe checkpoint as a HuggingFace DeepSeek-V2/V3 folder that transformers loads"),
+    "inspect": ("inspection", "expert load, MaxVio, dead experts, specialization and redundancy of any model"),
+    "study": ("study", "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (only=NAME) one whose NAME subcommand alone has its options and code loaded."""
     parser = argparse.ArgumentParser(prog="dsmoe", description="DeepSeek-style Mixture-of-Experts")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_) in COMMANDS.items():
+    for name, (module_name, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_,
                            formatter_class=HelpFormatter)
-        p.set_defaults(_run=module.run)
-        module.add_arguments(p)
+        if only in (None, name):
+            module = importlib.import_module(f"dsmoe.cli.{module_name}")
+            p.set_defaults(_run=module.run)
+            module.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 def command(argv: list[str] | None = None) -> int:
     """The `dsmoe` executable (and the benchmarks/ scripts): main, in a process whose allocator keeps freed memory
     (CPU steps would fault their activations' pages in again otherwise)."""
-    keep_freed_memory()
+    if (sys.argv[1:] if argv is None else argv)[:1] != ["prepare"]:  # prepare's memory must stay flat
+        keep_freed_memory()
     return main(argv)
 
 

@@ -7,8 +7,6 @@ import math
 import os
 import sys
 
-import torch
-
 from dsmoe.runtime import threads_for_load
 
 
@@ -42,6 +40,7 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
 def apply_threads(args: argparse.Namespace) -> None:
     """--threads, else OMP_NUM_THREADS, else torch's count cut to the cores the load average leaves free
     (dsmoe.runtime.threads_for_load), saying so when it cuts."""
+    import torch  # here, not at the top: `dsmoe prepare` and its workers run without torch
     check_at_least(args, 1, "threads")
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -6,8 +6,8 @@ import argparse
 
 from dsmoe.cli.format import check_at_least
 from dsmoe.config import BPE_MIN_VOCAB
-from dsmoe.data import ByteTokenizer, HFTokenizer, Tokenizer
 from dsmoe.prepare import SHARD_TOKENS, prepare, train_bpe
+from dsmoe.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
