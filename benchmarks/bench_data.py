@@ -146,41 +146,49 @@ def prepare_bench(src: Path, sample_mb: int, workers: list[int]) -> dict:
         return rows
 
 
-def rss_bench(src: Path, workers: int, sizes_mb: list[int]) -> dict:
+def rss_bench(src: Path, workers: int, sizes_mb: list[int], tokenizer: str) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         for mb in sizes_mb:
             folder = sample(src, mb, Path(tmp) / f"s{mb}")
-            secs, rss, _ = measure(DSMOE + ["prepare", str(folder), "--out", str(Path(tmp) / f"p{mb}"),
-                                            "--workers", str(workers), "--quiet"])
-            rows[f"{mb} MB corpus"] = {"seconds": secs, "peak_rss_mb": rss / 2**20,
-                                       "mb_per_s": mb / secs}
+            out = Path(tmp) / f"p{mb}"
+            secs, rss, _ = measure(DSMOE + ["prepare", str(folder), "--out", str(out), "--workers", str(workers),
+                                            "--tokenizer", tokenizer, "--quiet"])
+            manifest = json.loads((out / "manifest.json").read_text())
+            n = sum(c[s]["tokens"] for c in manifest["chunks"] for s in ("train", "val"))
+            rows[f"{mb} MB corpus"] = {"seconds": secs, "peak_rss_mb": rss / 2**20, "tokens": n,
+                                       "tokens_per_s": n / secs}
             for p in folder.iterdir():
                 p.unlink()
     return rows
 
 
 def train_child(data: str | None, steps: int) -> None:
-    """In this process: a tiny-preset run, with the time spent fetching batches (dsmoe.train.next_batch) summed."""
+    """In this process: a tiny-preset run, with the time spent fetching batches (dsmoe.train.next_batch) and in
+    training steps (dsmoe.train.train_step, which calls it) summed."""
     from dsmoe import train as train_mod
     from dsmoe.presets import build_configs
-    spent = [0.0]
-    real = train_mod.next_batch
+    spent = {"next_batch": 0.0, "train_step": 0.0}
 
-    def timed(*args):
-        t0 = time.perf_counter()
-        out = real(*args)
-        spent[0] += time.perf_counter() - t0
-        return out
+    def timed(name):
+        real = getattr(train_mod, name)
 
-    train_mod.next_batch = timed
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            out = real(*args)
+            spent[name] += time.perf_counter() - t0
+            return out
+        setattr(train_mod, name, wrapper)
+
+    timed("next_batch")
+    timed("train_step")
     with tempfile.TemporaryDirectory() as out:
         sets = [f"steps={steps}", "eval_every=0", "save_every=0", "eval_batches=1", "log_every=10",
                 "tensorboard=false", f"out={out}/run"] + ([f"data={data}"] if data else [])
         t0 = time.perf_counter()
         train_mod.train(*build_configs("tiny", sets), progress=False)
         total = time.perf_counter() - t0
-    print(json.dumps({"loader_s": spent[0], "total_s": total}))
+    print(json.dumps({"loader_s": spent["next_batch"], "steps_s": spent["train_step"], "total_s": total}))
 
 
 def main() -> None:
@@ -194,6 +202,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--data", help="a prepared folder (train)")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--tokenizer", default="byte", help="rss: byte, bpe or a HuggingFace folder")
     args = p.parse_args()
     print(f"machine: {os.cpu_count()} cpus; load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     if args.what == "corpus":
@@ -202,7 +211,7 @@ def main() -> None:
         print(json.dumps(prepare_bench(args.src, args.sample_mb, [int(w) for w in args.workers.split(",")]), indent=1))
     elif args.what == "rss":
         print(json.dumps(rss_bench(args.src, int(args.workers.split(",")[-1]),
-                                   [int(s) for s in args.sizes_mb.split(",")]), indent=1))
+                                   [int(s) for s in args.sizes_mb.split(",")], args.tokenizer), indent=1))
     elif args.what == "_train_child":
         train_child(args.data, args.steps)
     else:  # the stdlib default and the prepared folder, alternated twice
@@ -213,7 +222,7 @@ def main() -> None:
                 secs, rss, out = measure(cmd + (["--data", data] if data else []))
                 child = json.loads(out.strip().splitlines()[-1])
                 rows.setdefault(label, []).append({"peak_rss_mb": rss / 2**20, "seconds": secs,
-                                                   "loader_share": child["loader_s"] / child["total_s"]})
+                                                   "loader_share_of_steps": child["loader_s"] / child["steps_s"]})
         print(json.dumps(rows, indent=1))
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsmoe.data import load_corpus, stdlib_files
+from dsmoe.data import load_corpus
+from dsmoe.prepare import stdlib_files
 from dsmoe.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 
