@@ -6,6 +6,7 @@ greedy generation with the latent KV cache equals generation without it and tran
 survive load -> save bit for bit; a bad folder is an error naming what is wrong."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -291,6 +292,24 @@ def test_train_init_fine_tunes_and_the_result_loads_in_transformers(byte_folder,
     exported = from_pretrained(tmp_path / "exported")
     for a, b in zip(exported.state_dict().values(), after.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_train_init_fine_tunes_on_prompt_completion_records(byte_folder, capsys, monkeypatch, tmp_path):
+    """`dsmoe train --init DIR --data sft.jsonl`: a supervised fine-tune (completion tokens only, documents
+    masked apart) of a DeepSeek folder; the records are prepared on the fly with the folder's tokenizer."""
+    from dsmoe.cli import main
+
+    folder, _ = byte_folder
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    records = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x + {i}\n"} for i in range(80)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = ["train", "--init", str(folder), "--preset", "debug", "--data", str(tmp_path / "sft.jsonl"), "--out",
+            str(tmp_path / "run"), "--steps", "6", "--quiet", "--set", "seq_len=32", "--set", "batch_size=4",
+            "--set", "eval_batches=1", "--set", "tensorboard=false", "--set", "doc_mask=true", "--set", "lr=1e-3"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < summary["init_val_loss"]
 
 
 def test_a_folders_own_tokenizer_is_used(byte_folder, capsys):
