@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsmoe import cli, prepare
-from dsmoe.data import Corpus, TokenSet, document_ids, load_corpus, parse_data
+from dsmoe.data import Corpus, TokenSet, load_corpus, parse_data
 from dsmoe.prepare import PrepareError
 from dsmoe.runtime import RunLock
 from dsmoe.tokenizer import ByteTokenizer, HFTokenizer
@@ -60,7 +60,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 def test_a_folder_prepares_every_document_whole_into_one_split(tmp_path):
     src = texts(tmp_path / "src")
     result = prepare.prepare([str(src)], tmp_path / "out", BYTE, progress=False)
-    assert result.done and result.manifest["complete"] and result.manifest["dtype"] == "uint16"
+    assert not result.already and result.manifest["complete"] and result.manifest["dtype"] == "uint16"
     train, val = decoded(tmp_path / "out", "train"), decoded(tmp_path / "out", "val")
     originals = sorted(p.read_text() for p in src.iterdir())
     assert sorted(train + val) == originals and train and val  # each document whole, in exactly one split
@@ -98,10 +98,21 @@ def test_a_long_text_file_is_read_in_pieces_as_one_document(tmp_path, monkeypatc
     prepare.prepare([str(tmp_path / "big.txt")], tmp_path / "out", BYTE, progress=False)
     ts = TokenSet(tmp_path / "out")
     # one document: too few to split by document, so the tail of its tokens is held out
-    assert ts.docs == {"train": 1, "val": 1}
+    assert ts.docs == {"train": 1, "val": 0}
     whole = np.concatenate([ts.read(s, 0, ts.size(s))[0] for s in ("train", "val")])
     assert BYTE.decode(whole.tolist()) == text and whole[-1] == EOS
     assert ts.size("val") == max(1, int(len(whole) * 0.2))
+
+
+@pytest.mark.parametrize("name", ["f0.txt", "f4.txt"], ids=["hashes-to-train", "hashes-to-val"])
+def test_a_single_document_trains_on_its_head_and_holds_out_its_tail(tmp_path, name):
+    text = "".join(f"line {i}\n" for i in range(300))
+    (tmp_path / name).write_text(text)
+    prepare.prepare([str(tmp_path / name)], tmp_path / "out", BYTE, progress=False)
+    ts = TokenSet(tmp_path / "out")
+    head, tail = (BYTE.decode(ts.read(s, 0, ts.size(s))[0].tolist()) for s in ("train", "val"))
+    assert head + tail == text and len(tail) < len(head) and tail.endswith("line 299\n")
+    assert ts.docs == {"train": 1, "val": 0}  # the document starts in the head
 
 
 # ---- resuming ---------------------------------------------------------------------------------------
@@ -127,10 +138,69 @@ def test_an_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch
     assert not manifest["complete"] and len(manifest["chunks"]) == 2
     with pytest.raises(PrepareError, match="did not finish"):
         TokenSet(tmp_path / "cut")
-    assert prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw).done
+    assert not prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw).already
     assert files_of(tmp_path / "cut") == files_of(tmp_path / "full") and len(files_of(tmp_path / "full")) > 8
     again = prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw)
-    assert not again.done  # the same sources once more: nothing to do
+    assert again.already  # the same sources once more: nothing to do
+
+
+def test_a_resumed_run_counts_what_it_skipped_once(tmp_path, monkeypatch):
+    """Bad lines before the resume point were counted by the run that got there: the manifests are equal."""
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)
+    records = [{"text": f"record {i} " * 10} if i % 7 else "{bad" for i in range(200)]
+    src = str(jsonl(tmp_path / "d.jsonl", records))
+    kw = {"shard_tokens": 2000, "progress": False, "skip_bad": True}
+    full = prepare.prepare([src], tmp_path / "full", BYTE, **kw).manifest
+    real, commits = prepare._commit, []
+
+    def commit_then_die(*args):
+        real(*args)
+        commits.append(1)
+        if len(commits) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([src], tmp_path / "cut", BYTE, **kw)
+    monkeypatch.setattr(prepare, "_commit", real)
+    resumed = prepare.prepare([src], tmp_path / "cut", BYTE, **kw).manifest
+    assert resumed["skipped"] == full["skipped"] == {"bad lines": 29}
+    assert resumed["chunks"] == full["chunks"] and len(full["chunks"]) > 3
+
+
+def test_a_run_that_wrote_nothing_can_be_run_again_with_other_settings(tmp_path):
+    src = str(jsonl(tmp_path / "d.jsonl", ["{bad"] + [{"text": f"r {i} " * 9} for i in range(30)]))
+    with pytest.raises(PrepareError, match="--skip-bad"):
+        prepare.prepare([src], tmp_path / "out", BYTE, progress=False)
+    result = prepare.prepare([src], tmp_path / "out", BYTE, skip_bad=True, progress=False)  # as the error says
+    assert result.manifest["complete"] and result.manifest["skipped"] == {"bad lines": 1}
+
+
+def test_a_folder_prepared_again_is_read_afresh_in_the_same_process(tmp_path):
+    (tmp_path / "a.txt").write_text("AAAA" * 100)
+    prepare.prepare([str(tmp_path / "a.txt")], tmp_path / "out", BYTE, progress=False)
+    first = TokenSet(tmp_path / "out")
+    assert BYTE.decode(first.read("train", 0, 4)[0].tolist()) == "AAAA"
+    for p in (tmp_path / "out").iterdir():
+        p.unlink()
+    (tmp_path / "a.txt").write_text("BBBB" * 100)
+    prepare.prepare([str(tmp_path / "a.txt")], tmp_path / "out", BYTE, progress=False)
+    assert BYTE.decode(TokenSet(tmp_path / "out").read("train", 0, 4)[0].tolist()) == "BBBB"
+
+
+def test_an_unreadable_source_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    src = texts(tmp_path / "src")
+    real_open = Path.open
+
+    def deny(self, *args, **kwargs):
+        if self.name == "doc07.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)
+    with pytest.raises(PermissionError, match="doc07.txt") as error:
+        prepare.prepare([str(src)], tmp_path / "out", BYTE, progress=False)
+    assert "free space" not in str(error.value)
 
 
 def test_disk_full_keeps_the_chunks_before_and_a_rerun_finishes(tmp_path, monkeypatch):
@@ -220,7 +290,7 @@ def test_windows_are_read_across_chunks(tmp_path, monkeypatch):
     prepare.prepare([str(texts(tmp_path / "src", n=60))], tmp_path / "out", BYTE, shard_tokens=1000, progress=False)
     ts = TokenSet(tmp_path / "out")
     assert len(ts.chunks["train"]) > 3
-    whole = np.concatenate([np.fromfile(a.path, dtype=np.uint16) for a, _ in ts.chunks["train"]]).astype(np.int64)
+    whole = np.concatenate([np.fromfile(c.tokens, dtype=np.uint16) for c in ts.chunks["train"]]).astype(np.int64)
     corpus = Corpus([ts], [1.0], {})
     starts = torch.tensor([0, 995, 1990, len(whole) - 33])
     x, y = corpus.windows("train", starts, 32)
@@ -250,9 +320,10 @@ def test_a_bad_mixture_is_a_clear_error(spec):
         parse_data(spec)
 
 
-def test_document_ids_start_after_each_eos():
-    x = torch.tensor([[5, EOS, 6, 7, EOS, EOS, 8]])
-    assert document_ids(x, EOS).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+def test_a_path_with_an_equals_sign_is_a_path(tmp_path):
+    folder = tmp_path / "a=1"
+    folder.mkdir()
+    assert parse_data(str(folder)) == [(str(folder), 1.0)]
 
 
 # ---- fine-tuning data -------------------------------------------------------------------------------
@@ -262,7 +333,7 @@ def test_prompt_completion_trains_on_the_completion_only(tmp_path):
     prepare.prepare([str(jsonl(tmp_path / "sft.jsonl", records))], tmp_path / "out", BYTE, progress=False)
     corpus = load_corpus(str(tmp_path / "out"), BYTE)
     ts = corpus.sets[0]
-    ids, mask = ts.read("train", 0, ts.size("train"))
+    ids, mask, _ = ts.read("train", 0, ts.size("train"))
     assert mask is not None
     trained = "".join(chr(t) for t, m in zip(ids.tolist(), mask.tolist()) if m and t < 256)
     assert "A: " in trained and "Q" not in trained and "what" not in trained
@@ -280,18 +351,26 @@ def test_messages_are_rendered_with_the_chat_template_and_only_the_assistant_tra
     folder = tmp_path / "model"
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
-    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
+                "{% endif %}{% endfor %}")
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
     hf = HFTokenizer.load(folder)
     records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                              {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]}] * 30
     prepare.prepare([str(jsonl(tmp_path / "chat.jsonl", records))], tmp_path / "out", hf, progress=False)
     ts = TokenSet(tmp_path / "out")
-    ids, mask = ts.read("train", 0, ts.size("train"))
-    first = ids[:np.argmax(ids == hf.eos_id) + 1]
+    ids, mask, starts = ts.read("train", 0, ts.size("train"), docs=True)
+    assert mask is not None and starts is not None
+    first = ids[:starts[1]]  # the first conversation, as the .idx file says
     trained = hf.decode(first[mask[:len(first)] == 1].tolist()).replace(" ", "")
-    assert trained == "<|assistant|>hello<|assistant|>because"
-    assert hf.decode(first.tolist()).replace(" ", "").startswith("<|user|>hi<|assistant|>hello")
+    assert trained == "<|assistant|>hello<|assistant|>because"  # (decode leaves out the EOS tokens)
+    assert hf.decode(first.tolist()).replace(" ", "") == "<|user|>hi<|assistant|>hello<|user|>why<|assistant|>because"
+    eos_at = np.flatnonzero(first == hf.eos_id)
+    assert len(eos_at) == 2 and eos_at[-1] == len(first) - 1 and mask[eos_at].all()  # each turn's EOS, trained
+    # the template's EOS after each turn neither cuts the conversation into documents nor doubles the last EOS
+    corpus = Corpus([ts], [1.0], {})
+    _, _, docs = corpus.windows_with_docs("train", torch.tensor([0]), int(starts[2]) + 3)
+    assert docs[0].tolist() == [0] * int(starts[1]) + [1] * int(starts[2] - starts[1]) + [2] * 3
 
 
 # ---- bad input --------------------------------------------------------------------------------------
@@ -396,9 +475,14 @@ def test_a_long_line_is_cut_between_characters(tmp_path, monkeypatch):
     assert BYTE.decode(whole.tolist()) == text
 
 
-def test_the_tokenizing_workers_import_no_torch():
-    """Each worker process imports dsmoe.prepare: without torch it costs tens of MB, not hundreds."""
+def test_prepare_and_its_workers_import_no_torch(tmp_path):
+    """`dsmoe prepare` and each worker process (which imports dsmoe.prepare and the command's main module again)
+    run without torch: tens of MB each, not hundreds."""
     import subprocess
     import sys
-    code = "import sys, dsmoe.prepare; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    src = texts(tmp_path / "src")
+    code = ("import sys; from dsmoe.cli import main; "
+            f"main(['prepare', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}, '--quiet']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    assert out.endswith("False") and (tmp_path / "out" / "manifest.json").exists()

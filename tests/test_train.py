@@ -440,7 +440,7 @@ def test_keep_freed_memory_asks_glibc_for_less_where_it_refuses(monkeypatch):
     assert not runtime.keep_freed_memory() and not runtime.freed_memory_kept
 
 
-def test_only_the_dsmoe_executable_sets_the_allocator(monkeypatch):
+def test_only_the_dsmoe_executable_sets_the_allocator(monkeypatch, tmp_path):
     """cli.main, which tests and scripts call in their own process, leaves that process's allocator alone; the
     installed command (cli.command, also `python -m dsmoe`) sets it first."""
     calls = []
@@ -449,7 +449,8 @@ def test_only_the_dsmoe_executable_sets_the_allocator(monkeypatch):
     assert cli.main(argv) == 1 and calls == []
     monkeypatch.setattr("sys.argv", ["dsmoe", *argv])
     assert cli.command() == 1 and calls == [1]
-    assert cli.command(["prepare", "/nonexistent", "--out", "unused"]) == 1 and calls == [1]  # not for prepare
+    assert cli.command(["prepare", "/nonexistent", "--out", str(tmp_path / "out")]) == 1 and calls == [1]  # not prepare
+
 
 def test_cli_takes_fewer_threads_on_a_busy_machine(monkeypatch, capsys):
     """`dsmoe train` under load: fewer torch threads, and it says so; --threads and OMP_NUM_THREADS win."""

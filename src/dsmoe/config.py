@@ -375,7 +375,7 @@ class TrainConfig:
     device: str = "cpu"               # "cpu" or "cuda" (bf16 autocast)
     data: str | None = None           # a prepared folder (dsmoe prepare), a text file or folder, or a mixture
                                       # "a=0.7,b=0.3" of those; None = the Python standard library
-    doc_mask: bool = False            # attention and rotary positions restart at each document (after EOS)
+    doc_mask: bool = False            # attention and rotary positions restart at each document of a window
     tokenizer: str = "byte"           # "byte" or "bpe" (trained locally, saved with the checkpoint)
     bpe_vocab_size: int = 2048        # vocabulary of the BPE tokenizer
     out: str | None = None            # run directory; None = runs/<preset>

@@ -10,6 +10,7 @@ their path (a file never straddles the split), tokenized once.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,52 +55,69 @@ def default_cache_dir() -> Path:
 
 # ---- corpus -----------------------------------------------------------------------------------------
 
-class Shard:
-    """Tokens [offset, offset+length) of a shard file, read by pread: a window costs one system call and maps
-    nothing (random windows through np.memmap mapped ~0.5 MB of page cache into the process each, so its resident
-    memory grew with the corpus: +360 MB after 640 windows of a 1 GB corpus). Up to 128 files stay open."""
+class _Files:
+    """The open files of one TokenSet, read by pread: a window costs a system call and maps nothing (random
+    windows through np.memmap mapped ~0.5 MB of page cache into the process each, so its resident memory grew
+    with the corpus: +366 MB after 640 windows of a 1 GB corpus). At most 128 files stay open."""
 
-    _open: collections.OrderedDict[Path, int] = collections.OrderedDict()
+    def __init__(self) -> None:
+        self.fds: collections.OrderedDict[Path, int] = collections.OrderedDict()
 
-    def __init__(self, path: Path, dtype: np.dtype, offset: int = 0, length: int | None = None):
-        self.path, self.dtype, self.offset = path, dtype, offset
-        self.length = path.stat().st_size // dtype.itemsize - offset if length is None else length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def part(self, lo: int, hi: int) -> Shard:
-        return Shard(self.path, self.dtype, self.offset + lo, hi - lo)
-
-    def read(self, lo: int, n: int) -> np.ndarray:
-        fd = Shard._open.pop(self.path, None)
+    def read(self, path: Path, dtype: np.dtype, start: int, n: int) -> np.ndarray:
+        """Items [start, start+n) of a file of dtype."""
+        fd = self.fds.pop(path, None)
         if fd is None:
-            fd = os.open(self.path, os.O_RDONLY)
-            if len(Shard._open) >= 128:
-                os.close(Shard._open.popitem(last=False)[1])
-        Shard._open[self.path] = fd
-        size = self.dtype.itemsize
-        data = os.pread(fd, n * size, (self.offset + lo) * size)
-        if len(data) != n * size:
-            raise PrepareError(f"{self.path} is shorter than its manifest says: prepare the corpus again")
-        return np.frombuffer(data, dtype=self.dtype)
+            fd = os.open(path, os.O_RDONLY)
+            if len(self.fds) >= 128:
+                os.close(self.fds.popitem(last=False)[1])
+        self.fds[path] = fd
+        data = os.pread(fd, n * dtype.itemsize, start * dtype.itemsize)
+        if len(data) != n * dtype.itemsize:
+            raise PrepareError(f"{path} is shorter than its manifest says: prepare the corpus again")
+        return np.frombuffer(data, dtype=dtype)
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass
+class _Chunk:
+    """A chunk's share of a split: items [offset, offset+length) of its token file (and mask), whose documents
+    start at the positions its .idx file lists (`docs` of them)."""
+
+    tokens: Path
+    mask: Path | None
+    idx: Path
+    docs: int
+    offset: int
+    length: int
+
+    def part(self, lo: int, hi: int) -> _Chunk:
+        return dataclasses.replace(self, offset=self.offset + lo, length=hi - lo)
+
+
+INT64 = np.dtype(np.int64)
 
 
 class TokenSet:
     """A prepared corpus folder (dsmoe.prepare) opened for reading: each file first checked against the
-    manifest (size and SHA-256), so a truncated or changed shard is an error, never data; windows read by
-    pread (Shard)."""
+    manifest (size and SHA-256), so a truncated or changed shard is an error, never data. `name` (default the
+    folder) is what messages call it: the path the user gave, for a raw one prepared into the cache."""
 
-    def __init__(self, folder: str | Path, verify: bool = True):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, verify: bool = True, name: str | None = None):
+        self.folder, self.name = Path(folder), name or str(folder)
         self.keep: object = None  # what must live as long as the set (a temporary folder)
+        self.files = _Files()
         self.manifest = manifest = read_manifest(folder)
         if not manifest.get("complete"):
             raise PrepareError(f"{folder}: `dsmoe prepare` did not finish ({len(manifest['chunks'])} chunks written); "
                                "run the same command again to finish it")
         self.dtype = np.dtype(manifest["dtype"])
-        self.chunks: dict[str, list[tuple[Shard, Shard | None]]] = {}
-        self.starts: dict[str, np.ndarray] = {}  # global offset of each chunk, and the split's size last
+        self.chunks: dict[str, list[_Chunk]] = {}
         for split in ("train", "val"):
             entries = [c[split] for c in manifest["chunks"] if c[split]["tokens"]]
             if verify:
@@ -110,26 +128,21 @@ class TokenSet:
         self.docs = {s: sum(c[s]["docs"] for c in manifest["chunks"]) for s in ("train", "val")}
         if "held_out" in manifest:
             self._hold_out(manifest["held_out"]["from"], manifest["held_out"]["at"])
-        for split in ("train", "val"):
-            self.starts[split] = np.cumsum([0] + [len(tokens) for tokens, _ in self.chunks[split]])
+        self.starts = {split: np.cumsum([0] + [c.length for c in self.chunks[split]]) for split in ("train", "val")}
+
+    def _open(self, entry: dict) -> _Chunk:
+        path = folder_file(self.folder, entry["file"])
+        return _Chunk(path, path.with_suffix(".mask") if entry["mask"] else None, path.with_suffix(".idx"),
+                      entry["docs"], 0, entry["tokens"])
 
     def _hold_out(self, full: str, at: int) -> None:
-        """All documents fell into one split: its tokens from `at` on are the other split (views, no copy)."""
-        kept: list[tuple[Shard, Shard | None]] = []
-        moved: list[tuple[Shard, Shard | None]] = []
-        offset = before = 0
-        entries = [c[full] for c in self.manifest["chunks"] if c[full]["tokens"]]  # as self.chunks[full]
-        for (tokens, mask), entry in zip(self.chunks[full], entries):
-            cut = min(max(at - offset, 0), len(tokens))
-            starts = np.fromfile(folder_file(self.folder, entry["file"][:-len(".bin")] + ".idx"), dtype=np.int64)
-            before += int((starts < cut).sum())
-            for part, lo, hi in ((kept, 0, cut), (moved, cut, len(tokens))):
-                if hi > lo:
-                    part.append((tokens.part(lo, hi), None if mask is None else mask.part(lo, hi)))
-            offset += len(tokens)
-        other = "val" if full == "train" else "train"
-        self.chunks[full], self.chunks[other] = kept, moved
-        self.docs = {full: before, other: self.docs[full] - before + 1}  # the document cut in two counts in both
+        """All documents fell into one split: its first `at` tokens train, the rest are held out."""
+        offsets = np.cumsum([0] + [c.length for c in self.chunks[full]])
+        head = [c.part(0, max(0, min(at - int(o), c.length))) for c, o in zip(self.chunks[full], offsets)]
+        tail = [c.part(h.length, c.length) for c, h in zip(self.chunks[full], head)]
+        self.chunks = {"train": [c for c in head if c.length], "val": [c for c in tail if c.length]}
+        before = sum(len(self._doc_starts(c, 0, c.length)) for c in self.chunks["train"])
+        self.docs = {"train": before, "val": self.docs[full] - before}
 
     def _verify(self, entry: dict) -> None:
         stem = entry["file"][:-len(".bin")]
@@ -144,27 +157,42 @@ class TokenSet:
                 raise PrepareError(f"{path} does not match its SHA-256 in {self.folder / 'manifest.json'} (changed "
                                    "or corrupt): prepare the corpus again")
 
-    def _open(self, entry: dict) -> tuple[Shard, Shard | None]:
-        path = folder_file(self.folder, entry["file"])
-        mask = Shard(path.with_suffix(".mask"), np.dtype(np.uint8)) if entry["mask"] else None
-        return Shard(path, self.dtype), mask
-
     def size(self, split: str) -> int:
         return int(self.starts[split][-1])
 
-    def read(self, split: str, start: int, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Tokens [start, start+n) of the split (int64) and their loss mask (None: all trained on)."""
-        chunk = int(np.searchsorted(self.starts[split], start, side="right")) - 1
-        tokens, masks, any_mask = [], [], False
-        while n > 0:
-            ids, mask = self.chunks[split][chunk]
-            lo = start - int(self.starts[split][chunk])
-            take = min(n, len(ids) - lo)
-            tokens.append(ids.read(lo, take).astype(np.int64))
-            masks.append(np.ones(take, np.uint8) if mask is None else mask.read(lo, take))
-            any_mask |= mask is not None
-            start, n, chunk = start + take, n - take, chunk + 1
-        return np.concatenate(tokens), np.concatenate(masks) if any_mask else None
+    def _doc_starts(self, chunk: _Chunk, lo: int, hi: int) -> np.ndarray:
+        """Positions in [lo, hi) of the chunk where a document starts (a binary search of its .idx by pread)."""
+        def first_at_or_after(position: int) -> int:
+            a, b = 0, chunk.docs
+            while a < b:
+                mid = (a + b) // 2
+                if self.files.read(chunk.idx, INT64, mid, 1)[0] < position:
+                    a = mid + 1
+                else:
+                    b = mid
+            return a
+        i, j = first_at_or_after(chunk.offset + lo), first_at_or_after(chunk.offset + hi)
+        return self.files.read(chunk.idx, INT64, i, j - i) - chunk.offset
+
+    def read(self, split: str, start: int, n: int, docs: bool = False
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Tokens [start, start+n) of the split (int64), their loss mask (None: all trained on) and, with docs,
+        the positions in the window where a document starts (as the .idx files say)."""
+        k = int(np.searchsorted(self.starts[split], start, side="right")) - 1
+        tokens, masks, begins, done = [], [], [], 0
+        while done < n:
+            chunk = self.chunks[split][k]
+            lo = start + done - int(self.starts[split][k])
+            take = min(n - done, chunk.length - lo)
+            tokens.append(self.files.read(chunk.tokens, self.dtype, chunk.offset + lo, take).astype(np.int64))
+            masks.append(None if chunk.mask is None else
+                         self.files.read(chunk.mask, np.dtype(np.uint8), chunk.offset + lo, take))
+            if docs:
+                begins.append(self._doc_starts(chunk, lo, lo + take) - lo + done)
+            done, k = done + take, k + 1
+        mask = None if all(m is None for m in masks) else np.concatenate(
+            [np.ones(len(t), np.uint8) if m is None else m for t, m in zip(tokens, masks)])
+        return np.concatenate(tokens), mask, np.concatenate(begins) if docs else None
 
 
 def _sha256(path: Path) -> str:
@@ -197,11 +225,11 @@ class Corpus:
             for split in ("train", "val"):
                 n = s.size(split)
                 if n < seq_len + 1:
-                    raise ValueError(f"corpus too small: the {split} split of {s.folder} has {n} tokens, but one "
+                    raise ValueError(f"corpus too small: the {split} split of {s.name} has {n} tokens, but one "
                                      f"batch of seq_len={seq_len} needs at least {seq_len + 1}; add text or lower "
                                      "seq_len")
             if vocab_size is not None and s.max_id >= vocab_size:
-                raise ValueError(f"{s.folder} holds token id {s.max_id}, beyond the model's vocab_size={vocab_size}: "
+                raise ValueError(f"{s.name} holds token id {s.max_id}, beyond the model's vocab_size={vocab_size}: "
                                  "it was prepared with another tokenizer; prepare it with the model's")
 
     def sample(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator | None = None
@@ -228,19 +256,35 @@ class Corpus:
     def windows(self, split: str, starts_B: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_BS, y_BS): the windows at these global starts, y shifted by one token and -1 (ignored by the loss)
         where a fine-tuning set's mask says the token is not trained on."""
+        x, y, _ = self._rows(split, starts_B, seq_len, docs=False)
+        return x, y
+
+    def windows_with_docs(self, split: str, starts_B: torch.Tensor, seq_len: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_BS, y_BS, docs_BS): the windows and each token's document number in its row (from the .idx files,
+        so a chat template's EOS inside a conversation does not cut it): MoETransformer's docs_BS."""
+        x, y, docs = self._rows(split, starts_B, seq_len, docs=True)
+        assert docs is not None
+        return x, y, docs
+
+    def _rows(self, split: str, starts_B: torch.Tensor, seq_len: int, docs: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         bases = self._bases(split)
-        rows, masks = [], []
-        for start in starts_B.tolist():
+        rows, masks, begins = [], [], np.zeros((len(starts_B), seq_len), dtype=np.int64)
+        for row, start in enumerate(starts_B.tolist()):
             i = int(np.searchsorted(bases, start, side="right")) - 1
-            tokens, mask = self.sets[i].read(split, start - int(bases[i]), seq_len + 1)
+            tokens, mask, doc_starts = self.sets[i].read(split, start - int(bases[i]), seq_len + 1, docs)
             rows.append(tokens)
             masks.append(mask)
+            if doc_starts is not None:
+                inside = doc_starts[(doc_starts > 0) & (doc_starts < seq_len)]
+                begins[row, inside] = 1
         tokens_BS = torch.from_numpy(np.stack(rows))
         x, y = tokens_BS[:, :-1], tokens_BS[:, 1:].clone()
         if any(m is not None for m in masks):
             trained = np.stack([np.ones(seq_len + 1, np.uint8) if m is None else m for m in masks])[:, 1:]
             y[torch.from_numpy(trained) == 0] = -1
-        return x, y
+        return x, y, torch.from_numpy(begins.cumsum(1)) if docs else None
 
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
         """(x_BS, y_BS): random windows of the split."""
@@ -256,15 +300,9 @@ def _shares(weights: list[float], n: int) -> list[int]:
     return counts
 
 
-def document_ids(x_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Each token's document number in its row: a new document starts after every EOS."""
-    ends = (x_BS == eos_id).long()
-    return ends.cumsum(1) - ends
-
-
 def parse_data(data: str | None) -> list[tuple[str | None, float]]:
     """`--data`: None (the standard library), a path, or a mixture `a=0.7,b=0.3` of paths and weights."""
-    if data is None or "=" not in data:
+    if data is None or "=" not in data or Path(data).exists():
         return [(data, 1.0)]
     parts: list[tuple[str | None, float]] = []
     for item in data.split(","):
@@ -319,6 +357,8 @@ def load_corpus(data: str | None, tokenizer, cache_dir=None, max_bytes: int = MA
 
 
 def _token_set(path: str | None, tokenizer, cache_dir, max_bytes: int, val_fraction: float) -> TokenSet:
+    """A prepared folder, checked against the tokenizer; or a raw path (None: the standard library) prepared
+    with the defaults into the cache (a temporary folder where cache_dir is False)."""
     if is_prepared(path):
         tokens = TokenSet(path)  # type: ignore[arg-type]
         key = tokens.manifest["tokenizer"]["key"]
@@ -330,19 +370,24 @@ def _token_set(path: str | None, tokenizer, cache_dir, max_bytes: int, val_fract
     cap = max_bytes if path is None else None
     files = source_files([path], cap)
     limit = MAX_DOC_CHARS if path is None else None
-    key = _corpus_key(path, files, tokenizer, cap, val_fraction)
+    settings = {"val_fraction": val_fraction, "max_bytes": cap, "max_doc_chars": limit}
+    name = path or "the standard library"
     if cache_dir is False:
         tmp = tempfile.TemporaryDirectory(prefix="dsmoe-corpus-")
-        prepare([path], tmp.name, tokenizer, val_fraction=val_fraction, max_bytes=cap, max_doc_chars=limit,
-                progress=False)
-        tokens = TokenSet(tmp.name)
+        folder, wait, progress = Path(tmp.name), False, False
+    else:
+        key = _corpus_key(path, files, tokenizer, cap, val_fraction)
+        folder = Path(default_cache_dir() if cache_dir is None else cache_dir) / f"prepared-{key}"
+        wait, progress = True, sum(p.stat().st_size for p, _ in files) > 64 << 20
+    try:
+        prepare([path], folder, tokenizer, progress=progress, wait=wait, **settings)  # type: ignore[arg-type]
+    except PrepareError as e:  # its advice names prepare's options, which train/eval take through a folder
+        raise PrepareError(f"{e} (a raw source is read with the defaults; `dsmoe prepare` takes --field and "
+                           "--skip-bad: prepare it there and give the prepared folder as --data)") from None
+    tokens = TokenSet(folder, name=name)
+    if cache_dir is False:
         tokens.keep = tmp  # the folder goes with the set that reads it
-        return tokens
-    folder = Path(default_cache_dir() if cache_dir is None else cache_dir) / f"prepared-{key}"
-    big = sum(p.stat().st_size for p, _ in files) > 64 << 20
-    prepare([path], folder, tokenizer, val_fraction=val_fraction, max_bytes=cap, max_doc_chars=limit,
-            progress=big, wait=True)
-    return TokenSet(folder)
+    return tokens
 
 
 def build_tokenizer(kind: str, path: str | None, vocab_size: int = 2048, cache_dir=None,

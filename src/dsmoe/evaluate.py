@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dsmoe.data import Corpus, document_ids
+from dsmoe.data import Corpus
 from dsmoe.metrics import max_violation
 from dsmoe.model import MoETransformer
 from dsmoe.parallel.context import Context, SingleProcess
@@ -21,13 +21,13 @@ def autocast(device: str):
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: int, batches: int,
-             device: str = "cpu", split: str = "val", ctx: Context | None = None, eos_id: int | None = None) -> dict:
+             device: str = "cpu", split: str = "val", ctx: Context | None = None, doc_mask: bool = False) -> dict:
     """Loss, perplexity, per-layer MaxVio_global and load [L, E] from the load summed over the whole pass.
 
     Windows are spread evenly over the split (no RNG, so evaluating never shifts training). The model runs
     in eval mode under no_grad, so the balancing counts are untouched. Under a distributed context each
-    rank evaluates its share of every batch and the sums are all-reduced. eos_id: documents masked apart
-    (TrainConfig.doc_mask), each starting after an EOS.
+    rank evaluates its share of every batch and the sums are all-reduced. doc_mask: documents masked apart, as
+    a run with TrainConfig.doc_mask trains.
     """
     ctx = ctx or SingleProcess()
     was_training = model.training
@@ -38,8 +38,9 @@ def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: in
     load_LE = None
     for i in range(0, n, batch_size):
         (local,) = ctx.local_batch(starts[i:i + batch_size])
-        x, y = corpus.windows(split, local, seq_len)
-        docs = None if eos_id is None else document_ids(x, eos_id).to(device)
+        x, y, docs = corpus.windows_with_docs(split, local, seq_len) if doc_mask else (
+            *corpus.windows(split, local, seq_len), None)
+        docs = None if docs is None else docs.to(device)
         with autocast(device):
             _, loss = model(x.to(device), y.to(device), docs_BS=docs)
         total_loss += loss.float() * len(x)

@@ -139,7 +139,7 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     corpus = load_corpus(data if data is not None else loaded.data, loaded.tokenizer)
-    corpus.check(seq_len)
+    corpus.check(seq_len, cfg.vocab_size)
     passed = corpus_pass(model, corpus, loaded.tokenizer, batches, batch_size, seq_len, device, progress)
     load_LE = torch.tensor(passed["load"])
     maxvio = max_violation(load_LE).tolist()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -96,10 +97,13 @@ def _path_hash(rel: str) -> float:
 
 
 def _text_files(root: Path) -> list[Path]:
+    """A file, or a folder's files: not hidden ones, and not those of a prepared corpus inside it."""
     if root.is_file():
         return [root]
+    prepared = {p.parent for p in root.rglob(MANIFEST)}
     return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+                  if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+                  and not any(folder in p.parents for folder in prepared))
 
 
 def source_files(sources: list[str | None], max_bytes: int | None = None) -> list[tuple[Path, Path]]:
@@ -136,7 +140,8 @@ def _split(name: str, val_fraction: float) -> str:
 
 
 def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
-    """A text file as one document (None when binary or not UTF-8), in pieces cut at newlines."""
+    """A text file as one document (nothing when it is binary or not UTF-8), in pieces cut after a newline (or,
+    in a line longer than a piece, between characters)."""
     split = _split(name, settings.val_fraction)
     with path.open("rb") as f:
         raw = f.read(PIECE_BYTES)
@@ -212,8 +217,8 @@ def _chat_segments(messages: Any, where: str, template: Callable | None) -> tupl
     return tuple(segments)
 
 
-def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable | None,
-                 skipped: collections.Counter) -> Iterator[Unit]:
+def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable | None) -> Iterator[Unit | None]:
+    """One unit per record; None for a bad line skipped under --skip-bad (units() counts it)."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         line_no = 0
@@ -233,7 +238,7 @@ def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable |
             except PrepareError as e:
                 if not settings.skip_bad:
                     raise PrepareError(f"{e}; fix the line, or pass --skip-bad to count and skip bad lines") from None
-                skipped["bad lines"] += 1
+                yield None
                 continue
             yield Unit(segments, _split(f"{name}:{line_no}", settings.val_fraction))
 
@@ -268,21 +273,26 @@ def _parquet_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
 
 def units(files: list[tuple[Path, Path]], settings: Settings, template: Callable | None,
           skipped: collections.Counter, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, Unit]]:
-    """(file index, unit index in the file, unit) of every document piece from `start` on."""
+    """(file index, unit index in the file, unit) of every document piece from `start` on; what is skipped from
+    there on is counted in `skipped` (what was skipped before `start` was counted by the run that got there)."""
     for i in range(start[0], len(files)):
         path, base = files[i]
         name = str(path.relative_to(base))
         if path.name.endswith((".jsonl", ".jsonl.gz")):
-            stream = _jsonl_units(path, name, settings, template, skipped)
+            stream: Iterator[Unit | None] = _jsonl_units(path, name, settings, template)
         elif path.name.endswith(".parquet"):
             stream = _parquet_units(path, name, settings)
         else:
             stream = _text_units(path, name, settings)
-        n = -1
-        for n, unit in enumerate(stream):
+        n = 0
+        for unit in stream:
+            if unit is None:
+                skipped["bad lines"] += (i, n) >= start
+                continue
             if (i, n) >= start:
                 yield i, n, unit
-        if n < 0:
+            n += 1
+        if n == 0:
             skipped["files without text"] += 1
 
 
@@ -316,7 +326,8 @@ def encode_units(batch: list[Unit], tokenizer: Tokenizer | None = None) -> dict[
             parts[unit.split].append(ids.astype(np.int64))
             masks[unit.split].append(np.full(len(ids), trained, dtype=np.uint8))
             sizes[unit.split] += len(ids)
-        if unit.last and len(eos):
+        tail = parts[unit.split][-1] if parts[unit.split] else eos[:0]
+        if unit.last and len(eos) and not (len(tail) and tail[-1] == tok.eos_id):  # a chat template's own EOS
             parts[unit.split].append(eos)
             masks[unit.split].append(np.full(1, unit.segments[-1][1], dtype=np.uint8))
             sizes[unit.split] += 1
@@ -414,7 +425,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class Result:
     out: Path
     manifest: dict[str, Any]
-    done: bool          # False: it was prepared already (nothing to do)
+    already: bool       # it was prepared already: nothing was done
 
 
 def prepare(sources: list[str | None], out: str | Path, tokenizer: Tokenizer, *, field: str = "text",
@@ -428,20 +439,22 @@ def prepare(sources: list[str | None], out: str | Path, tokenizer: Tokenizer, *,
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     if workers < 1 or shard_tokens < 1:
         raise ValueError(f"workers={workers} and shard_tokens={shard_tokens} must be >= 1")
+    files = source_files(sources, max_bytes)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file: give a folder (new, or one to resume)")
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, what="dsmoe prepare", wait=wait)
     try:
-        files = source_files(sources, max_bytes)
         names = [None if s is None else str(Path(s).expanduser().resolve()) for s in sources]
         settings = Settings([str(s) for s in names], tokenizer.cache_key(), field, val_fraction, shard_tokens,
                             skip_bad, max_bytes, max_doc_chars,
-                            [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p, _ in files])
+                            [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p, _ in files])
         manifest = _start(out, settings, tokenizer)
         if manifest.get("complete"):
-            return Result(out, manifest, done=False)
+            return Result(out, manifest, already=True)
         _run(out, files, settings, tokenizer, manifest, workers, progress)
-        return Result(out, manifest, done=True)
+        return Result(out, manifest, already=False)
     finally:
         lock.release()
 
@@ -452,16 +465,22 @@ def _start(out: Path, settings: Settings, tokenizer: Tokenizer) -> dict[str, Any
     path = out / MANIFEST
     if path.exists():
         manifest = read_manifest(out)
+        for stray in out.glob("*.tmp"):  # the chunk an interrupted run was writing
+            stray.unlink()
         if manifest["settings"] == asdict(settings):
-            for stray in out.glob("*.tmp"):  # the chunk an interrupted run was writing
-                stray.unlink()
             return manifest
+        if not manifest["chunks"] and not manifest["complete"]:  # a run that wrote nothing: start again
+            return _new_manifest(out, settings, tokenizer)
         old = manifest["settings"]
         diff = [k for k in old if old[k] != asdict(settings).get(k)]
         raise PrepareError(f"{out} holds tokens prepared from other sources or settings (they differ in "
                            f"{', '.join(diff)}); choose another --out, or delete the folder to prepare it again")
     if any(p.name != ".lock" for p in out.iterdir()):
         raise PrepareError(f"{out} is not empty and holds no {MANIFEST}: choose an empty or new --out folder")
+    return _new_manifest(out, settings, tokenizer)
+
+
+def _new_manifest(out: Path, settings: Settings, tokenizer: Tokenizer) -> dict[str, Any]:
     tokenizer.save(out)
     manifest = {"format": FORMAT, "complete": False, "settings": asdict(settings),
                 "tokenizer": {"kind": tokenizer.kind, "key": tokenizer.cache_key()},
@@ -473,27 +492,34 @@ def _start(out: Path, settings: Settings, tokenizer: Tokenizer) -> dict[str, Any
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    with tmp.open("w") as f:
+        f.write(json.dumps(manifest, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out / MANIFEST)
 
 
-def _batches(stream: Iterator[tuple[int, int, Unit]]) -> Iterator[tuple[list[Unit], tuple[int, int]]]:
+Position = tuple[tuple[int, int], dict[str, int]]  # where the next unit starts, and the skip counts up to it
+
+
+def _batches(stream: Iterator[tuple[int, int, Unit]], skipped: collections.Counter
+             ) -> Iterator[tuple[list[Unit], Position]]:
     """Units grouped into work items of about BATCH_CHARS, each with the position after it."""
     batch: list[Unit] = []
-    chars, position = 0, (0, 0)
+    chars, at = 0, (0, 0)
     for i, n, unit in stream:
         batch.append(unit)
         chars += sum(len(t) for t, _ in unit.segments)
-        position = (i, n + 1)
+        at = (i, n + 1)
         if chars >= BATCH_CHARS:
-            yield batch, position
+            yield batch, (at, dict(skipped))
             batch, chars = [], 0
     if batch:
-        yield batch, position
+        yield batch, (at, dict(skipped))
 
 
-def _encoded(batches: Iterator[tuple[list[Unit], tuple[int, int]]], tokenizer: Tokenizer, out: Path,
-             workers: int) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
+def _encoded(batches: Iterator[tuple[list[Unit], Position]], tokenizer: Tokenizer, out: Path,
+             workers: int) -> Iterator[tuple[dict[str, Any], Position]]:
     """(encoded batch, position after it) in order: in this process, or by `workers` processes with at most
     2 x workers batches in flight (memory stays bounded)."""
     if workers == 1:
@@ -526,7 +552,7 @@ def _run(out: Path, files: list[tuple[Path, Path]], settings: Settings, tokenize
     writers: dict[str, _SplitWriter] | None = None
     t0, tokens, docs, file_index = time.perf_counter(), 0, 0, start[0]
     try:
-        stream = _batches(units(files, settings, template, skipped, start))
+        stream = _batches(units(files, settings, template, skipped, start), skipped)
         for encoded, position in _encoded(stream, tokenizer, out, workers):
             if writers is None:
                 writers = {s: _SplitWriter(out, s, len(manifest["chunks"]), dtype) for s in SPLITS}
@@ -534,51 +560,63 @@ def _run(out: Path, files: list[tuple[Path, Path]], settings: Settings, tokenize
                 writers[s].write(*encoded[s])
                 tokens += len(encoded[s][0])
                 docs += len(encoded[s][1])
-            if position[0] > file_index:
-                bar.update(sum(size for _, size, _ in settings.files[file_index:position[0]]))
-                file_index = position[0]
+            if position[0][0] > file_index:
+                bar.update(sum(size for _, size, _ in settings.files[file_index:position[0][0]]))
+                file_index = position[0][0]
             bar.set_postfix_str(f"{docs:,} docs, {tokens / (time.perf_counter() - t0):,.0f} tokens/s")
             if sum(w.tokens for w in writers.values()) >= settings.shard_tokens:
-                _commit(out, manifest, writers, position, skipped)
+                _commit(out, manifest, writers, position)
                 writers = None
         if writers is not None:
-            _commit(out, manifest, writers, (len(files), 0), skipped)
+            _commit(out, manifest, writers, ((len(files), 0), dict(skipped)))
             writers = None
+        bar.update(bar.total - bar.n)
     except BaseException as e:
         if writers is not None:
             for w in writers.values():
                 w.discard()
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise OSError(f"writing {out} failed ({e.strerror or e}); the {len(manifest['chunks'])} chunks written "
-                          "before are complete: free space or fix the folder and run the same command to go on"
-                          ) from None
+        if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                                       or str(e.filename or "").startswith(str(out))):
+            raise OSError(f"writing {e.filename or out} failed ({e.strerror or e}); the {len(manifest['chunks'])} "
+                          "chunks written before are complete: free space or fix the folder and run the same "
+                          "command to go on") from None
         raise
     finally:
-        bar.update(bar.total - bar.n)
         bar.close()
-    _finish(out, manifest, settings, skipped)
+    _finish(out, manifest, settings)
 
 
-def _commit(out: Path, manifest: dict[str, Any], writers: dict[str, _SplitWriter], position: tuple[int, int],
-            skipped: collections.Counter) -> None:
+def _commit(out: Path, manifest: dict[str, Any], writers: dict[str, _SplitWriter], position: Position) -> None:
     """Files renamed first, then the manifest that names them: a crash between leaves unlisted files that the
     next run overwrites."""
-    manifest["chunks"].append({s: writers[s].finish() for s in SPLITS})
-    manifest["next"], manifest["skipped"] = list(position), dict(skipped)
-    _write_manifest(out, manifest)
+    chunk = {s: writers[s].finish() for s in SPLITS}
+    _write_manifest(out, {**manifest, "chunks": [*manifest["chunks"], chunk], "next": list(position[0]),
+                          "skipped": position[1]})
+    manifest["chunks"].append(chunk)
+    manifest["next"], manifest["skipped"] = list(position[0]), position[1]
 
 
-def _finish(out: Path, manifest: dict[str, Any], settings: Settings, skipped: collections.Counter) -> None:
+def split_sizes(manifest: dict[str, Any]) -> dict[str, int]:
+    """Tokens per split of a prepared folder, the held-out tail counted as validation."""
+    sizes = {s: sum(c[s]["tokens"] for c in manifest["chunks"]) for s in SPLITS}
+    if "held_out" in manifest:
+        total = sum(sizes.values())
+        sizes = {"train": manifest["held_out"]["at"], "val": total - manifest["held_out"]["at"]}
+    return sizes
+
+
+def _finish(out: Path, manifest: dict[str, Any], settings: Settings) -> None:
     """Check the result, hold out the tail of the tokens when no document fell into one split (no file is
     rewritten: the manifest says where the split falls), and mark it complete."""
     sizes = {s: sum(c[s]["tokens"] for c in manifest["chunks"]) for s in SPLITS}
     if not any(sizes.values()):
-        what = ", ".join(f"{n} {k}" for k, n in skipped.items()) or "no documents"
+        what = ", ".join(f"{n} {k}" for k, n in manifest["skipped"].items()) or "no documents"
         raise PrepareError(f"sources {settings.sources} hold no text to train on ({what})")
     if not sizes["val"] or not sizes["train"]:  # too few documents to split by document: the stream's tail
         full = "train" if sizes["train"] else "val"
         at = sizes[full] - max(1, int(sizes[full] * max(settings.val_fraction, 0.1)))
-        manifest["held_out"] = {"from": full, "at": at}  # dsmoe.data.TokenSet splits there when it reads
+        # dsmoe.data.TokenSet splits there when it reads: the head trains, the tail is held out
+        manifest["held_out"] = {"from": full, "at": at}
     manifest["complete"] = True
     _write_manifest(out, manifest)
 

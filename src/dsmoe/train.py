@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dsmoe import checkpoint
 from dsmoe.config import ModelConfig, TrainConfig
-from dsmoe.data import Corpus, build_tokenizer, document_ids, load_corpus, parse_data
+from dsmoe.data import Corpus, build_tokenizer, load_corpus, parse_data
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
@@ -123,7 +123,7 @@ class Run:
 
     def evaluate(self) -> dict[str, Any]:
         ev = evaluate(self.model, self.corpus, self.cfg.batch_size, self.seq_len, self.cfg.eval_batches,
-                      self.device, ctx=self.ctx, eos_id=self.tokenizer.eos_id if self.cfg.doc_mask else None)
+                      self.device, ctx=self.ctx, doc_mask=self.cfg.doc_mask)
         self.ctx.reshard(self.model)
         self.log.write({"kind": "eval", "step": self.step, "val_loss": ev["loss"], "val_ppl": ev["ppl"],
                         "maxvio_global": ev["maxvio_global"], "load": ev["load"]})
@@ -304,9 +304,6 @@ def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
         tokenizer = (load_tokenizer(prepared[0]) if prepared else
                      build_tokenizer(cfg.tokenizer, parse_data(cfg.data)[0][0], cfg.bpe_vocab_size))
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    if cfg.doc_mask and tokenizer.eos_id is None:
-        raise ValueError(f"doc_mask=true finds documents by their EOS token, and the {tokenizer.kind} tokenizer has "
-                         "none (its tokenizer_config.json names no eos_token)")
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model_cfg.vocab_size}")
@@ -384,9 +381,12 @@ def next_batch(run: Run, meter: Meter) -> tuple[torch.Tensor, torch.Tensor, torc
     if len(run.corpus.sets) > 1:
         meter.mix += run.corpus.set_of("train", starts_B).bincount(minlength=len(run.corpus.sets))
     (local_B,) = run.ctx.local_batch(starts_B)
-    x, y = run.corpus.windows("train", local_B, run.seq_len)
-    docs = document_ids(x, run.tokenizer.eos_id).to(run.device) if run.cfg.doc_mask else None
-    return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), docs
+    if not run.cfg.doc_mask:
+        x, y = run.corpus.windows("train", local_B, run.seq_len)
+        return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), None
+    x, y, docs = run.corpus.windows_with_docs("train", local_B, run.seq_len)
+    return (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True),
+            docs.to(run.device, non_blocking=True))
 
 
 def train_step(run: Run, meter: Meter) -> int:

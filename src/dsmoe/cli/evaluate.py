@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     model, model_cfg, train_cfg, tokenizer = load_checkpoint(args.checkpoint, args.device)
     corpus = load_corpus(args.data if args.data else train_cfg.data, tokenizer)
     seq_len = train_cfg.seq_len or model_cfg.max_seq_len
-    corpus.check(seq_len)
+    corpus.check(seq_len, model_cfg.vocab_size)
     ev = evaluate(model, corpus, train_cfg.batch_size, seq_len, args.batches or train_cfg.eval_batches,
-                  args.device, args.split)
+                  args.device, args.split, doc_mask=train_cfg.doc_mask)
     mv = ev["maxvio_global"]
     print(f"{'validation' if args.split == 'val' else 'training-split'} loss {ev['loss']:.4f}, "
           f"perplexity {ev['ppl']:.2f}")

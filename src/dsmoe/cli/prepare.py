@@ -6,8 +6,8 @@ import argparse
 
 from dsmoe.cli.format import check_at_least
 from dsmoe.config import BPE_MIN_VOCAB
-from dsmoe.prepare import SHARD_TOKENS, prepare, train_bpe
-from dsmoe.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from dsmoe.prepare import SHARD_TOKENS, is_prepared, prepare, split_sizes, train_bpe
+from dsmoe.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer: Tokenizer
     if args.tokenizer == "byte":
         tokenizer = ByteTokenizer()
+    elif args.tokenizer == "bpe" and is_prepared(args.out):  # the one trained when this folder was begun
+        tokenizer = load_tokenizer(args.out)
     elif args.tokenizer == "bpe":
         tokenizer = train_bpe(args.sources, args.vocab_size, args.field, args.val_fraction)
     else:
@@ -41,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
                      workers=args.workers, skip_bad=args.skip_bad, shard_tokens=args.shard_tokens,
                      progress=not args.quiet)
     m = result.manifest
-    counts = {s: sum(c[s]["tokens"] for c in m["chunks"]) for s in ("train", "val")}
-    docs = {s: sum(c[s]["docs"] for c in m["chunks"]) for s in ("train", "val")}
+    counts = split_sizes(m)
+    docs = sum(c[s]["docs"] for c in m["chunks"] for s in ("train", "val"))
     skipped = ", ".join(f"{n:,} {what}" for what, n in m["skipped"].items())
-    print(f"{'prepared' if result.done else 'already prepared (nothing to do)'}: {result.out} | "
-          f"train {counts['train']:,} tokens / {docs['train']:,} docs, val {counts['val']:,} / {docs['val']:,} | "
+    print(f"{'already prepared (nothing to do)' if result.already else 'prepared'}: {result.out} | "
+          f"{docs:,} documents: train {counts['train']:,} tokens, val {counts['val']:,} | "
           f"{m['tokenizer']['kind']} tokenizer, vocab {m['vocab_size']:,}, {m['dtype']}, {len(m['chunks'])} chunks"
           + (f" | skipped {skipped}" if skipped else ""))
     return 0
