@@ -165,3 +165,12 @@ def test_a_missing_optional_package_names_the_extra(module, argv, needed_for, ru
     assert cli.main(argv) == 1
     out = capsys.readouterr().out
     assert f"{needed_for} needs the {module} package" in out and "pip install 'dsmoe[cli]'" in out, out
+
+
+def test_the_public_api_is_loaded_on_first_use():
+    """`import dsmoe` imports no torch (dsmoe.prepare's workers rely on it); every name in __all__ resolves."""
+    import dsmoe
+    assert sorted(dsmoe.__all__) == sorted(dsmoe._EXPORTS)
+    assert all(getattr(dsmoe, name) is not None for name in dsmoe.__all__)
+    code = "import sys, dsmoe; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -486,3 +486,21 @@ def test_prepare_and_its_workers_import_no_torch(tmp_path):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     assert out.endswith("False") and (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_conversation_the_chat_template_refuses_names_its_line(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
+                "{{ raise_exception('roles must be user or assistant') }}{% endif %}{{ m.content }}{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
+    records = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "a"}]}] * 5
+    records.insert(2, {"messages": [{"role": "system", "content": "a"}]})
+    src = str(jsonl(tmp_path / "chat.jsonl", records))
+    with pytest.raises(PrepareError, match="chat.jsonl line 3: the chat template refuses.*roles must be user"):
+        prepare.prepare([src], tmp_path / "out", HFTokenizer.load(folder), progress=False)
+    result = prepare.prepare([src], tmp_path / "out", HFTokenizer.load(folder), skip_bad=True, progress=False)
+    assert result.manifest["skipped"] == {"bad lines": 1}

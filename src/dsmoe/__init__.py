@@ -44,12 +44,17 @@ _EXPORTS = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dsmoe' has no attribute {name!r}")
     return getattr(importlib.import_module(f"dsmoe.{_EXPORTS[name]}"), name)
 
 
+# listed for the tools that read it statically; tests/test_cli.py holds it equal to _EXPORTS
 __all__ = [
     "PRESETS", "AuxLossScores", "BiasRule", "GroupScore", "GroupedExperts", "ModelConfig", "MoE", "MoEConfig",
     "MoETransformer", "Router", "ScoreFunc", "SeqAuxExperts", "SwiGLU", "TrainConfig", "build_configs",

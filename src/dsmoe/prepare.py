@@ -208,7 +208,10 @@ def _chat_segments(messages: Any, where: str, template: Callable | None) -> tupl
         if template is None:
             text = before + f"{message['role']}: {message['content']}\n"
         else:
-            text = template(messages=messages[:i + 1], add_generation_prompt=False)
+            try:
+                text = template(messages=messages[:i + 1], add_generation_prompt=False)
+            except PrepareError as e:
+                raise PrepareError(f"{where}: {e}") from None
         if not text.startswith(before):
             raise PrepareError(f"{where}: the chat template renders the conversation differently turn by turn, "
                                "so its turns cannot be masked; render the text yourself (a 'text' field)")
@@ -646,12 +649,27 @@ def chat_template(tokenizer: Tokenizer) -> Callable | None:
     source = getattr(tokenizer, "config", {}).get("chat_template")
     if not isinstance(source, str):
         return None
+    jinja2 = optional_import("jinja2", "rendering the tokenizer's chat template")
     sandbox = optional_import("jinja2.sandbox", "rendering the tokenizer's chat template")
+
+    def raise_exception(message: str) -> None:  # what HuggingFace templates call on a conversation they refuse
+        raise jinja2.TemplateError(message)
+
     env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string(source)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise PrepareError(f"the tokenizer's chat_template (tokenizer_config.json) does not parse: {e}") from None
     specials = {k: v if isinstance(v, str) else (v or {}).get("content", "")
                 for k, v in tokenizer.config.items() if k.endswith("_token")}  # type: ignore[union-attr]
-    return lambda **kw: template.render(**specials, **kw)
+
+    def render(**kw: Any) -> str:
+        try:
+            return template.render(**specials, **kw)
+        except jinja2.TemplateError as e:
+            raise PrepareError(f"the chat template refuses this conversation: {e}") from None
+    return render
 
 
 # ---- reading ----------------------------------------------------------------------------------------
