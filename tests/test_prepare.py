@@ -504,3 +504,15 @@ def test_a_conversation_the_chat_template_refuses_names_its_line(tmp_path):
         prepare.prepare([src], tmp_path / "out", HFTokenizer.load(folder), progress=False)
     result = prepare.prepare([src], tmp_path / "out", HFTokenizer.load(folder), skip_bad=True, progress=False)
     assert result.manifest["skipped"] == {"bad lines": 1}
+
+
+@pytest.mark.slow
+def test_fine_tuning_loss_is_the_mean_over_trained_targets_whatever_the_accumulation(tmp_path):
+    """Masks leave micro-batches with different numbers of trained targets: the step's loss is the mean over all
+    of them, so 1 micro-batch of 8 and 2 of 4 (the same windows) log the same loss."""
+    records = [{"prompt": f"question {i} " * (1 + i % 5), "completion": f"answer {i}." * (1 + i % 3)}
+               for i in range(80)]
+    b = prepare.prepare([str(jsonl(tmp_path / "sft.jsonl", records))], tmp_path / "p", BYTE, progress=False).out
+    one = _train(tmp_path, "one", f"data={b}", "steps=1", "batch_size=8", "grad_accum=1")
+    two = _train(tmp_path, "two", f"data={b}", "steps=1", "batch_size=4", "grad_accum=2")
+    assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-6)

@@ -216,6 +216,11 @@ class Corpus:
     def size(self, split: str) -> int:
         return sum(s.size(split) for s in self.sets)
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether some training tokens are not trained on (fine-tuning data)."""
+        return any(c.mask is not None for s in self.sets for c in s.chunks["train"])
+
     def _bases(self, split: str) -> np.ndarray:
         return np.cumsum([0] + [s.size(split) for s in self.sets])
 

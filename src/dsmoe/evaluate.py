@@ -22,7 +22,8 @@ def autocast(device: str):
 @torch.no_grad()
 def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: int, batches: int,
              device: str = "cpu", split: str = "val", ctx: Context | None = None, doc_mask: bool = False) -> dict:
-    """Loss, perplexity, per-layer MaxVio_global and load [L, E] from the load summed over the whole pass.
+    """Loss (the mean over every trained target), perplexity, per-layer MaxVio_global and load [L, E] from the
+    load summed over the whole pass.
 
     Windows are spread evenly over the split (no RNG, so evaluating never shifts training). The model runs
     in eval mode under no_grad, so the balancing counts are untouched. Under a distributed context each
@@ -35,6 +36,7 @@ def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: in
     n = batches * batch_size
     starts = corpus.spread(split, n, seq_len)
     total_loss = torch.zeros((), device=device)
+    total_targets = torch.zeros((), dtype=torch.long)
     load_LE = None
     for i in range(0, n, batch_size):
         (local,) = ctx.local_batch(starts[i:i + batch_size])
@@ -43,13 +45,15 @@ def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: in
         docs = None if docs is None else docs.to(device)
         with autocast(device):
             _, loss = model(x.to(device), y.to(device), docs_BS=docs)
-        total_loss += loss.float() * len(x)
+        targets = (y != -1).sum()
+        total_loss += loss.float() * targets.to(total_loss.device)
+        total_targets += targets
         stats = model.routing_stats()
         if stats:
             load_LE = stats["tokens_per_expert"] if load_LE is None else load_LE + stats["tokens_per_expert"]
     model.train(was_training)
     ctx.all_reduce_(total_loss)
-    loss = (total_loss / n).item()
+    loss = (total_loss / ctx.all_reduce_(total_targets.to(total_loss.device)).clamp(min=1)).item()
     out: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "maxvio_global": [], "load": []}
     if load_LE is not None:
         ctx.all_reduce_(load_LE)

@@ -352,8 +352,8 @@ class Meter:
         self.mix = torch.zeros(sets, dtype=torch.long)  # windows drawn from each set of a mixture
 
     def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: dict[str, torch.Tensor], grad_accum: int) -> None:
-        """One micro-batch's numbers (no host sync)."""
-        self.loss += loss.detach() / grad_accum
+        """One micro-batch's numbers, its loss weighted already (no host sync)."""
+        self.loss += loss.detach()
         self.aux += aux.detach() / grad_accum
         if stats:
             self.maxvio_L += stats["maxvio"] / grad_accum
@@ -389,6 +389,18 @@ def next_batch(run: Run, meter: Meter) -> tuple[torch.Tensor, torch.Tensor, torc
             docs.to(run.device, non_blocking=True))
 
 
+def target_weights(run: Run, ys: list[torch.Tensor]) -> list[float] | None:
+    """Per micro-batch, the factor on its mean loss that makes the step's loss the mean over every trained target
+    of the global batch, whatever the world size and grad_accum: fine-tuning data's masks leave micro-batches
+    and ranks with different counts (one all-reduce and one host sync per step). None without masks: every
+    micro-batch has the same count, and the factor is 1/grad_accum."""
+    if not run.corpus.has_masks:
+        return None
+    counts = torch.stack([(y != -1).sum() for y in ys]).float()
+    total = run.ctx.all_reduce_(counts.sum()).item()
+    return [c * run.ctx.world / max(total, 1.0) for c in counts.tolist()]
+
+
 def train_step(run: Run, meter: Meter) -> int:
     """One optimizer step over grad_accum micro-batches of this rank's share of the global batch; returns
     the top-k it trained with."""
@@ -397,14 +409,20 @@ def train_step(run: Run, meter: Meter) -> int:
     k = top_k_at(run.step, cfg, run.model_cfg.moe.top_k if run.model_cfg.moe else 0)
     if layers and k != layers[0].cfg.top_k:
         model.set_top_k(k)
-    for _ in range(cfg.grad_accum):
-        x, y, docs = next_batch(run, meter)
+    batches = [next_batch(run, meter) for _ in range(cfg.grad_accum)]
+    weights = target_weights(run, [y for _, y, _ in batches])
+    for i, (x, y, docs) in enumerate(batches):
         with autocast(run.device):
             _, loss = model(x, y, docs_BS=docs)
             aux = model.aux_loss()
         # aux losses are scaled like the main loss, or accumulation would inflate their weight
-        ((loss + aux) / cfg.grad_accum).backward()
-        meter.add(loss, aux, model.routing_stats(), cfg.grad_accum)
+        if weights is None:
+            weighted = loss / cfg.grad_accum
+            ((loss + aux) / cfg.grad_accum).backward()
+        else:
+            weighted = loss * weights[i]
+            (weighted + aux / cfg.grad_accum).backward()
+        meter.add(weighted, aux, model.routing_stats(), cfg.grad_accum)
     run.ctx.reduce_grads(model)
     if cfg.grad_clip:
         run.ctx.clip_grad_norm_(model, cfg.grad_clip)
