@@ -516,3 +516,69 @@ def test_fine_tuning_loss_is_the_mean_over_trained_targets_whatever_the_accumula
     one = _train(tmp_path, "one", f"data={b}", "steps=1", "batch_size=8", "grad_accum=1")
     two = _train(tmp_path, "two", f"data={b}", "steps=1", "batch_size=4", "grad_accum=2")
     assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-6)
+
+
+def test_what_a_tester_tried_is_refused_clearly_or_read_right(tmp_path, prepared, capsys):
+    """Inputs a user will give: each refused naming what to do, or read as meant."""
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 3
+    with pytest.raises(PrepareError, match=r"line 1: no 'assistant' turn \(roles \['bot', 'user'\]\)"):
+        prepare.prepare([str(jsonl(tmp_path / "bot.jsonl", chat))], tmp_path / "o1", BYTE, progress=False)
+    with pytest.raises(PrepareError, match="prepared already: give it to train/eval/inspect as --data"):
+        prepare.prepare([str(prepared)], tmp_path / "o2", BYTE, progress=False)
+    with pytest.raises(PrepareError, match="is part of the prepared corpus"):
+        load_corpus(str(prepared / "manifest.json"), BYTE)
+    (prepared / "manifest.json").rename(tmp_path / "kept.json")
+    with pytest.raises(PrepareError, match="lost its manifest"):
+        load_corpus(str(prepared), BYTE)
+    # JSON Lines by any of their names, in any case; other compressed files named
+    records = [{"text": f"line {i} " * 5} for i in range(20)]
+    for name in ("a.ndjson", "b.JSONL"):
+        result = prepare.prepare([str(jsonl(tmp_path / name, records))], tmp_path / f"o-{name}", BYTE, progress=False)
+        assert sum(c[s]["docs"] for c in result.manifest["chunks"] for s in ("train", "val")) == 20
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "t.txt.gz").write_bytes(gzip.compress(b"text"))
+    with pytest.raises(PrepareError, match="t.txt.gz: a compressed file dsmoe does not read"):
+        prepare.prepare([str(tmp_path / "z")], tmp_path / "o3", BYTE, progress=False)
+    # a byte that is not UTF-8: its own line, skippable
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "ok"}\n' * 3 + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(PrepareError, match=r"latin.jsonl line 4: not UTF-8 \(byte 0xe9"):
+        prepare.prepare([str(tmp_path / "latin.jsonl")], tmp_path / "o4", BYTE, progress=False)
+    # a folder refused keeps nothing of the run; a changed file is named; a file given twice is read once
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(PrepareError, match="not empty"):
+        prepare.prepare([str(tmp_path / "latin.jsonl")], tmp_path / "mine", BYTE, progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    src = texts(tmp_path / "again", n=10)
+    once = prepare.prepare([str(src), str(src / "doc03.txt")], tmp_path / "o5", BYTE, progress=False).manifest
+    assert sum(c[s]["docs"] for c in once["chunks"] for s in ("train", "val")) == 10
+    (src / "doc03.txt").write_text("changed")
+    with pytest.raises(PrepareError, match="differ in files: .*doc03.txt added, removed or changed"):
+        prepare.prepare([str(src), str(src / "doc03.txt")], tmp_path / "o5", BYTE, progress=False)
+
+
+def test_a_corrupt_manifest_is_one_clear_error(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    for broken in ({k: v for k, v in manifest.items() if k != "chunks"}, {**manifest, "dtype": "float99"}):
+        (prepared / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(PrepareError, match="manifest.json is corrupt"):
+            TokenSet(prepared)
+
+
+def test_a_dictionary_encoded_parquet_column_is_text(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    docs = [f"row {i} " * 4 for i in range(20)]
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode()}), tmp_path / "d.parquet")
+    prepare.prepare([str(tmp_path / "d.parquet")], tmp_path / "out", BYTE, progress=False)
+    assert sorted(decoded(tmp_path / "out", "train") + decoded(tmp_path / "out", "val")) == sorted(docs)
+
+
+def test_the_command_reuses_a_folders_bpe_only_when_it_is_the_one_asked_for(tmp_path, capsys):
+    src = texts(tmp_path / "src")
+    out = str(tmp_path / "out")
+    assert cli.main(["prepare", str(src), "--out", out, "--quiet"]) == 0  # byte
+    assert cli.main(["prepare", str(src), "--out", out, "--tokenizer", "bpe", "--vocab-size", "300", "--quiet"]) == 1
+    assert "differ in tokenizer" in capsys.readouterr().out
+    assert cli.main(["prepare", str(src), "--out", out, "--tokenizer", str(tmp_path / "nosuch")]) == 1
+    assert "not byte, bpe, or a folder with a tokenizer.json" in capsys.readouterr().out
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "o2"), "--tokenizer", out, "--quiet"]) == 0

@@ -32,6 +32,7 @@ from dsmoe.prepare import (
     source_files,
     train_bpe,
 )
+from dsmoe.runtime import RunLock
 from dsmoe.tokenizer import BPETokenizer, ByteTokenizer
 
 CACHE_VERSION = 3
@@ -114,6 +115,12 @@ class TokenSet:
         self.files = _Files()
         self.manifest = manifest = read_manifest(folder)
         if not manifest.get("complete"):
+            try:
+                RunLock(self.folder, what="dsmoe prepare").release()
+            except ValueError as e:
+                raise PrepareError(f"{e}: it is not finished yet") from None
+            except OSError:  # a read-only folder: nobody is writing it
+                pass
             raise PrepareError(f"{folder}: `dsmoe prepare` did not finish ({len(manifest['chunks'])} chunks written); "
                                "run the same command again to finish it")
         self.dtype = np.dtype(manifest["dtype"])
@@ -370,7 +377,8 @@ def _token_set(path: str | None, tokenizer, cache_dir, max_bytes: int, val_fract
         if key != tokenizer.cache_key():
             raise PrepareError(f"{path} was prepared with another tokenizer ({tokens.manifest['tokenizer']['kind']}, "
                                f"{key}) than the model's ({tokenizer.kind}, {tokenizer.cache_key()}): prepare it with "
-                               "the model's (dsmoe prepare --tokenizer MODEL_FOLDER)")
+                               "the model's (dsmoe prepare --tokenizer "
+                               f"{'byte' if tokenizer.kind == 'byte' else 'MODEL_OR_RUN_FOLDER'})")
         return tokens
     cap = max_bytes if path is None else None
     files = source_files([path], cap)

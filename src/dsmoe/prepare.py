@@ -47,6 +47,8 @@ BATCH_CHARS = 1 << 20      # text per work item sent to a worker
 ENCODE_CHARS = 1 << 18     # text per call of the tokenizer: `tokenizers` holds ~500 bytes per token while it encodes
 PIECE_BYTES = 1 << 18      # a text file longer than this is read in pieces (cut at a newline)
 SPLITS = ("train", "val")
+JSONL = (".jsonl", ".ndjson")          # JSON Lines, lower-cased names
+JSONL_GZ = (".jsonl.gz", ".ndjson.gz")
 
 
 class PrepareError(ValueError):
@@ -115,6 +117,7 @@ def source_files(sources: list[str | None], max_bytes: int | None = None) -> lis
             root, files = Path(sysconfig.get_paths()["stdlib"]), stdlib_files()
         else:
             root = Path(src).expanduser()
+            _not_a_prepared_folder(root)
             if not root.exists():
                 raise FileNotFoundError(f"source {str(root)!r} does not exist (give text files, folders, .jsonl, "
                                         ".jsonl.gz or .parquet files)")
@@ -123,7 +126,8 @@ def source_files(sources: list[str | None], max_bytes: int | None = None) -> lis
                 raise PrepareError(f"source {str(root)!r} is empty: it holds no files with text")
         base = root if root.is_dir() else root.parent
         files.sort(key=lambda p: _path_hash("order:" + str(p.relative_to(base))))
-        out += [(p, base) for p in files]
+        seen = {p.resolve() for p, _ in out}
+        out += [(p, base) for p in files if p.resolve() not in seen]  # a file given twice is read once
     if max_bytes is not None:
         kept, total = [], 0
         for p, base in out:
@@ -133,6 +137,17 @@ def source_files(sources: list[str | None], max_bytes: int | None = None) -> lis
             total += p.stat().st_size
         out = kept
     return out
+
+
+def _not_a_prepared_folder(root: Path) -> None:
+    """A prepared folder, a file inside one, or a folder of shards that lost its manifest is not text."""
+    folder = root if root.is_dir() else root.parent
+    if (folder / MANIFEST).is_file():
+        where = "is" if folder == root else f"is part of the prepared corpus {folder}, which is"
+        raise PrepareError(f"{root} {where} prepared already: give it to train/eval/inspect as --data {folder}")
+    if root.is_dir() and any(root.glob("train-[0-9]*.bin")):
+        raise PrepareError(f"{root} holds token shards but no {MANIFEST}: it is a prepared corpus that lost its "
+                           "manifest; prepare it again from its sources")
 
 
 def _split(name: str, val_fraction: float) -> str:
@@ -186,7 +201,11 @@ def _record_segments(record: Any, where: str, settings: Settings, template: Call
             raise PrepareError(f"{where}: 'prompt' and 'completion' must be strings")
         return ((prompt, False), (completion, True))
     if "messages" in record:
-        return _chat_segments(record["messages"], where, template)
+        segments = _chat_segments(record["messages"], where, template)
+        if not any(trained for _, trained in segments):
+            roles = sorted({m["role"] for m in record["messages"]})
+            raise PrepareError(f"{where}: no 'assistant' turn (roles {roles}): nothing in it would be trained on")
+        return segments
     if settings.field not in record:
         raise PrepareError(f"{where}: no field {settings.field!r} (the record has {sorted(record)[:8]}); choose "
                            "it with --field, or give prompt/completion or messages records")
@@ -222,22 +241,22 @@ def _chat_segments(messages: Any, where: str, template: Callable | None) -> tupl
 
 def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable | None) -> Iterator[Unit | None]:
     """One unit per record; None for a bad line skipped under --skip-bad (units() counts it)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
         line_no = 0
         while True:
             try:
-                line = f.readline()
-            except (UnicodeDecodeError, EOFError, OSError) as e:  # a bad byte, a truncated gzip stream
+                raw = f.readline()
+            except (EOFError, OSError) as e:  # a truncated or corrupt gzip stream
                 raise PrepareError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
-            if not line:
+            if not raw:
                 return
             line_no += 1
-            if not line.strip():
+            if not raw.strip():
                 continue
             where = f"{path} line {line_no}"
             try:
-                segments = _record_segments(_json(line, where), where, settings, template)
+                segments = _record_segments(_json(raw, where), where, settings, template)
             except PrepareError as e:
                 if not settings.skip_bad:
                     raise PrepareError(f"{e}; fix the line, or pass --skip-bad to count and skip bad lines") from None
@@ -246,7 +265,12 @@ def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable |
             yield Unit(segments, _split(f"{name}:{line_no}", settings.val_fraction))
 
 
-def _json(line: str, where: str) -> Any:
+def _json(raw: bytes, where: str) -> Any:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{where}: not UTF-8 (byte {raw[e.start]:#x} at column {e.start + 1}); re-encode the "
+                           "file as UTF-8") from None
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
@@ -263,7 +287,8 @@ def _parquet_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
     if settings.field not in schema.names:
         raise PrepareError(f"{path}: no column {settings.field!r} (it has {schema.names[:8]}); choose it with --field")
     kind = str(schema.field(settings.field).type)
-    if kind not in ("string", "large_string", "string_view"):
+    if kind.removeprefix("dictionary<values=").split(",")[0].rstrip(">") not in ("string", "large_string",
+                                                                                 "string_view"):
         raise PrepareError(f"{path}: column {settings.field!r} holds {kind}, not text; choose a text column "
                            "with --field")
     row = 0
@@ -280,10 +305,13 @@ def units(files: list[tuple[Path, Path]], settings: Settings, template: Callable
     there on is counted in `skipped` (what was skipped before `start` was counted by the run that got there)."""
     for i in range(start[0], len(files)):
         path, base = files[i]
-        name = str(path.relative_to(base))
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
+        name, suffix = str(path.relative_to(base)), path.name.lower()
+        if suffix.endswith((".gz", ".xz", ".bz2", ".zst", ".zip", ".7z")) and not suffix.endswith(JSONL_GZ):
+            raise PrepareError(f"{path}: a compressed file dsmoe does not read (only {', '.join(JSONL_GZ)}); "
+                               "decompress it, or move it out of the source")
+        if suffix.endswith(JSONL + JSONL_GZ):
             stream: Iterator[Unit | None] = _jsonl_units(path, name, settings, template)
-        elif path.name.endswith(".parquet"):
+        elif suffix.endswith(".parquet"):
             stream = _parquet_units(path, name, settings)
         else:
             stream = _text_units(path, name, settings)
@@ -447,13 +475,19 @@ def prepare(sources: list[str | None], out: str | Path, tokenizer: Tokenizer, *,
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} is a file: give a folder (new, or one to resume)")
     out.mkdir(parents=True, exist_ok=True)
+    ours = not (out / ".lock").exists()
     lock = RunLock(out, what="dsmoe prepare", wait=wait)
     try:
         names = [None if s is None else str(Path(s).expanduser().resolve()) for s in sources]
         settings = Settings([str(s) for s in names], tokenizer.cache_key(), field, val_fraction, shard_tokens,
                             skip_bad, max_bytes, max_doc_chars,
                             [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p, _ in files])
-        manifest = _start(out, settings, tokenizer)
+        try:
+            manifest = _start(out, settings, tokenizer)
+        except PrepareError:
+            if ours:  # a folder refused keeps nothing of this run
+                (out / ".lock").unlink(missing_ok=True)
+            raise
         if manifest.get("complete"):
             return Result(out, manifest, already=True)
         _run(out, files, settings, tokenizer, manifest, workers, progress)
@@ -476,8 +510,13 @@ def _start(out: Path, settings: Settings, tokenizer: Tokenizer) -> dict[str, Any
             return _new_manifest(out, settings, tokenizer)
         old = manifest["settings"]
         diff = [k for k in old if old[k] != asdict(settings).get(k)]
+        if "files" in diff:
+            before, now = ({f[0]: f[1:] for f in files} for files in (old["files"], settings.files))
+            changed = sorted(set(before) ^ set(now) | {f for f in before.keys() & now.keys() if before[f] != now[f]})
+            diff[diff.index("files")] = f"files: {', '.join(changed[:3])}{' ...' * (len(changed) > 3)} added, " \
+                                        "removed or changed (size or time)"
         raise PrepareError(f"{out} holds tokens prepared from other sources or settings (they differ in "
-                           f"{', '.join(diff)}); choose another --out, or delete the folder to prepare it again")
+                           f"{'; '.join(diff)}); choose another --out, or delete the folder to prepare it again")
     if any(p.name != ".lock" for p in out.iterdir()):
         raise PrepareError(f"{out} is not empty and holds no {MANIFEST}: choose an empty or new --out folder")
     return _new_manifest(out, settings, tokenizer)
@@ -573,6 +612,7 @@ def _run(out: Path, files: list[tuple[Path, Path]], settings: Settings, tokenize
         if writers is not None:
             _commit(out, manifest, writers, ((len(files), 0), dict(skipped)))
             writers = None
+        manifest["skipped"] = dict(skipped)  # everything is read: the counts stand, chunk or not
         bar.update(bar.total - bar.n)
     except BaseException as e:
         if writers is not None:
@@ -686,6 +726,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise PrepareError(f"{path} is corrupt ({e}); prepare the corpus again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrepareError(f"{path} is not a dsmoe prepared-corpus manifest of format {FORMAT}; prepare it again")
+    expected = {"settings": dict, "tokenizer": dict, "chunks": list, "next": list, "skipped": dict,
+                "complete": bool, "vocab_size": int}
+    wrong = [k for k, kind in expected.items() if not isinstance(manifest.get(k), kind)]
+    if wrong or manifest.get("dtype") not in ("uint16", "uint32"):
+        raise PrepareError(f"{path} is corrupt ({', '.join(wrong) or 'dtype'} missing or of the wrong type); "
+                           "prepare the corpus again")
     return manifest
 
 

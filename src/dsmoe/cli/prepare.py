@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dsmoe.cli.format import check_at_least
 from dsmoe.config import BPE_MIN_VOCAB
-from dsmoe.prepare import SHARD_TOKENS, is_prepared, prepare, split_sizes, train_bpe
-from dsmoe.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from dsmoe.prepare import SHARD_TOKENS, is_prepared, prepare, read_manifest, split_sizes, train_bpe
+from dsmoe.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,18 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "workers", "shard_tokens")
     check_at_least(args, BPE_MIN_VOCAB, "vocab_size")
-    tokenizer: Tokenizer
-    if args.tokenizer == "byte":
-        tokenizer = ByteTokenizer()
-    elif args.tokenizer == "bpe" and is_prepared(args.out):  # the one trained when this folder was begun
-        tokenizer = load_tokenizer(args.out)
-    elif args.tokenizer == "bpe":
-        tokenizer = train_bpe(args.sources, args.vocab_size, args.field, args.val_fraction)
-    else:
-        tokenizer = HFTokenizer.load(args.tokenizer)
-    result = prepare(args.sources, args.out, tokenizer, field=args.field, val_fraction=args.val_fraction,
-                     workers=args.workers, skip_bad=args.skip_bad, shard_tokens=args.shard_tokens,
-                     progress=not args.quiet)
+    tokenizer = _tokenizer(args)
+    if tokenizer.eos_id is None:
+        print(f"warning: the tokenizer of {args.tokenizer} has no eos_token: documents are joined with nothing "
+              "between them (train with --set doc_mask=true to keep them apart)")
+    try:
+        result = prepare(args.sources, args.out, tokenizer, field=args.field, val_fraction=args.val_fraction,
+                         workers=args.workers, skip_bad=args.skip_bad, shard_tokens=args.shard_tokens,
+                         progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the whole chunks in {args.out} are kept; run the same command to go on")
+        raise
     m = result.manifest
     counts = split_sizes(m)
     docs = sum(c[s]["docs"] for c in m["chunks"] for s in ("train", "val"))
@@ -51,3 +51,23 @@ def run(args: argparse.Namespace) -> int:
           f"{m['tokenizer']['kind']} tokenizer, vocab {m['vocab_size']:,}, {m['dtype']}, {len(m['chunks'])} chunks"
           + (f" | skipped {skipped}" if skipped else ""))
     return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """byte; bpe (the folder's own when it was begun with bpe of this vocabulary, else trained on the sources);
+    or the tokenizer.json of a folder: a HuggingFace model, a dsmoe checkpoint (or run) or a prepared corpus."""
+    if args.tokenizer == "byte":
+        return ByteTokenizer()
+    if args.tokenizer == "bpe":
+        if is_prepared(args.out):
+            manifest = read_manifest(args.out)
+            if manifest["tokenizer"]["kind"] == "bpe" and manifest["vocab_size"] == args.vocab_size:
+                return load_tokenizer(args.out)
+        return train_bpe(args.sources, args.vocab_size, args.field, args.val_fraction)
+    folder = Path(args.tokenizer)
+    if (folder / "checkpoint" / "tokenizer.json").is_file():  # a dsmoe run
+        folder = folder / "checkpoint"
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {args.tokenizer}: not byte, bpe, or a folder with a tokenizer.json (a "
+                         "HuggingFace model, a dsmoe run or checkpoint, a prepared corpus)")
+    return load_tokenizer(folder)
