@@ -261,6 +261,9 @@ def prepared(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "remove"])
 def test_a_damaged_shard_is_an_error_naming_it(prepared, damage):
+    """Also after the folder was read once (its files' checksums then stand until a size, time or inode changes)."""
+    load_corpus(str(prepared), BYTE)
+    assert (prepared / ".verified.json").exists()
     path = prepared / "train-00000.bin"
     data = path.read_bytes()
     if damage == "truncate":
@@ -582,3 +585,40 @@ def test_the_command_reuses_a_folders_bpe_only_when_it_is_the_one_asked_for(tmp_
     assert cli.main(["prepare", str(src), "--out", out, "--tokenizer", str(tmp_path / "nosuch")]) == 1
     assert "not byte, bpe, or a folder with a tokenizer.json" in capsys.readouterr().out
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "o2"), "--tokenizer", out, "--quiet"]) == 0
+
+
+@pytest.mark.slow
+def test_a_run_on_a_mixture_with_fine_tuning_data_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """Ctrl-C in step 3 of a doc_mask run on a mixture of text and prompt/completion records; the resumed run's
+    losses equal the uninterrupted one's exactly (the data RNG and the window reads are the same)."""
+    import os
+    import signal
+
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+    a = prepare.prepare([str(texts(tmp_path / "a"))], tmp_path / "pa", BYTE, progress=False).out
+    records = [{"prompt": f"Q{i}? ", "completion": f"A{i}. " * 8} for i in range(60)]
+    b = prepare.prepare([str(jsonl(tmp_path / "sft.jsonl", records))], tmp_path / "pb", BYTE, progress=False).out
+    sets = [f"data={a}=0.6,{b}=0.4", "doc_mask=true", "steps=6", "grad_accum=2"]
+    full = _train(tmp_path, "full", *sets)
+    real, calls = Corpus.sample, []
+
+    def sample(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Corpus, "sample", sample)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "cut", *sets)
+    monkeypatch.setattr(Corpus, "sample", real)
+    assert json.load(open(tmp_path / "cut" / "checkpoint" / "config.json"))["step"] == 3
+    fast = ["seq_len=16", "batch_size=4", "eval_batches=2", "eval_every=0", "save_every=0", "log_every=1",
+            "warmup_steps=2", "tensorboard=false", f"out={tmp_path / 'cut'}", f"resume={tmp_path / 'cut'}"]
+    resumed = train(*build_configs("debug", fast + sets), progress=False)
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in open(f"{run_dir}/metrics.jsonl") if '"train"' in line]
+    assert losses(resumed["run_dir"]) == losses(full["run_dir"]) and resumed["val_loss"] == full["val_loss"]
+    assert resumed["mix_realized"] == full["mix_realized"]

@@ -125,12 +125,15 @@ class TokenSet:
                                "run the same command again to finish it")
         self.dtype = np.dtype(manifest["dtype"])
         self.chunks: dict[str, list[_Chunk]] = {}
+        verified = _read_json(self.folder / VERIFIED) if verify else {}
         for split in ("train", "val"):
             entries = [c[split] for c in manifest["chunks"] if c[split]["tokens"]]
             if verify:
                 for entry in entries:
-                    self._verify(entry)
+                    self._verify(entry, verified)
             self.chunks[split] = [self._open(e) for e in entries]
+        if verify:
+            _write_json(self.folder / VERIFIED, verified)
         self.max_id = max((c[s]["max_id"] for c in manifest["chunks"] for s in ("train", "val")), default=0)
         self.docs = {s: sum(c[s]["docs"] for c in manifest["chunks"]) for s in ("train", "val")}
         if "held_out" in manifest:
@@ -151,7 +154,9 @@ class TokenSet:
         before = sum(len(self._doc_starts(c, 0, c.length)) for c in self.chunks["train"])
         self.docs = {"train": before, "val": self.docs[full] - before}
 
-    def _verify(self, entry: dict) -> None:
+    def _verify(self, entry: dict, verified: dict) -> None:
+        """Sizes always; each file's SHA-256 unless `verified` holds it for this size, time and inode (a file
+        checked once is not hashed again on every start and every rank: 2 s per GB)."""
         stem = entry["file"][:-len(".bin")]
         sizes = {".bin": entry["tokens"] * self.dtype.itemsize, ".idx": entry["docs"] * 8, ".mask": entry["tokens"]}
         for name, digest in entry["sha256"].items():
@@ -160,9 +165,14 @@ class TokenSet:
             if size != sizes[name[len(stem):]]:
                 raise PrepareError(f"{path} is {'missing' if size is None else f'truncated or grown ({size:,} bytes)'}"
                                    f"; the manifest says {sizes[name[len(stem):]]:,} bytes: prepare the corpus again")
+            stat = path.stat()
+            stamp = [digest, stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            if verified.get(name) == stamp:
+                continue
             if _sha256(path) != digest:
                 raise PrepareError(f"{path} does not match its SHA-256 in {self.folder / 'manifest.json'} (changed "
                                    "or corrupt): prepare the corpus again")
+            verified[name] = stamp
 
     def size(self, split: str) -> int:
         return int(self.starts[split][-1])
@@ -200,6 +210,27 @@ class TokenSet:
         mask = None if all(m is None for m in masks) else np.concatenate(
             [np.ones(len(t), np.uint8) if m is None else m for t, m in zip(tokens, masks)])
         return np.concatenate(tokens), mask, np.concatenate(begins) if docs else None
+
+
+VERIFIED = ".verified.json"  # in a prepared folder: the files whose SHA-256 matched, by size, time and inode
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _write_json(path: Path, content: dict) -> None:
+    """Best effort (a read-only folder is checked again next time), atomic."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(content))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

@@ -47,6 +47,8 @@ BATCH_CHARS = 1 << 20      # text per work item sent to a worker
 ENCODE_CHARS = 1 << 18     # text per call of the tokenizer: `tokenizers` holds ~500 bytes per token while it encodes
 PIECE_BYTES = 1 << 18      # a text file longer than this is read in pieces (cut at a newline)
 SPLITS = ("train", "val")
+BAD_LINE = "bad lines"                 # what the readers report besides units, counted in the manifest
+REPLACED = "text pieces with bytes that are not UTF-8 (replaced by U+FFFD)"
 JSONL = (".jsonl", ".ndjson")          # JSON Lines, lower-cased names
 JSONL_GZ = (".jsonl.gz", ".ndjson.gz")
 
@@ -154,7 +156,7 @@ def _split(name: str, val_fraction: float) -> str:
     return "val" if _path_hash(name) < val_fraction else "train"
 
 
-def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
+def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit | str]:
     """A text file as one document (nothing when it is binary or not UTF-8), in pieces cut after a newline (or,
     in a line longer than a piece, between characters)."""
     split = _split(name, settings.val_fraction)
@@ -174,6 +176,7 @@ def _text_units(path: Path, name: str, settings: Settings) -> Iterator[Unit]:
                 if first:
                     return  # not a UTF-8 text file: skipped, as binary files are
                 text = raw.decode("utf-8", errors="replace")
+                yield REPLACED
             if settings.max_doc_chars is not None:
                 text, more = text[:settings.max_doc_chars], b""
             yield Unit(((text, True),), split, first, not more)
@@ -239,8 +242,8 @@ def _chat_segments(messages: Any, where: str, template: Callable | None) -> tupl
     return tuple(segments)
 
 
-def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable | None) -> Iterator[Unit | None]:
-    """One unit per record; None for a bad line skipped under --skip-bad (units() counts it)."""
+def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable | None) -> Iterator[Unit | str]:
+    """One unit per record; BAD_LINE for a bad line skipped under --skip-bad (units() counts it)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         line_no = 0
@@ -260,7 +263,7 @@ def _jsonl_units(path: Path, name: str, settings: Settings, template: Callable |
             except PrepareError as e:
                 if not settings.skip_bad:
                     raise PrepareError(f"{e}; fix the line, or pass --skip-bad to count and skip bad lines") from None
-                yield None
+                yield BAD_LINE
                 continue
             yield Unit(segments, _split(f"{name}:{line_no}", settings.val_fraction))
 
@@ -310,15 +313,15 @@ def units(files: list[tuple[Path, Path]], settings: Settings, template: Callable
             raise PrepareError(f"{path}: a compressed file dsmoe does not read (only {', '.join(JSONL_GZ)}); "
                                "decompress it, or move it out of the source")
         if suffix.endswith(JSONL + JSONL_GZ):
-            stream: Iterator[Unit | None] = _jsonl_units(path, name, settings, template)
+            stream: Iterator[Unit | str] = _jsonl_units(path, name, settings, template)
         elif suffix.endswith(".parquet"):
             stream = _parquet_units(path, name, settings)
         else:
             stream = _text_units(path, name, settings)
         n = 0
         for unit in stream:
-            if unit is None:
-                skipped["bad lines"] += (i, n) >= start
+            if isinstance(unit, str):  # something skipped or mended, counted once
+                skipped[unit] += (i, n) >= start
                 continue
             if (i, n) >= start:
                 yield i, n, unit
