@@ -192,3 +192,12 @@ def test_ranks_on_one_host_share_its_memory(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert memory.rank_memory("cpu") == 16 * 2**30
     assert memory.rank_memory("cuda") == 64 * 2**30
+
+
+def test_the_document_mask_is_counted():
+    """doc_mask keeps a [S, S] bool mask per sequence: seq_len^2 bytes more."""
+    from dsmoe.presets import build_configs
+    model_cfg, train_cfg = build_configs("tiny", ["seq_len=256"])
+    plain = step_memory(model_cfg, train_cfg)[1]
+    masked = step_memory(model_cfg, dataclasses.replace(train_cfg, doc_mask=True))[1]
+    assert masked - plain == 256 * 256

@@ -117,11 +117,8 @@ def test_a_single_document_trains_on_its_head_and_holds_out_its_tail(tmp_path, n
 
 # ---- resuming ---------------------------------------------------------------------------------------
 
-def test_an_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
-    src = texts(tmp_path / "src", n=60)
-    kw = {"shard_tokens": 3000, "progress": False}
-    prepare.prepare([str(src)], tmp_path / "full", BYTE, **kw)
+def interrupted_after_two_chunks(monkeypatch, sources, out, kw):
+    """prepare() stopped by a Ctrl-C right after its second chunk was committed."""
     real, commits = prepare._commit, []
 
     def commit_then_die(*args):
@@ -132,8 +129,16 @@ def test_an_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch
 
     monkeypatch.setattr(prepare, "_commit", commit_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare([str(src)], tmp_path / "cut", BYTE, **kw)
+        prepare.prepare(sources, out, BYTE, **kw)
     monkeypatch.setattr(prepare, "_commit", real)
+
+
+def test_an_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
+    src = texts(tmp_path / "src", n=60)
+    kw = {"shard_tokens": 3000, "progress": False}
+    prepare.prepare([str(src)], tmp_path / "full", BYTE, **kw)
+    interrupted_after_two_chunks(monkeypatch, [str(src)], tmp_path / "cut", kw)
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert not manifest["complete"] and len(manifest["chunks"]) == 2
     with pytest.raises(PrepareError, match="did not finish"):
@@ -151,18 +156,7 @@ def test_a_resumed_run_counts_what_it_skipped_once(tmp_path, monkeypatch):
     src = str(jsonl(tmp_path / "d.jsonl", records))
     kw = {"shard_tokens": 2000, "progress": False, "skip_bad": True}
     full = prepare.prepare([src], tmp_path / "full", BYTE, **kw).manifest
-    real, commits = prepare._commit, []
-
-    def commit_then_die(*args):
-        real(*args)
-        commits.append(1)
-        if len(commits) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(prepare, "_commit", commit_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare([src], tmp_path / "cut", BYTE, **kw)
-    monkeypatch.setattr(prepare, "_commit", real)
+    interrupted_after_two_chunks(monkeypatch, [src], tmp_path / "cut", kw)
     resumed = prepare.prepare([src], tmp_path / "cut", BYTE, **kw).manifest
     assert resumed["skipped"] == full["skipped"] == {"bad lines": 29}
     assert resumed["chunks"] == full["chunks"] and len(full["chunks"]) > 3

@@ -34,9 +34,10 @@ def step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, *, world: int = 
     With activation checkpointing a block keeps only its input (D) and recomputes the rest in backward,
     where one block's activations live at a time.
     Micro-batches run one after the other, so grad_accum does not add; attention is the fused kernel, whose
-    memory is linear in seq_len. Against the peak RSS of CPU training steps (debug and tiny presets, vocabularies
-    of 260 and 2048, batch 4 to 68) the activation estimate is within 10%: good enough to refuse a batch that
-    cannot fit, not to predict the peak to the byte.
+    memory is linear in seq_len (with doc_mask its block-causal mask adds seq_len^2 bytes a sequence). Against
+    the peak RSS of CPU training steps (debug and tiny presets, vocabularies of 260 and 2048, batch 4 to 68) the
+    activation estimate is within 10%: good enough to refuse a batch that cannot fit, not to predict the peak to
+    the byte.
     """
     state, gathered = _fixed(model_cfg, train_cfg, world, ep)
     return state + gathered, _per_sequence(model_cfg, train_cfg, ep)
@@ -105,7 +106,8 @@ def _per_sequence(model_cfg: ModelConfig, train_cfg: TrainConfig, ep: int) -> in
     output = 2 * D + 4 * V
     per_token = kept + output + D + M * (6 * D + output)  # + the embedding's output, and each MTP depth's own
     number = 2 if train_cfg.device == "cuda" else 4
-    return int(ACTIVATION_OVERHEAD * per_token * S * number)
+    mask = S * S if train_cfg.doc_mask else 0  # the block-causal mask, one bool per query and key, kept once
+    return int(ACTIVATION_OVERHEAD * per_token * S * number) + mask
 
 
 def available_memory(device: str) -> int | None:

@@ -381,12 +381,13 @@ def next_batch(run: Run, meter: Meter) -> tuple[torch.Tensor, torch.Tensor, torc
     if len(run.corpus.sets) > 1:
         meter.mix += run.corpus.set_of("train", starts_B).bincount(minlength=len(run.corpus.sets))
     (local_B,) = run.ctx.local_batch(starts_B)
-    if not run.cfg.doc_mask:
+    docs: torch.Tensor | None = None
+    if run.cfg.doc_mask:
+        x, y, docs = run.corpus.windows_with_docs("train", local_B, run.seq_len)
+    else:
         x, y = run.corpus.windows("train", local_B, run.seq_len)
-        return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), None
-    x, y, docs = run.corpus.windows_with_docs("train", local_B, run.seq_len)
-    return (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True),
-            docs.to(run.device, non_blocking=True))
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    return x, y, None if docs is None else docs.to(run.device, non_blocking=True)
 
 
 def target_weights(run: Run, ys: list[torch.Tensor]) -> list[float] | None:
