@@ -1,4 +1,4 @@
-"""`dsmoe prepare`: a corpus of any size into memory-mapped token shards.
+"""`dsmoe prepare`: a corpus of any size into token shards (raw ids, readable with np.memmap or pread).
 
 Sources are text files, folders, JSON Lines (`.jsonl`, `.jsonl.gz`: one document per line) and Parquet files.
 Documents stream through in a fixed order (each source's files in hash order of their paths), are split into

@@ -20,7 +20,7 @@ from dsmoe.runtime import keep_freed_memory
 # (whose worker processes import the command's main module again) never imports torch
 COMMANDS = {
     "bench": ("bench", "benchmarks: layer | train | ep"),
-    "prepare": ("prepare", "tokenize text, JSONL or Parquet sources of any size into memory-mapped token shards"),
+    "prepare": ("prepare", "tokenize text, JSONL or Parquet sources of any size into token shards"),
     "train": ("train", "train a DeepSeekMoE language model (default: the stdlib corpus)"),
     "eval": ("evaluate", "validation loss, perplexity, MaxVio_global and expert load of a checkpoint"),
     "generate": ("generate", "sample text from a checkpoint"),

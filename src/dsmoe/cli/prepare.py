@@ -1,4 +1,4 @@
-"""`dsmoe prepare SRC... --out DIR`: tokenize a corpus into memory-mapped token shards (dsmoe.prepare)."""
+"""`dsmoe prepare SRC... --out DIR`: tokenize a corpus into token shards (dsmoe.prepare)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text files, folders, .jsonl / .jsonl.gz (one JSON document per line) or .parquet files")
     p.add_argument("--out", required=True, metavar="DIR", help="the prepared folder (new, or one to resume)")
     p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
-                   help="byte; bpe (trained here on the first 4 MB of training text); or a HuggingFace model folder "
-                        "whose tokenizer.json to use (to fine-tune that model with train --init)")
+                   help="byte; bpe (trained here on the first 4 MB of training text); or a folder whose "
+                        "tokenizer.json to use: a HuggingFace model (to fine-tune it with train --init), a dsmoe run "
+                        "or a prepared corpus")
     p.add_argument("--vocab-size", type=int, default=2048, help="the BPE tokenizer's vocabulary")
     p.add_argument("--field", default="text", help="the JSONL field or Parquet column that holds the text")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of documents held out for validation")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--skip-bad", action="store_true",
-                   help="count and skip JSONL lines that are not JSON or lack the field, instead of stopping")
+                   help="count and skip bad JSONL lines (not JSON, not UTF-8, no text field, a conversation "
+                        "the chat template refuses or with no assistant turn) instead of stopping")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per chunk (the unit of resuming)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
