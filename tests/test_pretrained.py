@@ -363,3 +363,98 @@ def test_run_configs_of_an_init(byte_folder):
     model_cfg, train_cfg, _ = run_configs("debug", ["moe.bias_update_speed=0", "out=elsewhere"], init=str(hf))
     assert model_cfg.moe is not None and model_cfg.moe.bias_update_speed == 0 and train_cfg.out == "elsewhere"
     assert train_cfg.preset == "debug"
+
+
+# ---- FP8 releases -----------------------------------------------------------------------------------------------
+
+def _quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w as DeepSeek's FP8 releases store it: e4m3 numbers and a float32 scale per block (its amax / 448)."""
+    out, inp = w.shape
+    rows, cols = -(-out // block[0]), -(-inp // block[1])
+    scale = torch.zeros(rows, cols)
+    q = torch.zeros_like(w)
+    for i in range(rows):
+        for j in range(cols):
+            part = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
+            scale[i, j] = part.abs().max().clamp(min=1e-12) / 448.0
+            q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = part / scale[i, j]
+    return q.to(torch.float8_e4m3fn), scale
+
+
+QUANTIZED = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+             "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "kimi_k2"])
+def test_an_fp8_release_loads_dequantized_block_by_block(tmp_path, model_type):
+    """A folder quantized as DeepSeek-V3/Kimi-K2 ship (e4m3 + weight_scale_inv per block, quantization_config)
+    loads equal to dequantizing by hand: exactly, for every weight, in every ragged edge block."""
+    reference = hf_model("deepseek_v3", dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2,
+                                              n_group=2, topk_group=1))
+    reference.save_pretrained(tmp_path / "full")
+    block = (8, 12)  # small blocks: shapes of 16-48 leave ragged edges, as 7168 / 128 does not
+    tensors = load_file(tmp_path / "full" / "model.safetensors")
+    quantized, by_hand = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(".weight") and key.split(".")[-2] in QUANTIZED:
+            q, scale = _quantize_blockwise(t, block)
+            quantized[key], quantized[key + "_scale_inv"] = q, scale
+            by_hand[key] = q.float() * scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(
+                block[1], 1)[:, :t.shape[1]]
+        else:
+            quantized[key] = by_hand[key] = t
+    assert len(by_hand) < len(quantized) and any(k.endswith("_scale_inv") for k in quantized)
+    (tmp_path / "fp8").mkdir()
+    save_file(quantized, tmp_path / "fp8" / "model.safetensors")
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    config |= {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                       "weight_block_size": list(block)}, "model_type": model_type}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hand").mkdir()
+    save_file(by_hand, tmp_path / "hand" / "model.safetensors")
+    (tmp_path / "hand" / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    ours, hand = from_pretrained(tmp_path / "fp8"), from_pretrained(tmp_path / "hand")
+    for (name, a), b in zip(ours.state_dict().items(), hand.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():  # and the quantization is real: near the full-precision model, not equal to it
+        full = from_pretrained(tmp_path / "full")(_ids())[0]
+        got = ours(_ids())[0]
+    assert 0 < (got - full).abs().max() < 0.5 * full.abs().max()
+
+
+def test_an_fp8_folder_without_its_scales_or_config_is_refused(tmp_path):
+    reference = hf_model("deepseek_v3", dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+                                              n_group=2, topk_group=1))
+    reference.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.self_attn.o_proj.weight"
+    q, scale = _quantize_blockwise(tensors[key], (128, 128))
+    save_file(tensors | {key: q}, tmp_path / "model.safetensors")
+    with pytest.raises(PretrainedError, match="weights are FP8 .*o_proj.*quantization_config"):
+        from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match="do not pair up: model.layers.0.self_attn.o_proj.weight"):
+        from_pretrained(tmp_path)
+    save_file(tensors | {key: q, key + "_scale_inv": torch.ones(2, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(PretrainedError, match=r"o_proj.weight_scale_inv has shape \(2, 2\), but .* needs \(1, 1\)"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_a_field_left_out_reads_as_transformers_reads_it(model_type, tmp_path):
+    """config.json without hidden_act, q_lora_rank, first_k_dense_replace, ...: transformers' class defaults."""
+    d = {"model_type": model_type, "num_experts_per_tok": 6}
+    ours = model_config_from_hf(d)
+    theirs = transformers.AutoConfig.for_model(**d)
+    assert ours.q_lora_rank == theirs.q_lora_rank == 1536
+    assert (ours.dim, ours.n_layers, ours.first_k_dense, ours.vocab_size, ours.max_seq_len) == (
+        theirs.hidden_size, theirs.num_hidden_layers, theirs.first_k_dense_replace, theirs.vocab_size,
+        theirs.max_position_embeddings)
+    assert ours.moe is not None and (ours.moe.n_routed_experts, ours.moe.expert_dim) == (
+        theirs.n_routed_experts, theirs.moe_intermediate_size)
+    assert model_config_from_hf(d | {"q_lora_rank": None}).q_lora_rank == 0  # a null stays: no query compression
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen9_moe"}))
+    with pytest.raises(PretrainedError, match=r"config.json: model_type='qwen9_moe' is not supported; choose one"):
+        from_pretrained(tmp_path)

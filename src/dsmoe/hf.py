@@ -42,6 +42,7 @@ import torch
 from dsmoe.config import GroupScore, MoEConfig, ScoreFunc, SeqAuxExperts
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+V3_ALIASES = ("kimi_k2",)  # model_types of releases built as DeepseekV3ForCausalLM (their config.json says so)
 SEMANTICS = ("deepseek", "deepseek-hub", "transformers")  # see the module docstring
 TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
 SCORE_FUNCS = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
@@ -54,6 +55,25 @@ _DEFAULTS = {
                         n_group=8, topk_group=4, n_shared_experts=1),
 }
 _REQUIRED = ("hidden_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+# What transformers' DeepseekV2Config / DeepseekV3Config (5.x) give a field config.json leaves out, so that a folder
+# reads as transformers reads it (a present null stays null: q_lora_rank null means no query compression).
+_SHARED = dict(hidden_act="silu", kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+               v_head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False)
+CLASS_DEFAULTS = {
+    "deepseek_v2": dict(_SHARED, vocab_size=102400, hidden_size=4096, intermediate_size=11008,
+                        moe_intermediate_size=1407, num_hidden_layers=32, num_attention_heads=32, n_routed_experts=64,
+                        first_k_dense_replace=0, max_position_embeddings=2048),
+    "deepseek_v3": dict(_SHARED, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256,
+                        num_experts_per_tok=8, first_k_dense_replace=3, max_position_embeddings=4096,
+                        rope_interleave=True, num_nextn_predict_layers=1),
+}
+
+
+def with_class_defaults(d: dict) -> dict:
+    """config.json's fields, with transformers' defaults of its model_type for the ones it leaves out."""
+    return {**CLASS_DEFAULTS[_model_type(d)], **d}
 
 
 # ----------------------------------------------------------------------------- config
@@ -100,6 +120,8 @@ def _float(key: str, value, above: float | None = None, at_least: float | None =
 
 def _model_type(d: dict) -> str:
     model_type = d.get("model_type")
+    if model_type in V3_ALIASES and "DeepseekV3ForCausalLM" in (d.get("architectures") or []):
+        return "deepseek_v3"
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; choose one of {MODEL_TYPES}")
     return model_type

@@ -112,6 +112,7 @@ def model_config_from_hf(d: dict, semantics: str = "deepseek") -> ModelConfig:
     reads anywhere, and builds on the meta device): from_pretrained does that before it allocates."""
     if not isinstance(d, dict):
         raise PretrainedError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    d = hf.with_class_defaults(d)  # a field left out reads as transformers reads it
     moe = hf.moe_config_from_hf(d, semantics)
     unsupported = {"hidden_act": ("silu",), "attention_bias": (False, None), "moe_layer_freq": (1, None)}
     for key, allowed in unsupported.items():
@@ -423,7 +424,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     shape is checked against the files' headers, no tensor is read."""
     path, dtype, device = Path(path), _load_dtype(dtype), _load_device(device)
     cfg = hf_model_config(path, semantics)
-    headers = _headers(_shards(path))
+    headers, _ = _fp8_scales(path, _headers(_shards(path)))
     _check_stored(path, cfg, headers)  # before the key map (3 entries an expert) or the model is built
     embed = headers.get("model.embed_tokens.weight")
     dtype = dtype or (_DTYPES.get(embed[2], torch.float32) if embed else torch.float32)
@@ -444,7 +445,7 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
     if not isinstance(model, MoETransformer):
         raise TypeError(f"model must be a dsmoe MoETransformer, got {type(model).__name__}")
     path = Path(path)
-    headers = _headers(_shards(path))
+    headers, scales = _fp8_scales(path, _headers(_shards(path)))
     writers = _writers(model, set(headers))
     _check_keys(path, headers, writers)
     shared = {k for k in headers if k.endswith((".embed_tokens.weight", ".shared_head.head.weight"))
@@ -454,10 +455,75 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
         for late in (False, True):
             for file in files:
                 with safe_open(str(file), "pt") as f:
-                    for key in (k for k in f.keys() if (k in shared) == late):
+                    for key in (k for k in f.keys() if k in headers and (k in shared) == late):
                         t = f.get_tensor(key)
+                        if key in scales:
+                            t = _dequantized(file, key, t, scales[key])
                         _check_finite(file, key, t)
                         writers[key].write(t)
+
+
+# ---- FP8 releases -------------------------------------------------------------------------------------------
+# DeepSeek-V3, R1 and Kimi-K2 ship their linear weights as float8_e4m3fn with a float32 `weight_scale_inv` per
+# block of weight_block_size (128 x 128) and a `quantization_config` in config.json. They are dequantized as
+# they are read, tensor by tensor: the model holds them in the load dtype (bf16 by default, the embedding's), so a
+# V3 release of 671B parameters takes 1.34 TB in bf16, and reading adds one tensor in fp32 at a time.
+
+SCALE = "_scale_inv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Where a quantized weight's scales are, and the block each scale covers."""
+
+    key: str
+    file: Path
+    block: tuple[int, int]
+
+
+def _fp8_scales(path: Path, headers: dict[str, tuple[Path, tuple[int, ...], str]]
+                ) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], dict[str, Scale]]:
+    """(headers without the scale tensors, weight key -> its Scale); every FP8 weight must have its scales, of
+    the shape its blocks give, and the folder a quantization_config that says fp8."""
+    keys = {k[:-len(SCALE)]: k for k in headers if k.endswith(".weight" + SCALE)}
+    fp8 = {k for k, (_, _, dtype) in headers.items() if dtype.startswith("F8")}
+    if not keys and not fp8:
+        return headers, {}
+    config = read_json(path, "config.json").get("quantization_config") or {}
+    if config.get("quant_method") != "fp8" or config.get("fmt", "e4m3") != "e4m3":
+        raise PretrainedError(f"{path}: the weights are FP8 ({_short(sorted(fp8 or keys))}) but config.json's "
+                              f"quantization_config is {config!r}; dsmoe reads quant_method 'fp8', fmt 'e4m3'")
+    block = config.get("weight_block_size", [128, 128])
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise PretrainedError(f"{path}: quantization_config weight_block_size={block!r} is invalid: must be two "
+                              "positive integers")
+    if fp8 - keys.keys() or keys.keys() - fp8:
+        odd = sorted((fp8 - keys.keys()) | (keys.keys() - fp8))
+        raise PretrainedError(f"{path}: FP8 weights and their {SCALE} tensors do not pair up: {_short(odd)}")
+    scales = {}
+    for weight, key in keys.items():
+        shape, need = headers[weight][1], tuple(-(-n // b) for n, b in zip(headers[weight][1], block))
+        if len(shape) != 2 or headers[key][1] != need:
+            raise PretrainedError(f"{path}: {key} has shape {headers[key][1]}, but {weight} {shape} in blocks of "
+                                  f"{block} needs {need}")
+        scales[weight] = Scale(key, headers[key][0], (block[0], block[1]))
+    return {k: v for k, v in headers.items() if not k.endswith(SCALE)}, scales
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A block-quantized weight in `dtype`: w (FP8, [out, in]) times its block's scale (scale_inv is the factor
+    that takes the stored numbers back: DeepSeek's weight_dequant)."""
+    out, inp = w.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
+    return (w.float() * s).to(dtype)
+
+
+def _dequantized(file: Path, key: str, t: torch.Tensor, scale: Scale) -> torch.Tensor:
+    with safe_open(str(scale.file), "pt") as f:
+        scale_inv = f.get_tensor(scale.key)
+    _check_finite(scale.file, scale.key, scale_inv)
+    return dequantize_fp8(t, scale_inv, scale.block)
 
 
 def has_non_finite(t: torch.Tensor) -> bool:
