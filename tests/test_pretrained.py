@@ -5,6 +5,7 @@ q_lora; sharded folders with an index); the folders dsmoe writes load into trans
 greedy generation with the latent KV cache equals generation without it and transformers'; MTP weights
 survive load -> save bit for bit; a bad folder is an error naming what is wrong."""
 
+import dataclasses
 import json
 import math
 
@@ -458,3 +459,19 @@ def test_a_field_left_out_reads_as_transformers_reads_it(model_type, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen9_moe"}))
     with pytest.raises(PretrainedError, match=r"config.json: model_type='qwen9_moe' is not supported; choose one"):
         from_pretrained(tmp_path)
+
+
+def test_a_re_exported_folder_keeps_its_token_ids_and_generates_until_its_eos(tmp_path):
+    """V2-Lite's eos is 100001: a folder loaded and saved again keeps bos/eos/pad in config.json and writes
+    generation_config.json, so transformers' generate stops where the release stops (not on its class default)."""
+    reference = hf_model(*CASES["v2-lite-greedy"])
+    reference.config.update({"bos_token_id": 60, "eos_token_id": 61, "pad_token_id": 62})
+    reference.save_pretrained(tmp_path / "a")
+    model = from_pretrained(tmp_path / "a")
+    assert model.cfg.token_ids == {"bos_token_id": 60, "eos_token_id": 61, "pad_token_id": 62}
+    save_pretrained(model, tmp_path / "b")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "b")
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (60, 61, 62)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "b").eos_token_id == 61
+    with pytest.raises(ValueError, match="token_ids"):
+        dataclasses.replace(model.cfg, token_ids={"eos_token_id": -1})

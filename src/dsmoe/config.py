@@ -230,6 +230,7 @@ class ModelConfig:
     #                                             beta_slow, mscale, mscale_all_dim (HF rope_scaling)
     mtp_layers: int = 0                 # multi-token prediction depths (DeepSeek-V3 §2.2: 1)
     mtp_loss_weight: float = 0.3        # weight of the mean MTP loss over depths (V3: 0.3, later 0.1)
+    token_ids: dict[str, Any] | None = None  # a HuggingFace release's bos/eos/pad_token_id, written back on export
 
     @property
     def mla(self) -> bool:
@@ -258,6 +259,7 @@ class ModelConfig:
             _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
         if self.rope_scaling is not None:
             self._check_yarn()
+        self._check_token_ids()
         if not self.mla:  # MLA sizes its heads by qk_nope/qk_rope/v_head_dim instead
             _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
             _check((self.dim // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
@@ -272,6 +274,15 @@ class ModelConfig:
             _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
             if not self.dense_hidden:
                 self.dense_hidden = (self.moe.top_k + self.moe.n_shared_experts) * self.moe.expert_dim
+
+    def _check_token_ids(self) -> None:
+        ids = self.token_ids
+        if ids is None:
+            return
+        ok = isinstance(ids, dict) and set(ids) <= set(TOKEN_ID_FIELDS) and all(
+            v is None or (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v))
+            for v in ids.values())
+        _check(ok, "token_ids", ids, f"must map some of {TOKEN_ID_FIELDS} to a token id >= 0, a list of them, or None")
 
     def _check_yarn(self) -> None:
         """rope_scaling: yarn (DeepSeek-V2 §2.1; what attention.rotary_table computes) with values it can use."""
@@ -348,6 +359,7 @@ class ModelConfig:
 
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 BPE_MIN_VOCAB = 256 + 4  # a byte-level BPE starts from the 256 byte symbols and the 4 special tokens
 
 

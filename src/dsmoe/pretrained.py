@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsmoe import hf
-from dsmoe.config import ModelConfig
+from dsmoe.config import TOKEN_ID_FIELDS, ModelConfig
 from dsmoe.memory import available_memory, size_text
 from dsmoe.model import Block, MoETransformer, MTPModule
 from dsmoe.moe import MoE, moe_layers
@@ -134,7 +134,8 @@ def model_config_from_hf(d: dict, semantics: str = "deepseek") -> ModelConfig:
         moe=moe, tie_embeddings=hf._bool("tie_word_embeddings", _field(d, "tie_word_embeddings", False)),
         rope_theta=theta, norm_eps=hf._float("rms_norm_eps", _field(d, "rms_norm_eps", 1e-6), above=0),
         rope_interleave=hf._bool("rope_interleave", _field(d, "rope_interleave", True)), rope_scaling=scaling,
-        mtp_layers=hf._int("num_nextn_predict_layers", _field(d, "num_nextn_predict_layers", 0), 0), **attention)
+        mtp_layers=hf._int("num_nextn_predict_layers", _field(d, "num_nextn_predict_layers", 0), 0),
+        token_ids={k: d[k] for k in TOKEN_ID_FIELDS if d.get(k) is not None} or None, **attention)
 
 
 def model_config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -153,7 +154,7 @@ def model_config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
         "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "v_head_dim": cfg.v_head_dim, "rope_interleave": cfg.rope_interleave, "rope_scaling": cfg.rope_scaling,
         "num_nextn_predict_layers": cfg.mtp_layers, "hidden_act": "silu", "attention_bias": False,
-        "moe_layer_freq": 1, "torch_dtype": str(dtype).removeprefix("torch."),
+        "moe_layer_freq": 1, "torch_dtype": str(dtype).removeprefix("torch."), **(cfg.token_ids or {}),
     })
     return d
 
@@ -580,8 +581,9 @@ def _init_buffers(model: MoETransformer) -> None:
 
 @torch.no_grad()
 def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int = 5 * 2**30) -> Path:
-    """Write a HuggingFace folder (config.json, safetensors shards of at most max_shard_size bytes with an
-    index when there is more than one, per-expert keys) that transformers and from_pretrained load."""
+    """Write a HuggingFace folder (config.json, generation_config.json with the model's token ids, safetensors
+    shards of at most max_shard_size bytes with an index when there is more than one, per-expert keys) that
+    transformers and from_pretrained load."""
     path = Path(path)
     dtype = model.embed.weight.dtype
     config = model_config_to_hf(model.cfg, dtype)  # raises for what the format cannot hold, before any write
@@ -591,6 +593,9 @@ def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int
                                   "e_score_correction_bias to hold it: the exported model would route differently")
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    if model.cfg.token_ids:  # what transformers' generate stops on (else its class default, token 1 or 2)
+        generation = {"_from_model_config": True, **model.cfg.token_ids}
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
     readers = {k: slot.read for k, slot in key_map(model).items()}
     shards: list[list[str]] = [[]]
     size = 0

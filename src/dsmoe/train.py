@@ -567,6 +567,8 @@ def _export(model_cfg: ModelConfig, model: MoETransformer | None, checkpoint_dir
     if model is None:
         model = MoETransformer(model_cfg)
         checkpoint.load_weights(checkpoint_dir, model, alone=True)
+    if model.cfg.token_ids is None and tokenizer.eos_id is not None:  # a dsmoe-trained model: its tokenizer's EOS
+        model.cfg = dataclasses.replace(model.cfg, token_ids={"eos_token_id": tokenizer.eos_id})
     try:
         save_pretrained(model, run_dir / "hf")
         tokenizer.save(run_dir / "hf")
