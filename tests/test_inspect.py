@@ -128,3 +128,21 @@ def test_dsmoe_run_directory(corpus, tmp_path, monkeypatch):
     assert r["maxvio_global"] == ev["maxvio_global"] and r["loss"] == pytest.approx(ev["loss"], rel=1e-5)
     K = model_cfg.moe.top_k
     assert all(sum(row) == r["tokens"] * K for row in r["load"])
+
+
+def test_two_models_are_compared_side_by_side(corpus, tmp_path, capsys):
+    """`dsmoe inspect A B`: both inspected on the same corpus, each its report, one table of the two."""
+    a = save_hf(tmp_path / "v3", *CASES["v3"])
+    b = save_hf(tmp_path / "v2", *CASES["v2"])
+    out = tmp_path / "cmp"
+    assert cli.main(["inspect", str(a), str(b), "--data", str(corpus), "--out", str(out), "--batches", "1",
+                     "--batch-size", "2", "--seq-len", "16", "--redundancy-batches", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("MaxVio_global: mean") == 2 and f"comparison: {out / 'compare.md'}" in printed
+    table = (out / "compare.md").read_text()
+    assert "|  | v3 | v2 |" in table and "sigmoid" in table and "softmax" in table and "MaxVio_global" in table
+    for name in ("v3", "v2"):
+        results = json.loads((out / name / "results.json").read_text())
+        assert f"{results['mean_maxvio_global']:.3f}" in table and results["corpus"] == str(corpus)
+    assert cli.main(["inspect", str(a), str(b), str(a)]) == 1
+    assert "give one model to inspect or two to compare" in capsys.readouterr().out

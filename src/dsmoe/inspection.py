@@ -173,6 +173,53 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
     return result
 
 
+def compare(paths: list[str | Path], data: str | None = None, out: str | Path | None = None, **kwargs: Any) -> dict:
+    """Inspect two models on the same corpus (`data`, else the first one's default) and write their routing side by
+    side into OUT/compare.md (default runs/compare-A-vs-B); each model's own report goes to OUT/A and OUT/B."""
+    if len(paths) != 2:
+        raise ValueError(f"compare takes two models, got {len(paths)}")
+    names = [Path(p).resolve().name for p in paths]
+    if names[0] == names[1]:
+        names = [f"{n}-{i + 1}" for i, n in enumerate(names)]
+    out = Path(out) if out else Path("runs") / f"compare-{names[0]}-vs-{names[1]}"
+    if data is None:
+        data = load(paths[0], kwargs.get("device", "cpu")).data
+    results = [inspect(p, data, out / name, **kwargs) for p, name in zip(paths, names)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(comparison_markdown(results, names))
+    return {"results": results, "report": str(out / "compare.md")}
+
+
+def comparison_markdown(results: list[dict], names: list[str]) -> str:
+    """The two reports' headline numbers in one table (a model's MoE layers averaged; its own report has each)."""
+    def row(label: str, values: list[str]) -> str:
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    rows = [
+        ("source", [r["source"] for r in results]),
+        ("corpus (tokens)", [f"{r['corpus']} ({r['tokens']:,})" for r in results]),
+        ("MoE layers x routed experts, top-k", [f"{len(r['blocks'])} x {r['model']['routed_experts']}, "
+                                                f"{r['model']['top_k']}" for r in results]),
+        ("score function", [r["model"]["score_func"] for r in results]),
+        ("loss / perplexity", [f"{r['loss']:.4f} / {r['ppl']:.2f}" for r in results]),
+        ("MaxVio_global, mean (max)", [f"{r['mean_maxvio_global']:.3f} ({max(r['maxvio_global']):.3f})"
+                                       for r in results]),
+        ("load entropy, mean", [f"{mean(r['load_entropy']):.3f}" for r in results]),
+        ("dead experts", [str(r["n_dead_experts"]) for r in results]),
+        ("token kind -> expert MI, share of H(kind)", [f"{mean(r['mi_fraction']):.3f}" for r in results]),
+        ("redundancy: loss rise, top-1 experts off", [
+            f"{r['redundancy'][1]['rise']:+.3f}" if len(r["redundancy"]) > 1 else "-" for r in results]),
+    ]
+    lines = [f"# Routing of {names[0]} and {names[1]}", "", row("", names), "|---|---|---|",
+             *(row(label, values) for label, values in rows), "",
+             "Each model's report, per layer and with its figures: "
+             + ", ".join(f"[{n}]({n}/report.md)" for n in names) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(r: dict, out: Path) -> dict:
     """OUT/report.md, OUT/results.json and the PNGs; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)

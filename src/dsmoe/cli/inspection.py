@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 
 from dsmoe.cli.format import check_at_least
-from dsmoe.inspection import inspect
+from dsmoe.inspection import compare, inspect
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="DIR", help="HuggingFace DeepSeek-V2/V3 folder, or dsmoe checkpoint / run directory")
+    p.add_argument("paths", nargs="+", metavar="DIR",
+                   help="HuggingFace DeepSeek-V2/V3 folder, or dsmoe checkpoint / run directory; two of them: their "
+                        "routing side by side (OUT/compare.md)")
     p.add_argument("--data", metavar="PATH",
                    help="a prepared folder, a text file or folder, or a mixture a=0.7,b=0.3 (default: a dsmoe "
                         "run's corpus; the Python standard library for HF)")
@@ -31,8 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "batches", "batch_size", "seq_len")
     check_at_least(args, 0, "redundancy_batches")
-    r = inspect(args.path, args.data, args.out, args.batches, args.batch_size, args.seq_len, args.device,
-                args.redundancy_batches, progress=not args.quiet)
+    kwargs = dict(batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
+                  redundancy_batches=args.redundancy_batches, progress=not args.quiet)
+    if len(args.paths) > 2:
+        raise ValueError(f"give one model to inspect or two to compare, not {len(args.paths)}")
+    if len(args.paths) == 1:
+        _summary(inspect(args.paths[0], args.data, args.out, **kwargs))
+        return 0
+    compared = compare(args.paths, args.data, args.out, **kwargs)
+    for r in compared["results"]:
+        _summary(r)
+    print(f"comparison: {compared['report']}")
+    return 0
+
+
+def _summary(r: dict) -> None:
     mv = r["maxvio_global"]
     print(f"{r['name']} ({r['source']}): {r['tokens']:,} tokens of {r['corpus']}, loss {r['loss']:.4f}, "
           f"perplexity {r['ppl']:.2f}")
@@ -44,4 +59,3 @@ def run(args: argparse.Namespace) -> int:
         rises = ", ".join(f"top-{x['disabled']} {x['rise']:+.3f}" for x in r["redundancy"][1:])
         print(f"redundancy test (loss rise with each token's top-n experts disabled): {rises or '-'}")
     print(f"report: {r['report']}")
-    return 0
