@@ -15,7 +15,7 @@ from dsmoe import cli
 from dsmoe.analysis import disabled_counts
 from dsmoe.data import load_corpus
 from dsmoe.evaluate import evaluate
-from dsmoe.inspection import inspect
+from dsmoe.inspection import compare, inspect
 from dsmoe.metrics import max_violation
 from dsmoe.pretrained import from_pretrained
 from dsmoe.tokenizer import load_tokenizer
@@ -123,6 +123,10 @@ def test_dsmoe_run_directory(corpus, tmp_path, monkeypatch):
     assert r["source"] == "dsmoe" and (r["batch_size"], r["seq_len"]) == (4, 16)
     assert Path(r["report"]) == run / "inspect" / "report.md"
     assert (run / "inspect" / "load.png").exists() and (run / "inspect" / "kinds.png").exists()
+    # beside a HF folder with no --data: both on the run's corpus and its windows, not each on its own default
+    compared = compare([run, save_hf(tmp_path / "hf", *CASES["v3"])], out=tmp_path / "cmp", batches=1,
+                       redundancy_batches=0, progress=False)
+    assert [(x["corpus"], x["seq_len"], x["batch_size"]) for x in compared["results"]] == [(str(corpus), 16, 4)] * 2
     model, model_cfg, _, tok = load_checkpoint(run)
     ev = evaluate(model, load_corpus(str(corpus), tok), 4, 16, 2)
     assert r["maxvio_global"] == ev["maxvio_global"] and r["loss"] == pytest.approx(ev["loss"], rel=1e-5)

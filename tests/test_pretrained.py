@@ -350,6 +350,10 @@ def test_an_mla_preset_run_ends_as_a_folder_transformers_loads(byte_folder, tmp_
     ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-5, rtol=1e-5)
+    from dsmoe.cli import main
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    for folder in (tmp_path / "run" / "hf", tmp_path / "exported"):  # both ways out stop on the tokenizer's EOS
+        assert transformers.GenerationConfig.from_pretrained(folder).eos_token_id == 257
 
 
 def test_run_configs_of_an_init(byte_folder):
@@ -382,6 +386,15 @@ def _quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.
     return q.to(torch.float8_e4m3fn), scale
 
 
+def _dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The reference: each block's stored numbers times its scale, one block at a time."""
+    w = q.float()
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] *= scale[i, j]
+    return w
+
+
 QUANTIZED = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
              "up_proj", "down_proj")
 
@@ -400,8 +413,7 @@ def test_an_fp8_release_loads_dequantized_block_by_block(tmp_path, model_type):
         if key.endswith(".weight") and key.split(".")[-2] in QUANTIZED:
             q, scale = _quantize_blockwise(t, block)
             quantized[key], quantized[key + "_scale_inv"] = q, scale
-            by_hand[key] = q.float() * scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(
-                block[1], 1)[:, :t.shape[1]]
+            by_hand[key] = _dequantize_blockwise(q, scale, block)
         else:
             quantized[key] = by_hand[key] = t
     assert len(by_hand) < len(quantized) and any(k.endswith("_scale_inv") for k in quantized)
@@ -439,7 +451,7 @@ def test_an_fp8_folder_without_its_scales_or_config_is_refused(tmp_path):
     with pytest.raises(PretrainedError, match="do not pair up: model.layers.0.self_attn.o_proj.weight"):
         from_pretrained(tmp_path)
     save_file(tensors | {key: q, key + "_scale_inv": torch.ones(2, 2)}, tmp_path / "model.safetensors")
-    with pytest.raises(PretrainedError, match=r"o_proj.weight_scale_inv has shape \(2, 2\), but .* needs \(1, 1\)"):
+    with pytest.raises(PretrainedError, match=r"o_proj.weight_scale_inv is F32 \(2, 2\), but .* shape \(1, 1\)"):
         from_pretrained(tmp_path)
 
 
@@ -473,5 +485,14 @@ def test_a_re_exported_folder_keeps_its_token_ids_and_generates_until_its_eos(tm
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "b")
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (60, 61, 62)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "b").eos_token_id == 61
-    with pytest.raises(ValueError, match="token_ids"):
-        dataclasses.replace(model.cfg, token_ids={"eos_token_id": -1})
+    for bad in (-1, model.cfg.vocab_size):
+        with pytest.raises(ValueError, match=r"token_ids.*in \[0, vocab_size="):
+            dataclasses.replace(model.cfg, token_ids={"eos_token_id": bad})
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config | {"model_type": "kimi_k2", "architectures": []}))
+    with pytest.raises(PretrainedError, match=r"kimi_k2' is read as deepseek_v3 only with architectures"):
+        from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "tiktoken.model").write_text("")
+    from dsmoe.tokenizer import load_tokenizer
+    with pytest.raises(ValueError, match="tiktoken tokenizer .*does not read yet"):
+        load_tokenizer(tmp_path / "a")

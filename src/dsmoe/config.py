@@ -279,10 +279,12 @@ class ModelConfig:
         ids = self.token_ids
         if ids is None:
             return
+        def token(i: object) -> bool:
+            return _is_int(i) and 0 <= i < self.vocab_size  # type: ignore[operator]
         ok = isinstance(ids, dict) and set(ids) <= set(TOKEN_ID_FIELDS) and all(
-            v is None or (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v))
-            for v in ids.values())
-        _check(ok, "token_ids", ids, f"must map some of {TOKEN_ID_FIELDS} to a token id >= 0, a list of them, or None")
+            v is None or token(v) or (isinstance(v, list) and all(map(token, v))) for v in ids.values())
+        _check(ok, "token_ids", ids, f"must map some of {TOKEN_ID_FIELDS} to a token id in [0, vocab_size="
+               f"{self.vocab_size}), a list of them, or None")
 
     def _check_yarn(self) -> None:
         """rope_scaling: yarn (DeepSeek-V2 §2.1; what attention.rotary_table computes) with values it can use."""

@@ -120,7 +120,10 @@ def _float(key: str, value, above: float | None = None, at_least: float | None =
 
 def _model_type(d: dict) -> str:
     model_type = d.get("model_type")
-    if model_type in V3_ALIASES and "DeepseekV3ForCausalLM" in (d.get("architectures") or []):
+    if model_type in V3_ALIASES:
+        if "DeepseekV3ForCausalLM" not in (d.get("architectures") or []):
+            raise ValueError(f"model_type={model_type!r} is read as deepseek_v3 only with architectures "
+                             '["DeepseekV3ForCausalLM"], which this config.json does not name')
         return "deepseek_v3"
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; choose one of {MODEL_TYPES}")
@@ -154,6 +157,7 @@ def moe_config_from_hf(d: dict, semantics: str = "deepseek") -> MoEConfig:
     if not isinstance(d, dict):
         raise TypeError(f"HF config must be a dict (the parsed config.json), got {type(d).__name__}"
                         + ("; for a transformers config pass config.to_dict()" if hasattr(d, "to_dict") else ""))
+    d = with_class_defaults(d)  # a field left out reads as transformers reads it
     model_type = _model_type(d)
     missing = [k for k in _REQUIRED if d.get(k) is None]
     if missing:

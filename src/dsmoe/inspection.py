@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from dsmoe import plots
 from dsmoe.analysis import KINDS, add_kind_counts, capture_routing, lift, mutual_information, redundancy
-from dsmoe.checkpoint import is_hf_folder, load_checkpoint, resolve
+from dsmoe.checkpoint import configs_from_checkpoint, is_hf_folder, load_checkpoint, resolve
 from dsmoe.data import Corpus, load_corpus
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.metrics import dead_experts, load_entropy, max_violation
 from dsmoe.model import MoETransformer
-from dsmoe.pretrained import from_pretrained
+from dsmoe.pretrained import from_pretrained, hf_model_config
 from dsmoe.tokenizer import load_tokenizer
 
 DEFAULT_SEQ_LEN = 256  # for HF folders, whose max_position_embeddings is far longer than a corpus pass needs
@@ -122,12 +122,13 @@ def corpus_pass(model: MoETransformer, corpus: Corpus, tokenizer, batches: int, 
 
 def inspect(path: str | Path, data: str | None = None, out: str | Path | None = None, batches: int = 16,
             batch_size: int | None = None, seq_len: int | None = None, device: str = "cpu",
-            redundancy_batches: int | None = None, progress: bool = True) -> dict:
+            redundancy_batches: int | None = None, progress: bool = True, own_corpus: bool = True) -> dict:
     """Inspect the model at `path` on `data` (default: a dsmoe run's corpus, else the standard library) and
     write the report to `out` (default: RUN/inspect for a run directory, else runs/inspect-<name>).
     batch_size and seq_len default to a run's training shape (so its numbers are `dsmoe eval`'s), else 8 x 256.
 
     redundancy_batches: batches per redundancy evaluation (default `batches`; 0 skips the test).
+    own_corpus=False: data None is the standard library even for a run (compare's both models alike).
     Returns the results (also in OUT/results.json), with the paths of the report and the figures.
     """
     for name, value in (("batches", batches), ("batch_size", batch_size), ("seq_len", seq_len)):
@@ -138,7 +139,7 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
     seq_len, batch_size = seq_len or loaded.seq_len, batch_size or loaded.batch_size
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-    corpus = load_corpus(data if data is not None else loaded.data, loaded.tokenizer)
+    corpus = load_corpus(data if data is not None or not own_corpus else loaded.data, loaded.tokenizer)
     corpus.check(seq_len, cfg.vocab_size)
     passed = corpus_pass(model, corpus, loaded.tokenizer, batches, batch_size, seq_len, device, progress)
     load_LE = torch.tensor(passed["load"])
@@ -173,18 +174,36 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
     return result
 
 
-def compare(paths: list[str | Path], data: str | None = None, out: str | Path | None = None, **kwargs: Any) -> dict:
-    """Inspect two models on the same corpus (`data`, else the first one's default) and write their routing side by
-    side into OUT/compare.md (default runs/compare-A-vs-B); each model's own report goes to OUT/A and OUT/B."""
+def _defaults(path: str | Path) -> tuple[str | None, int, int, int]:
+    """(corpus, seq_len, batch_size, max_seq_len) that `inspect` takes by default for a model, from its configs
+    alone (no weights read)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (give a HuggingFace DeepSeek-V2/V3 folder or a dsmoe "
+                                "checkpoint or run directory)")
+    if is_hf_folder(path):
+        cfg = hf_model_config(path)
+        return None, min(DEFAULT_SEQ_LEN, cfg.max_seq_len), DEFAULT_BATCH_SIZE, cfg.max_seq_len
+    model_cfg, train_cfg = configs_from_checkpoint(resolve(path))
+    return train_cfg.data, train_cfg.seq_len or model_cfg.max_seq_len, train_cfg.batch_size, model_cfg.max_seq_len
+
+
+def compare(paths: list[str | Path], data: str | None = None, out: str | Path | None = None,
+            seq_len: int | None = None, batch_size: int | None = None, **kwargs: Any) -> dict:
+    """Inspect two models on the same windows of the same corpus (`data`, seq_len and batch_size, by default the
+    first model's, the length cut to what both take) and write their routing side by side into OUT/compare.md
+    (default runs/compare-A-vs-B); each model's own report goes to OUT/<its folder's name>."""
     if len(paths) != 2:
         raise ValueError(f"compare takes two models, got {len(paths)}")
+    (corpus, length, batch, longest), (_, _, _, other) = (_defaults(p) for p in paths)
+    data = corpus if data is None else data
+    seq_len, batch_size = seq_len or min(length, longest, other), batch_size or batch
     names = [Path(p).resolve().name for p in paths]
     if names[0] == names[1]:
         names = [f"{n}-{i + 1}" for i, n in enumerate(names)]
     out = Path(out) if out else Path("runs") / f"compare-{names[0]}-vs-{names[1]}"
-    if data is None:
-        data = load(paths[0], kwargs.get("device", "cpu")).data
-    results = [inspect(p, data, out / name, **kwargs) for p, name in zip(paths, names)]
+    results = [inspect(p, data, out / name, seq_len=seq_len, batch_size=batch_size, own_corpus=False, **kwargs)
+               for p, name in zip(paths, names)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(comparison_markdown(results, names))
     return {"results": results, "report": str(out / "compare.md")}

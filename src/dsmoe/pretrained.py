@@ -9,7 +9,8 @@ of the embedding and output head, which dsmoe shares with the main model) and ar
 
 Loading never holds two copies of the weights: the model is built on the meta device, allocated once in
 the checkpoint's dtype (bf16 stays bf16 unless `dtype` says otherwise; the balancing bias is fp32), and
-filled tensor by tensor from each shard. Every key and shape is checked against the config before any
+filled tensor by tensor from each shard; an FP8 release's weights are dequantized as they are read (see FP8
+releases below). Every key and shape is checked against the config before any
 tensor is read, so a missing, extra or mis-shaped key is an error naming it and nothing half-loaded is
 returned.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -458,8 +460,8 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
                 with safe_open(str(file), "pt") as f:
                     for key in (k for k in f.keys() if k in headers and (k in shared) == late):
                         t = f.get_tensor(key)
-                        if key in scales:
-                            t = _dequantized(file, key, t, scales[key])
+                        if key in scales.keys:
+                            t = _dequantized(f, file, t, scales.keys[key], scales.block)
                         _check_finite(file, key, t)
                         writers[key].write(t)
 
@@ -468,63 +470,69 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
 # DeepSeek-V3, R1 and Kimi-K2 ship their linear weights as float8_e4m3fn with a float32 `weight_scale_inv` per
 # block of weight_block_size (128 x 128) and a `quantization_config` in config.json. They are dequantized as
 # they are read, tensor by tensor: the model holds them in the load dtype (bf16 by default, the embedding's), so a
-# V3 release of 671B parameters takes 1.34 TB in bf16, and reading adds one tensor in fp32 at a time.
+# V3 release of 671B parameters takes 1.34 TB in bf16, and reading adds one weight in fp32 at a time.
 
 SCALE = "_scale_inv"
 
 
 @dataclasses.dataclass(frozen=True)
-class Scale:
-    """Where a quantized weight's scales are, and the block each scale covers."""
+class Scales:
+    """The quantized weights of a folder: weight key -> its scale tensor's key and file; the block size."""
 
-    key: str
-    file: Path
+    keys: dict[str, tuple[str, Path]]
     block: tuple[int, int]
 
 
 def _fp8_scales(path: Path, headers: dict[str, tuple[Path, tuple[int, ...], str]]
-                ) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], dict[str, Scale]]:
-    """(headers without the scale tensors, weight key -> its Scale); every FP8 weight must have its scales, of
-    the shape its blocks give, and the folder a quantization_config that says fp8."""
+                ) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], Scales]:
+    """(headers without the scale tensors, the Scales); every FP8 weight must be 2-D with float scales of the
+    shape its blocks give, and the folder's config.json a quantization_config that says fp8."""
     keys = {k[:-len(SCALE)]: k for k in headers if k.endswith(".weight" + SCALE)}
     fp8 = {k for k, (_, _, dtype) in headers.items() if dtype.startswith("F8")}
     if not keys and not fp8:
-        return headers, {}
-    config = read_json(path, "config.json").get("quantization_config") or {}
+        return headers, Scales({}, (128, 128))
+    config = _object("quantization_config", read_json(path, "config.json").get("quantization_config")) or {}
     if config.get("quant_method") != "fp8" or config.get("fmt", "e4m3") != "e4m3":
         raise PretrainedError(f"{path}: the weights are FP8 ({_short(sorted(fp8 or keys))}) but config.json's "
                               f"quantization_config is {config!r}; dsmoe reads quant_method 'fp8', fmt 'e4m3'")
     block = config.get("weight_block_size", [128, 128])
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
         raise PretrainedError(f"{path}: quantization_config weight_block_size={block!r} is invalid: must be two "
                               "positive integers")
-    if fp8 - keys.keys() or keys.keys() - fp8:
-        odd = sorted((fp8 - keys.keys()) | (keys.keys() - fp8))
+    if fp8 != keys.keys():
+        odd = sorted(fp8 ^ keys.keys())
         raise PretrainedError(f"{path}: FP8 weights and their {SCALE} tensors do not pair up: {_short(odd)}")
-    scales = {}
     for weight, key in keys.items():
-        shape, need = headers[weight][1], tuple(-(-n // b) for n, b in zip(headers[weight][1], block))
-        if len(shape) != 2 or headers[key][1] != need:
-            raise PretrainedError(f"{path}: {key} has shape {headers[key][1]}, but {weight} {shape} in blocks of "
-                                  f"{block} needs {need}")
-        scales[weight] = Scale(key, headers[key][0], (block[0], block[1]))
-    return {k: v for k, v in headers.items() if not k.endswith(SCALE)}, scales
+        (_, shape, _), (_, scale_shape, scale_dtype) = headers[weight], headers[key]
+        need = tuple(-(-n // b) for n, b in zip(shape, block))
+        if len(shape) != 2:
+            raise PretrainedError(f"{path}: {weight} is FP8 with shape {shape}; dsmoe reads 2-D FP8 weights only")
+        if scale_shape != need or scale_dtype not in _DTYPES:
+            raise PretrainedError(f"{path}: {key} is {scale_dtype} {scale_shape}, but {weight} {shape} in blocks "
+                                  f"of {block} needs float scales of shape {need}")
+    scales = Scales({w: (k, headers[k][0]) for w, k in keys.items()}, (block[0], block[1]))
+    return {k: v for k, v in headers.items() if k not in set(keys.values())}, scales
 
 
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A block-quantized weight in `dtype`: w (FP8, [out, in]) times its block's scale (scale_inv is the factor
-    that takes the stored numbers back: DeepSeek's weight_dequant)."""
-    out, inp = w.shape
-    s = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
-    return (w.float() * s).to(dtype)
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """A block-quantized weight in fp32: w (FP8, [out, in]) times its block's entry of scale_inv (the factor that
+    takes the stored numbers back: DeepSeek's weight_dequant). One fp32 copy of w, scaled in place by block."""
+    (out, inp), (rows, cols) = w.shape, scale_inv.shape
+    x = F.pad(w.float(), (0, cols * block[1] - inp, 0, rows * block[0] - out))
+    x.view(rows, block[0], cols, block[1]).mul_(scale_inv.float()[:, None, :, None])
+    return x[:out, :inp]
 
 
-def _dequantized(file: Path, key: str, t: torch.Tensor, scale: Scale) -> torch.Tensor:
-    with safe_open(str(scale.file), "pt") as f:
-        scale_inv = f.get_tensor(scale.key)
-    _check_finite(scale.file, scale.key, scale_inv)
-    return dequantize_fp8(t, scale_inv, scale.block)
+def _dequantized(f: Any, file: Path, t: torch.Tensor, scale: tuple[str, Path], block: tuple[int, int]) -> torch.Tensor:
+    """t dequantized with its scales, read from the open shard f when they are in it (as releases keep them)."""
+    key, scale_file = scale
+    if scale_file == file:
+        scale_inv = f.get_tensor(key)
+    else:
+        with safe_open(str(scale_file), "pt") as other:
+            scale_inv = other.get_tensor(key)
+    _check_finite(scale_file, key, scale_inv)
+    return dequantize_fp8(t, scale_inv, block)
 
 
 def has_non_finite(t: torch.Tensor) -> bool:
@@ -580,10 +588,12 @@ def _init_buffers(model: MoETransformer) -> None:
 # ---- saving ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int = 5 * 2**30) -> Path:
+def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int = 5 * 2**30,
+                    eos_id: int | None = None) -> Path:
     """Write a HuggingFace folder (config.json, generation_config.json with the model's token ids, safetensors
     shards of at most max_shard_size bytes with an index when there is more than one, per-expert keys) that
-    transformers and from_pretrained load."""
+    transformers and from_pretrained load. eos_id: the EOS of a model without a release's token ids (a dsmoe-
+    trained one: its tokenizer's), so that transformers' generate stops there."""
     path = Path(path)
     dtype = model.embed.weight.dtype
     config = model_config_to_hf(model.cfg, dtype)  # raises for what the format cannot hold, before any write
@@ -592,10 +602,13 @@ def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int
             raise PretrainedError("the balancing bias is nonzero, but DeepSeek-V2 (softmax) checkpoints have no "
                                   "e_score_correction_bias to hold it: the exported model would route differently")
     path.mkdir(parents=True, exist_ok=True)
+    token_ids = model.cfg.token_ids or ({"eos_token_id": eos_id} if eos_id is not None else None)
+    if token_ids:  # what transformers' generate stops on (else its class default, token 1 or 2)
+        config |= token_ids
+        (path / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **token_ids}, indent=2))
+    else:
+        (path / "generation_config.json").unlink(missing_ok=True)  # an earlier export's would not be this model's
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    if model.cfg.token_ids:  # what transformers' generate stops on (else its class default, token 1 or 2)
-        generation = {"_from_model_config": True, **model.cfg.token_ids}
-        (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
     readers = {k: slot.read for k, slot in key_map(model).items()}
     shards: list[list[str]] = [[]]
     size = 0

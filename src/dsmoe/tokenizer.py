@@ -147,6 +147,9 @@ def load_tokenizer(directory) -> Tokenizer:
     """
     directory = Path(directory)
     path = directory / "tokenizer.json"
+    if not path.exists() and (directory / "tiktoken.model").exists():  # Moonlight, Kimi-K2
+        raise ValueError(f"{directory} ships a tiktoken tokenizer (tiktoken.model), which dsmoe does not read yet: "
+                         "convert it to a tokenizer.json (transformers' AutoTokenizer can save one)")
     if path.exists() and _is_hf_tokenizer(path):
         return HFTokenizer.load(directory)
     if path.exists():

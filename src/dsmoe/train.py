@@ -567,10 +567,8 @@ def _export(model_cfg: ModelConfig, model: MoETransformer | None, checkpoint_dir
     if model is None:
         model = MoETransformer(model_cfg)
         checkpoint.load_weights(checkpoint_dir, model, alone=True)
-    if model.cfg.token_ids is None and tokenizer.eos_id is not None:  # a dsmoe-trained model: its tokenizer's EOS
-        model.cfg = dataclasses.replace(model.cfg, token_ids={"eos_token_id": tokenizer.eos_id})
     try:
-        save_pretrained(model, run_dir / "hf")
+        save_pretrained(model, run_dir / "hf", eos_id=tokenizer.eos_id)
         tokenizer.save(run_dir / "hf")
     except ValueError as e:
         shutil.rmtree(run_dir / "hf", ignore_errors=True)

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, _, _, tokenizer = load_checkpoint(args.run)
-    path = save_pretrained(model, args.out, max_shard_size=int(args.max_shard_gb * 2**30))
+    path = save_pretrained(model, args.out, max_shard_size=int(args.max_shard_gb * 2**30), eos_id=tokenizer.eos_id)
     tokenizer.save(path)
     print(f"wrote {path} (config.json, safetensors, tokenizer)")
     return 0

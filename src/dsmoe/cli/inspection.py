@@ -16,9 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "routing side by side (OUT/compare.md)")
     p.add_argument("--data", metavar="PATH",
                    help="a prepared folder, a text file or folder, or a mixture a=0.7,b=0.3 (default: a dsmoe "
-                        "run's corpus; the Python standard library for HF)")
+                        "run's corpus; the Python standard library for HF; two models: the first one's)")
     p.add_argument("--out", metavar="OUT",
-                   help="report folder (default: DIR/inspect for a run directory, else runs/inspect-<name>)")
+                   help="report folder (default: DIR/inspect for a run directory, else runs/inspect-<name>; two "
+                        "models: runs/compare-<A>-vs-<B>)")
     p.add_argument("--batches", type=int, default=16, help="batches of the corpus pass")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per batch (default: a run's training batch; 8 for HF folders)")
