@@ -496,3 +496,32 @@ def test_a_re_exported_folder_keeps_its_token_ids_and_generates_until_its_eos(tm
     from dsmoe.tokenizer import load_tokenizer
     with pytest.raises(ValueError, match="tiktoken tokenizer .*does not read yet"):
         load_tokenizer(tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_a_softmax_release_fine_tunes_loss_free_and_says_why_it_has_no_hf_folder(tmp_path, capsys, monkeypatch):
+    """train --init of a V2 (softmax) folder trains a selection-only bias (MaxVio in the log); V2's format cannot
+    hold it, so the run keeps its dsmoe checkpoint and says so; with the bias off, RUN/hf is written."""
+    from dsmoe.cli import main
+    from dsmoe.train import run_configs
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV2Config(
+        **BYTES, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, topk_method="greedy"),
+        dtype=torch.float32).save_pretrained(tmp_path / "v2")
+    model_cfg, _, _ = run_configs(init=str(tmp_path / "v2"))
+    assert model_cfg.moe is not None and model_cfg.moe.bias_update_speed == 1e-3
+    argv = ["train", "--init", str(tmp_path / "v2"), "--preset", "debug", "--steps", "4", "--quiet", "--set",
+            "seq_len=32", "--set", "batch_size=4", "--set", "eval_batches=1", "--set", "tensorboard=false"]
+    assert main([*argv, "--out", str(tmp_path / "free")]) == 0
+    out = capsys.readouterr().out
+    assert "no HuggingFace folder written" in out and "e_score_correction_bias" in out
+    assert not (tmp_path / "free" / "hf").exists() and (tmp_path / "free" / "checkpoint").exists()
+    rows = [json.loads(line) for line in open(tmp_path / "free" / "metrics.jsonl")]
+    assert all(r["maxvio"] for r in rows if r["kind"] == "train")
+    from dsmoe.checkpoint import load_checkpoint
+    trained = load_checkpoint(tmp_path / "free")[0]
+    assert any(layer.gate.bias.abs().sum() > 0 for layer in trained.moe_layers())
+    assert main([*argv, "--out", str(tmp_path / "as-released"), "--set", "moe.bias_update_speed=0"]) == 0
+    assert from_pretrained(tmp_path / "as-released" / "hf").cfg.moe.score_func == "softmax"

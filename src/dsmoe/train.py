@@ -172,8 +172,10 @@ def run_configs(preset: str | None = None, sets: Sequence[str] = (), resume: str
     """The configs of a run as `dsmoe train` resolves them, and lines that tell the user what was chosen:
     a preset (default tiny) with `key=value` overrides (dsmoe.presets.apply_sets); or a resumed run's own
     configs, in its own folder wherever it moved, on this launch's layout unless `sets` choose one; or a
-    HuggingFace folder's architecture with the preset's run settings, where a sigmoid gate's bias (V3's
-    e_score_correction_bias) trains loss-free at u = 1e-3 unless `sets` say otherwise."""
+    HuggingFace folder's architecture with the preset's run settings, where the gate's balancing bias trains
+    loss-free at u = 1e-3 unless `sets` say otherwise: V3's e_score_correction_bias, or for a softmax gate (V2) a
+    bias the release does not have, used for the choice of experts only (its HF format cannot hold it: the run
+    keeps it in its dsmoe checkpoint)."""
     if resume:
         if preset or init:
             raise ValueError("--resume continues a run with its own model and settings: drop --preset/--init "
@@ -181,7 +183,7 @@ def run_configs(preset: str | None = None, sets: Sequence[str] = (), resume: str
         return _resume_configs(resume, sets)
     if init:
         model_cfg = hf_model_config(init)
-        if model_cfg.moe is not None and model_cfg.moe.score_func == "sigmoid":
+        if model_cfg.moe is not None:
             sets = ["moe.bias_update_speed=0.001", *sets]
         _, train_cfg = build_configs(preset or "tiny")
         train_cfg = dataclasses.replace(train_cfg, init=init, out=f"runs/{Path(init).name}")

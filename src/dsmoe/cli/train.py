@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or run directory")
     p.add_argument("--init", metavar="DIR",
                    help="fine-tune a HuggingFace DeepSeek-V2/V3 folder: its architecture and weights, the preset's "
-                        "run settings; a V3 (sigmoid) gate's bias trains loss-free (moe.bias_update_speed 1e-3)")
+                        "run settings; the gate's balancing bias trains loss-free (moe.bias_update_speed 1e-3; a V2 "
+                        "softmax gate gets one for the choice of experts)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cpu; cuda uses bf16 autocast")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
