@@ -339,19 +339,23 @@ def test_prompt_completion_trains_on_the_completion_only(tmp_path):
     assert torch.equal(y[0] == -1, torch.from_numpy(mask[1:] == 0))  # the loss ignores the prompt
 
 
-def test_messages_are_rendered_with_the_chat_template_and_only_the_assistant_trained(tmp_path):
+def chat_tokenizer(folder: Path, template: str) -> HFTokenizer:
+    """A HuggingFace tokenizer folder: one token per character of a small alphabet, EOS <eos>, a chat template."""
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {c: i for i, c in enumerate("<>|abcdefghijklmnopqrstuvwxyz:? ")}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="?"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
     tok.add_special_tokens(["<eos>"])
-    folder = tmp_path / "model"
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
+    return HFTokenizer.load(folder)
+
+
+def test_messages_are_rendered_with_the_chat_template_and_only_the_assistant_trained(tmp_path):
     template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
                 "{% endif %}{% endfor %}")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
-    hf = HFTokenizer.load(folder)
+    hf = chat_tokenizer(tmp_path / "model", template)
     records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                              {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]}] * 30
     prepare.prepare([str(jsonl(tmp_path / "chat.jsonl", records))], tmp_path / "out", hf, progress=False)
@@ -486,20 +490,15 @@ def test_prepare_and_its_workers_import_no_torch(tmp_path):
 
 
 def test_a_conversation_the_chat_template_refuses_names_its_line(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a"))
-    folder = tmp_path / "model"
-    folder.mkdir()
-    tok.save(str(folder / "tokenizer.json"))
     template = ("{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
                 "{{ raise_exception('roles must be user or assistant') }}{% endif %}{{ m.content }}{% endfor %}")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
+    hf = chat_tokenizer(tmp_path / "model", template)
     records = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "a"}]}] * 5
     records.insert(2, {"messages": [{"role": "system", "content": "a"}]})
     src = str(jsonl(tmp_path / "chat.jsonl", records))
     with pytest.raises(PrepareError, match="chat.jsonl line 3: the chat template refuses.*roles must be user"):
-        prepare.prepare([src], tmp_path / "out", HFTokenizer.load(folder), progress=False)
-    result = prepare.prepare([src], tmp_path / "out", HFTokenizer.load(folder), skip_bad=True, progress=False)
+        prepare.prepare([src], tmp_path / "out", hf, progress=False)
+    result = prepare.prepare([src], tmp_path / "out", hf, skip_bad=True, progress=False)
     assert result.manifest["skipped"] == {"bad lines": 1}
 
 

@@ -161,11 +161,11 @@ class TokenSet:
         sizes = {".bin": entry["tokens"] * self.dtype.itemsize, ".idx": entry["docs"] * 8, ".mask": entry["tokens"]}
         for name, digest in entry["sha256"].items():
             path = folder_file(self.folder, name)
-            size = path.stat().st_size if path.is_file() else None
-            if size != sizes[name[len(stem):]]:
-                raise PrepareError(f"{path} is {'missing' if size is None else f'truncated or grown ({size:,} bytes)'}"
-                                   f"; the manifest says {sizes[name[len(stem):]]:,} bytes: prepare the corpus again")
-            stat = path.stat()
+            stat = path.stat() if path.is_file() else None
+            if stat is None or stat.st_size != sizes[name[len(stem):]]:
+                found = "missing" if stat is None else f"truncated or grown ({stat.st_size:,} bytes)"
+                raise PrepareError(f"{path} is {found}; the manifest says {sizes[name[len(stem):]]:,} bytes: prepare "
+                                   "the corpus again")
             stamp = [digest, stat.st_size, stat.st_mtime_ns, stat.st_ino]
             if verified.get(name) == stamp:
                 continue
@@ -413,24 +413,21 @@ def _token_set(path: str | None, tokenizer, cache_dir, max_bytes: int, val_fract
         return tokens
     cap = max_bytes if path is None else None
     files = source_files([path], cap)
-    limit = MAX_DOC_CHARS if path is None else None
-    settings = {"val_fraction": val_fraction, "max_bytes": cap, "max_doc_chars": limit}
-    name = path or "the standard library"
-    if cache_dir is False:
-        tmp = tempfile.TemporaryDirectory(prefix="dsmoe-corpus-")
+    tmp = tempfile.TemporaryDirectory(prefix="dsmoe-corpus-") if cache_dir is False else None
+    if tmp is not None:
         folder, wait, progress = Path(tmp.name), False, False
     else:
         key = _corpus_key(path, files, tokenizer, cap, val_fraction)
         folder = Path(default_cache_dir() if cache_dir is None else cache_dir) / f"prepared-{key}"
         wait, progress = True, sum(p.stat().st_size for p, _ in files) > 64 << 20
     try:
-        prepare([path], folder, tokenizer, progress=progress, wait=wait, **settings)  # type: ignore[arg-type]
+        prepare([path], folder, tokenizer, val_fraction=val_fraction, max_bytes=cap,
+                max_doc_chars=MAX_DOC_CHARS if path is None else None, progress=progress, wait=wait)
     except PrepareError as e:  # its advice names prepare's options, which train/eval take through a folder
         raise PrepareError(f"{e} (a raw source is read with the defaults; `dsmoe prepare` takes --field and "
                            "--skip-bad: prepare it there and give the prepared folder as --data)") from None
-    tokens = TokenSet(folder, name=name)
-    if cache_dir is False:
-        tokens.keep = tmp  # the folder goes with the set that reads it
+    tokens = TokenSet(folder, name=path or "the standard library")
+    tokens.keep = tmp  # a temporary folder goes with the set that reads it
     return tokens
 
 

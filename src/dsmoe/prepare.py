@@ -654,7 +654,7 @@ def split_sizes(manifest: dict[str, Any]) -> dict[str, int]:
 def _finish(out: Path, manifest: dict[str, Any], settings: Settings) -> None:
     """Check the result, hold out the tail of the tokens when no document fell into one split (no file is
     rewritten: the manifest says where the split falls), and mark it complete."""
-    sizes = {s: sum(c[s]["tokens"] for c in manifest["chunks"]) for s in SPLITS}
+    sizes = split_sizes(manifest)  # nothing held out yet
     if not any(sizes.values()):
         what = ", ".join(f"{n} {k}" for k, n in manifest["skipped"].items()) or "no documents"
         raise PrepareError(f"sources {settings.sources} hold no text to train on ({what})")

@@ -302,9 +302,10 @@ def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
     if tokenizer is None and cfg.init:
         tokenizer = load_tokenizer(cfg.init)
     if tokenizer is None:
-        prepared = [path for path, _ in parse_data(cfg.data) if is_prepared(path)]
+        paths = [path for path, _ in parse_data(cfg.data)]
+        prepared = [path for path in paths if is_prepared(path)]
         tokenizer = (load_tokenizer(prepared[0]) if prepared else
-                     build_tokenizer(cfg.tokenizer, parse_data(cfg.data)[0][0], cfg.bpe_vocab_size))
+                     build_tokenizer(cfg.tokenizer, paths[0], cfg.bpe_vocab_size))
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
