@@ -193,7 +193,7 @@ def test_wrong_shape_names_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "llama"}, "model_type='llama' is not supported"),
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported; choose one of deepseek_v2"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"kv_lora_rank": None}, "Multi-head Latent Attention"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope scaling 'linear'"),

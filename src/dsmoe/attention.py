@@ -67,6 +67,14 @@ def apply_rotary(x_SR: torch.Tensor, rot_SR2: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x_SR)
 
 
+def halves_to_pairs(x_SR: torch.Tensor) -> torch.Tensor:
+    """Rotary dims stored as halves (x_i, x_{i+R/2}) (Llama-style `rotate_half`) rearranged into (x0, x1) pairs. The
+    same permutation of queries and keys leaves their dot products, and so attention, unchanged."""
+    # torch's Tensor.unflatten is an untyped def (the C function it wraps is typed)
+    pairs_SR: torch.Tensor = x_SR.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)  # type: ignore[no-untyped-call]
+    return pairs_SR
+
+
 def _per_head(rot_SR: torch.Tensor) -> torch.Tensor:
     """A rotary table for [B, H, S, ...] tensors: a shared one [S, R/2, 2] as it is, a per-row one [B, S, R/2, 2]
     (document masking: positions restart at each document) with the head dim added, [B, 1, S, R/2, 2]."""
@@ -100,29 +108,51 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Rotary causal attention, MHA or GQA (n_kv_heads < n_heads)."""
+    """Rotary causal attention, MHA or GQA (n_kv_heads < n_heads), with the options of the HuggingFace MoE families:
+    a head dim of its own, query/key/value biases, RMSNorm on queries and keys (per head or over the whole
+    projection), rotary on the first rope_dim dims of each head, stored as pairs or as halves."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.head_dim, self.rope_dim, self.interleaved = cfg.attn_head_dim, cfg.rope_dims, cfg.rope_interleave
+        q, kv = cfg.n_heads * self.head_dim, cfg.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(cfg.dim, q, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else q, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv, eps=cfg.norm_eps)
 
     def cache_shapes(self) -> list[tuple[int, ...]]:
         return [(self.n_kv_heads, self.head_dim)] * 2
 
+    def _rotate(self, x_BHSd: torch.Tensor, rot_Sd: torch.Tensor) -> torch.Tensor:
+        """Rotary on the first rope_dim dims of each head (as pairs), the rest as they are."""
+        R = self.rope_dim
+        x_rot = x_BHSd[..., :R] if R < self.head_dim else x_BHSd
+        if not self.interleaved:
+            x_rot = halves_to_pairs(x_rot)
+        x_rot = apply_rotary(x_rot, _per_head(rot_Sd))
+        return torch.cat([x_rot, x_BHSd[..., R:]], dim=-1) if R < self.head_dim else x_rot
+
     def forward(self, x_BSD: torch.Tensor, rot_Sd: torch.Tensor, cache: KVCache | None = None,
                 mask_B1ST: torch.Tensor | None = None) -> torch.Tensor:
-        """rot_Sd: these tokens' rotary table, [S, hd/2, 2] or per row [B, S, hd/2, 2]; mask_B1ST: which keys each
+        """rot_Sd: these tokens' rotary table, [S, R/2, 2] or per row [B, S, R/2, 2]; mask_B1ST: which keys each
         query sees (True = attend), replacing the causal mask (document masking); None is causal."""
         B, S, _ = x_BSD.shape
-        q_BHSd = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BHSd = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSX, k_BSX = self.wq(x_BSD), self.wk(x_BSD)
+        if self.qk_norm == "all":
+            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
+        q_BSHd = q_BSX.view(B, S, self.n_heads, self.head_dim)
+        k_BSHd = k_BSX.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHd, k_BSHd = self.q_norm(q_BSHd), self.k_norm(k_BSHd)
         v_BHSd = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSd, k_BHSd = apply_rotary(q_BHSd, _per_head(rot_Sd)), apply_rotary(k_BHSd, _per_head(rot_Sd))
+        q_BHSd, k_BHSd = self._rotate(q_BSHd.transpose(1, 2), rot_Sd), self._rotate(k_BSHd.transpose(1, 2), rot_Sd)
         start = 0
         if cache is not None:  # cached as [B, T, Hkv, hd]
             start = cache.pos
@@ -162,11 +192,7 @@ class MLAttention(nn.Module):
 
     def _pairs(self, x_SR: torch.Tensor) -> torch.Tensor:
         """Rotary dims in (x0, x1) pairs: as stored, or from halves (x_i, x_{i+R/2})."""
-        if self.interleaved:
-            return x_SR
-        # torch's Tensor.unflatten is an untyped def (the C function it wraps is typed)
-        pairs_SR: torch.Tensor = x_SR.unflatten(-1, (2, self.R // 2)).transpose(-1, -2).flatten(-2)  # type: ignore[no-untyped-call]
-        return pairs_SR
+        return x_SR if self.interleaved else halves_to_pairs(x_SR)
 
     def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None,
                 mask_B1ST: torch.Tensor | None = None) -> torch.Tensor:

@@ -108,6 +108,8 @@ class MoEConfig:
     dim: int = 512                      # D, model (input and output) dimension
     n_routed_experts: int = 64          # E, fine-grained routed experts
     n_shared_experts: int = 2           # N_s, always-active experts, fused into one SwiGLU of width N_s*F
+    shared_expert_dim: int = 0          # that SwiGLU's width when it is not N_s*F (Qwen2-MoE's own); 0 = N_s*F
+    shared_expert_gate: bool = False    # scale the shared experts' output by sigmoid(x @ w), w [D] (Qwen2-MoE)
     top_k: int = 6                      # K, routed experts per token
     expert_dim: int = 256               # F, hidden width of each expert's SwiGLU
     score_func: str = "softmax"         # "softmax" (DeepSeekMoE, V2) or "sigmoid" (V3)
@@ -142,7 +144,10 @@ class MoEConfig:
         for name in ("dim", "n_routed_experts", "top_k", "expert_dim", "n_groups", "topk_groups"):
             _integer(self, name, 1)
         _integer(self, "n_shared_experts", 0)
-        for name in ("norm_topk_prob", "uniform_routing", "check_inputs"):
+        _integer(self, "shared_expert_dim", 0)
+        _check(not self.shared_expert_dim or self.n_shared_experts, "shared_expert_dim", self.shared_expert_dim,
+               "must be 0 without shared experts (n_shared_experts=0)")
+        for name in ("norm_topk_prob", "uniform_routing", "check_inputs", "shared_expert_gate"):
             _boolean(self, name)
         E, G = self.n_routed_experts, self.n_groups
         _check(E % G == 0, "n_groups", G, f"must divide n_routed_experts={E}")
@@ -165,20 +170,30 @@ class MoEConfig:
                self.route_scale, f"must be a number > 0 and <= {MAX_ROUTE_SCALE:g} (released models use 1 to 16)")
         _check(self.capacity_factor is None or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
                "capacity_factor", self.capacity_factor, "must be None (dropless) or a finite number > 0")
+        _check(not self.shared_expert_gate or self.n_shared_experts, "shared_expert_gate", True,
+               "needs shared experts (n_shared_experts > 0)")
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the fused shared experts' SwiGLU (0: none)."""
+        return self.shared_expert_dim or self.n_shared_experts * self.expert_dim
 
     @property
     def experts_per_group(self) -> int:
         return self.n_routed_experts // self.n_groups
 
+    def _shared_params(self) -> int:
+        return 3 * self.dim * self.shared_width + (self.dim if self.shared_expert_gate else 0)
+
     def num_params(self) -> int:
-        """Router + every routed expert + the shared experts."""
+        """Router + every routed expert + the shared experts (and their gate)."""
         D, F = self.dim, self.expert_dim
-        return D * self.n_routed_experts + 3 * D * F * (self.n_routed_experts + self.n_shared_experts)
+        return D * self.n_routed_experts + 3 * D * F * self.n_routed_experts + self._shared_params()
 
     def num_active_params(self) -> int:
         """Parameters one token touches: router + top-k routed + shared experts."""
         D, F = self.dim, self.expert_dim
-        return D * self.n_routed_experts + 3 * D * F * (self.top_k + self.n_shared_experts)
+        return D * self.n_routed_experts + 3 * D * F * self.top_k + self._shared_params()
 
     def replace(self, **changes: Any) -> MoEConfig:
         return dataclasses.replace(self, **changes)
@@ -213,7 +228,14 @@ class ModelConfig:
     n_heads: int = 4                    # query heads
     n_kv_heads: int = 4                 # key/value heads (< n_heads: grouped-query attention)
     max_seq_len: int = 256              # longest context (rotary table and KV cache size)
+    head_dim: int = 0                   # per-head dims of MHA/GQA; 0 = dim // n_heads (Qwen3-MoE sets its own)
+    qkv_bias: bool = False              # biases on the query/key/value projections (Qwen2-MoE, GLM-4.5)
+    qk_norm: str = ""                   # RMSNorm on queries and keys before rotary: "" none, "head" over each
+                                        # head's dims (Qwen3-MoE, dots1), "all" over the whole projection (OLMoE)
+    rope_dim: int = 0                   # rotary dims per MHA/GQA head (the first ones); 0 = all (GLM-4.5: half)
     first_k_dense: int = 1              # the first blocks use a dense FFN (DeepSeekMoE 16B: 1, V3: 3)
+    dense_layers: list[int] = dataclasses.field(default_factory=list)  # further blocks with a dense FFN
+                                        # (Qwen-MoE's mlp_only_layers and decoder_sparse_step)
     dense_hidden: int = 0               # width of those dense FFNs; 0 = the MoE's active width (K+N_s)*F
     moe: MoEConfig | None = None        # the MoE FFN; None makes every block dense (a "dense twin")
     tie_embeddings: bool = True         # share the embedding and output matrices
@@ -231,6 +253,8 @@ class ModelConfig:
     mtp_layers: int = 0                 # multi-token prediction depths (DeepSeek-V3 §2.2: 1)
     mtp_loss_weight: float = 0.3        # weight of the mean MTP loss over depths (V3: 0.3, later 0.1)
     token_ids: dict[str, Any] | None = None  # a HuggingFace release's bos/eos/pad_token_id, written back on export
+    family: str = ""                    # the HuggingFace model_type it was read from and is exported as (qwen3_moe,
+                                        # ...); "" = dsmoe's own, exported in DeepSeek-V2/V3's format
 
     @property
     def mla(self) -> bool:
@@ -246,8 +270,16 @@ class ModelConfig:
             _integer(self, name, 0)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             _integer(self, name, 1)
-        for name in ("tie_embeddings", "rope_interleave"):
+        for name in ("tie_embeddings", "rope_interleave", "qkv_bias"):
             _boolean(self, name)
+        _integer(self, "head_dim", 0)
+        _integer(self, "rope_dim", 0)
+        _check(self.qk_norm in ("", "head", "all"), "qk_norm", self.qk_norm, "choose '' (none), 'head' or 'all'")
+        _check(isinstance(self.family, str), "family", self.family, "must be a HuggingFace model_type or ''")
+        _check(isinstance(self.dense_layers, (list, tuple)) and all(_is_int(i) and 0 <= i < self.n_layers
+                                                                    for i in self.dense_layers),
+               "dense_layers", self.dense_layers, f"must be a list of block indices in [0, n_layers={self.n_layers})")
+        self.dense_layers = sorted(set(self.dense_layers))
         for name in ("rope_theta", "norm_eps"):  # 0 makes the rotary table or the norms NaN, not an error
             _check(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
                    "must be a finite number > 0")
@@ -261,9 +293,12 @@ class ModelConfig:
             self._check_yarn()
         self._check_token_ids()
         if not self.mla:  # MLA sizes its heads by qk_nope/qk_rope/v_head_dim instead
-            _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
-            _check((self.dim // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
-                   "must leave an even head dim for rotary")
+            if not self.head_dim:
+                _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
+            _check(self.rope_dims % 2 == 0, "rope_dim" if self.rope_dim else "n_heads",
+                   self.rope_dim or self.n_heads, "must leave an even head dim for rotary (an even number of rotary dims per head)")
+            _check(self.rope_dim <= self.attn_head_dim, "rope_dim", self.rope_dim,
+                   f"must be <= the head dim {self.attn_head_dim}")
             _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                    f"must divide n_heads={self.n_heads}")
         _check(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
@@ -309,14 +344,30 @@ class ModelConfig:
                "ramp divides by log(rope_theta))")
 
     @property
+    def attn_head_dim(self) -> int:
+        """Per-head dims of MHA/GQA."""
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_dims(self) -> int:
+        """Rotary dims per head: MLA's rotary key, else the first rope_dim (or all) of each head."""
+        return self.qk_rope_head_dim if self.mla else self.rope_dim or self.attn_head_dim
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether block `layer` (n_layers + d for the MTP modules) has the MoE FFN."""
+        return self.moe is not None and layer >= self.first_k_dense and layer not in self.dense_layers
+
+    @property
     def n_moe_layers(self) -> int:
-        return 0 if self.moe is None else self.n_layers - self.first_k_dense
+        return sum(self.is_moe(i) for i in range(self.n_layers))
 
     def _attention_params(self) -> int:
         D, H = self.dim, self.n_heads
         if not self.mla:
-            hd = D // H
-            return D * D * 2 + 2 * D * self.n_kv_heads * hd  # wq, wo, wk, wv
+            q, kv = H * self.attn_head_dim, self.n_kv_heads * self.attn_head_dim
+            bias = q + 2 * kv if self.qkv_bias else 0
+            norms = {"": 0, "head": 2 * self.attn_head_dim, "all": q + kv}[self.qk_norm]
+            return 2 * D * q + 2 * D * kv + bias + norms  # wq, wo, wk, wv
         qk = H * (self.qk_nope_head_dim + self.qk_rope_head_dim)
         q = D * qk if not self.q_lora_rank else D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * qk
         C = self.kv_lora_rank

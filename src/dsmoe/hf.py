@@ -210,7 +210,8 @@ def _seq_aux_experts(model_type: str) -> SeqAuxExperts:
 
 
 def hf_model_type(cfg: MoEConfig) -> str:
-    """The release whose format holds this layer: sigmoid scores are V3's, softmax V2's."""
+    """The release whose format holds this layer: sigmoid scores are V3's, softmax V2's (the weights of every
+    family with a sigmoid gate hold its bias, e_score_correction_bias; a softmax family's have none)."""
     return "deepseek_v3" if cfg.score_func == ScoreFunc.SIGMOID else "deepseek_v2"
 
 
@@ -276,9 +277,11 @@ def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {f"experts.{e}.gate_proj.weight": (F, D), f"experts.{e}.up_proj.weight": (F, D),
                    f"experts.{e}.down_proj.weight": (D, F)}
     if cfg.n_shared_experts:
-        Fs = cfg.n_shared_experts * F
+        Fs = cfg.shared_width
         shapes |= {"shared_experts.gate_proj.weight": (Fs, D), "shared_experts.up_proj.weight": (Fs, D),
                    "shared_experts.down_proj.weight": (D, Fs)}
+    if cfg.shared_expert_gate:  # Qwen2-MoE
+        shapes["shared_expert_gate.weight"] = (1, D)
     return shapes
 
 
@@ -292,6 +295,8 @@ def _targets(layer) -> dict[str, torch.Tensor]:
     if layer.shared_experts is not None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             targets[f"shared_experts.{name}.weight"] = getattr(layer.shared_experts, name).weight
+    if layer.shared_expert_gate is not None:
+        targets["shared_expert_gate.weight"] = layer.shared_expert_gate.weight
     return targets
 
 

@@ -30,7 +30,7 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn: Attention | MLAttention = MLAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden) if cfg.moe is None or layer < cfg.first_k_dense else MoE(cfg.moe)
+        self.ffn = MoE(cfg.moe) if cfg.is_moe(layer) and cfg.moe is not None else SwiGLU(cfg.dim, cfg.dense_hidden)
 
     def forward(self, x_BSD: torch.Tensor, rot_SR: torch.Tensor, cache: KVCache | None = None,
                 mask_B1ST: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,8 +88,7 @@ class MoETransformer(nn.Module):
     def rotary(self) -> torch.Tensor:
         """The rotary table [max_seq_len, R/2, 2] (cos, sin), yarn-scaled when the config says so."""
         cfg = self.cfg
-        R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
-        return rotary_table(R, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        return rotary_table(cfg.rope_dims, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoETransformer:
         """.to(dtype) and friends cast the weights; the rotary table stays fp32 (bf16 angles would blur positions)."""

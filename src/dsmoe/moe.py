@@ -50,7 +50,9 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         # GroupedExperts, or a module with the same call (apply_expert_parallel swaps in ExpertParallel)
         self.experts: nn.Module = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_dim)
-        self.shared_experts = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts else None
+        self.shared_experts = SwiGLU(cfg.dim, cfg.shared_width) if cfg.n_shared_experts else None
+        # Qwen2-MoE's gate on the shared experts' output: sigmoid(x @ w)
+        self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.recomputing = False  # set while activation checkpointing recomputes this forward in backward
         self.register_buffer("counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.aux_loss = torch.zeros(())
@@ -128,7 +130,10 @@ class MoE(nn.Module):
         else:
             y_TD = self.experts(x_TD, ids_TK, weights_TK, keep_A)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         if cfg.check_inputs:
             self._check_values(x_TD, logits_TE, y_TD)
 

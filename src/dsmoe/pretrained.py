@@ -34,15 +34,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsmoe import hf
+from dsmoe import families, hf
 from dsmoe.config import TOKEN_ID_FIELDS, ModelConfig
 from dsmoe.memory import available_memory, size_text
+from dsmoe.attention import Attention
 from dsmoe.model import Block, MoETransformer, MTPModule
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.paths import folder_file
 
 INDEX = "model.safetensors.index.json"
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+SUPPORTED = (*hf.MODEL_TYPES, *hf.V3_ALIASES, *families.FAMILIES)  # the model_types from_pretrained reads
 
 
 class PretrainedError(ValueError):
@@ -114,6 +116,11 @@ def model_config_from_hf(d: dict, semantics: str = "deepseek") -> ModelConfig:
     reads anywhere, and builds on the meta device): from_pretrained does that before it allocates."""
     if not isinstance(d, dict):
         raise PretrainedError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type in families.FAMILIES:
+        return families.model_config(d, *_rope(families.with_defaults(d)))
+    if model_type not in hf.MODEL_TYPES + hf.V3_ALIASES:
+        raise PretrainedError(f"model_type={model_type!r} is not supported; choose one of {', '.join(SUPPORTED)}")
     d = hf.with_class_defaults(d)  # a field left out reads as transformers reads it
     moe = hf.moe_config_from_hf(d, semantics)
     unsupported = {"hidden_act": ("silu",), "attention_bias": (False, None), "moe_layer_freq": (1, None)}
@@ -141,7 +148,11 @@ def model_config_from_hf(d: dict, semantics: str = "deepseek") -> ModelConfig:
 
 
 def model_config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The config.json of a model: DeepSeek-V3's format for sigmoid gates, V2's for softmax."""
+    """The config.json of a model: its family's format (dsmoe.families) when it was read from one, else
+    DeepSeek-V3's format for sigmoid gates, V2's for softmax."""
+    if cfg.family in families.FAMILIES:
+        families.check_exportable(cfg)
+        return families.config_to_hf(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     if not cfg.mla or cfg.moe is None:
         raise PretrainedError("only MoE models with Multi-head Latent Attention (kv_lora_rank > 0) have a "
                               "DeepSeek-V2/V3 HuggingFace format")
@@ -179,17 +190,19 @@ def _slot(t: torch.Tensor, write: Writer | None = None, copy_on_read: bool = Fal
     return Slot(tuple(t.shape), write or (lambda x: t.copy_(x)), (lambda: t.clone()) if copy_on_read else (lambda: t))
 
 
-def _block_keys(prefix: str, block: Block) -> dict[str, Slot]:
-    """The HF keys of one decoder block (`model.layers.N.`)."""
+def _block_keys(prefix: str, block: Block, family: families.Family | None) -> dict[str, Slot]:
+    """The HF keys of one decoder block (`model.layers.N.`), in its family's names (None: DeepSeek's)."""
     tensors: dict[str, torch.Tensor] = {f"{prefix}input_layernorm.weight": block.attn_norm.weight,
                f"{prefix}post_attention_layernorm.weight": block.ffn_norm.weight}
     for name, p in block.attn.named_parameters():  # MLA's parameter names are the checkpoints'
-        tensors[f"{prefix}self_attn.{name}"] = p
+        key = families.attention_key(name) if isinstance(block.attn, Attention) else name
+        tensors[f"{prefix}self_attn.{key}"] = p
     ffn = block.ffn
     if isinstance(ffn, MoE):
         moe_targets = hf._targets(ffn)
         for key in hf.expected_shapes(ffn.cfg):
-            tensors[f"{prefix}mlp.{key}"] = moe_targets[key]
+            name = families.moe_key(family, key) if family else f"mlp.{key}"
+            tensors[prefix + name] = moe_targets[key]
     else:
         for name in ("gate_proj", "up_proj", "down_proj"):
             tensors[f"{prefix}mlp.{name}.weight"] = getattr(ffn, name).weight
@@ -204,13 +217,14 @@ def key_map(model: MoETransformer) -> dict[str, Slot]:
     if not cfg.tie_embeddings:
         main["lm_head.weight"] = model.head.weight
     out = {key: _slot(t) for key, t in main.items()}
+    family = families.FAMILIES.get(cfg.family)
     for i, block in enumerate(model.layers):
         assert isinstance(block, Block)
-        out |= _block_keys(f"model.layers.{i}.", block)
+        out |= _block_keys(f"model.layers.{i}.", block, family)
     for d, mtp in enumerate(model.mtp):
         assert isinstance(mtp, MTPModule)
         prefix = f"model.layers.{cfg.n_layers + d}."
-        out |= _block_keys(prefix, mtp.block)
+        out |= _block_keys(prefix, mtp.block, family)
         own: dict[str, torch.Tensor] = {"enorm.weight": mtp.enorm.weight, "hnorm.weight": mtp.hnorm.weight,
                "eh_proj.weight": mtp.eh_proj.weight, "shared_head.norm.weight": mtp.norm.weight}
         out |= {prefix + key: _slot(t) for key, t in own.items()}
@@ -329,8 +343,7 @@ ROTARY_BYTES_PER_DIM, ROTARY_BYTES_PER_POSITION = 16, 12
 
 def rotary_bytes(cfg: ModelConfig) -> int:
     """Peak host memory of building the model's rotary table (see ROTARY_BYTES_PER_DIM)."""
-    R = cfg.qk_rope_head_dim if cfg.mla else cfg.dim // cfg.n_heads
-    return (ROTARY_BYTES_PER_DIM * R + ROTARY_BYTES_PER_POSITION) * cfg.max_seq_len
+    return (ROTARY_BYTES_PER_DIM * cfg.rope_dims + ROTARY_BYTES_PER_POSITION) * cfg.max_seq_len
 
 
 def _check_rotary(cfg: ModelConfig) -> None:
@@ -427,7 +440,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     shape is checked against the files' headers, no tensor is read."""
     path, dtype, device = Path(path), _load_dtype(dtype), _load_device(device)
     cfg = hf_model_config(path, semantics)
-    headers, _ = _fp8_scales(path, _headers(_shards(path)))
+    headers, _ = _weights(path, cfg)
     _check_stored(path, cfg, headers)  # before the key map (3 entries an expert) or the model is built
     embed = headers.get("model.embed_tokens.weight")
     dtype = dtype or (_DTYPES.get(embed[2], torch.float32) if embed else torch.float32)
@@ -448,7 +461,7 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
     if not isinstance(model, MoETransformer):
         raise TypeError(f"model must be a dsmoe MoETransformer, got {type(model).__name__}")
     path = Path(path)
-    headers, scales = _fp8_scales(path, _headers(_shards(path)))
+    headers, scales = _weights(path, model.cfg)
     writers = _writers(model, set(headers))
     _check_keys(path, headers, writers)
     shared = {k for k in headers if k.endswith((".embed_tokens.weight", ".shared_head.head.weight"))
@@ -551,6 +564,18 @@ def _check_finite(file: Path, key: str, t: torch.Tensor) -> None:
                               "the model would compute NaN: re-download or re-export the folder")
 
 
+def _weights(path: Path, cfg: ModelConfig) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], Scales]:
+    """The folder's tensors and FP8 scales. A family's layers past num_hidden_layers (GLM-4.5's multi-token-
+    prediction layer) are left out, as transformers leaves them out."""
+    headers = _headers(_shards(path))
+    if cfg.family:
+        def layer(key: str) -> int:
+            parts = key.split(".")
+            return int(parts[2]) if key.startswith("model.layers.") and parts[2].isdigit() else -1
+        headers = {k: v for k, v in headers.items() if layer(k) < cfg.n_layers}
+    return _fp8_scales(path, headers)
+
+
 def _writers(model: MoETransformer, present: set[str]) -> dict[str, Slot]:
     slots = key_map(model)
     return slots | _fused(slots, present)
@@ -598,9 +623,10 @@ def save_pretrained(model: MoETransformer, path: str | Path, max_shard_size: int
     dtype = model.embed.weight.dtype
     config = model_config_to_hf(model.cfg, dtype)  # raises for what the format cannot hold, before any write
     for layer in moe_layers(model):
-        if config["model_type"] == "deepseek_v2" and layer.gate.bias.any():
-            raise PretrainedError("the balancing bias is nonzero, but DeepSeek-V2 (softmax) checkpoints have no "
-                                  "e_score_correction_bias to hold it: the exported model would route differently")
+        if "gate.e_score_correction_bias" not in hf.expected_shapes(layer.cfg) and layer.gate.bias.any():
+            raise PretrainedError(f"the balancing bias is nonzero, but {config['model_type']} (softmax) checkpoints "
+                                  "have no e_score_correction_bias to hold it: the exported model would route "
+                                  "differently")
     path.mkdir(parents=True, exist_ok=True)
     token_ids = model.cfg.token_ids or ({"eos_token_id": eos_id} if eos_id is not None else None)
     if token_ids:  # what transformers' generate stops on (else its class default, token 1 or 2)

@@ -1,0 +1,168 @@
+"""The HuggingFace MoE families besides DeepSeek's (dsmoe.families): folders that transformers itself writes for
+Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GLM-4.5 (glm4_moe), dots1 and the dense Llama/Qwen2/Qwen3 load into dsmoe's
+one model with logits equal to transformers' own class, sharded or not; greedy generation with dsmoe's KV cache
+equals greedy decoding by transformers; the folder dsmoe writes back loads in transformers with equal logits;
+the parameter counts are transformers'; what dsmoe cannot compute exactly is refused naming the field."""
+
+import json
+
+import pytest
+import torch
+
+from dsmoe.families import FAMILIES, MOE_FAMILIES
+from dsmoe.pretrained import PretrainedError, from_pretrained, model_config_from_hf, save_pretrained
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CASES = {  # each family with the options its releases use, and some they allow
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, intermediate_size=40, mlp_only_layers=[0],
+                      norm_topk_prob=True),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=40,
+                      head_dim=12, decoder_sparse_step=2),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, intermediate_size=32,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, attention_bias=True,
+                     routed_scaling_factor=2.5, use_qk_norm=True),
+    "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
+                  first_k_dense_replace=1, n_shared_experts=2, n_group=1, topk_group=1, norm_topk_prob=True,
+                  routed_scaling_factor=2.0),
+    "llama": dict(intermediate_size=40),
+    "qwen2": dict(intermediate_size=40),
+    "qwen3": dict(intermediate_size=40, head_dim=12),
+}
+
+
+def hf_model(model_type: str, fields: dict | None = None, seed: int = 0):
+    """transformers' own model of a family, fp32, eval mode, with random weights everywhere (norms, biases and the
+    balancing bias too, so that a weight read into the wrong place shows)."""
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(model_type, **(BASE | CASES[model_type] | (fields or {})))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if "rotary" in name or "inv_freq" in name:
+                continue
+            noise = torch.randn(t.shape, generator=g)
+            t.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else noise * (0.1 if t.dim() == 1 else 0.2))
+    return model
+
+
+def _ids(seed=1, length=16):
+    return torch.randint(0, BASE["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("model_type", CASES)
+def test_logits_equal_transformers(model_type, shard, tmp_path):
+    reference = hf_model(model_type)
+    reference.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    model = from_pretrained(tmp_path)
+    assert model.cfg.family == model_type
+    assert model.cfg.num_params() == sum(p.numel() for p in reference.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids())[0], reference(_ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_greedy_generation_and_the_saved_folder(model_type, tmp_path):
+    """dsmoe's generate (KV cache) equals greedy decoding by transformers' forward, token for token; the folder dsmoe
+    writes loads in transformers with equal logits and the family's own config.json."""
+    reference = hf_model(model_type)
+    reference.save_pretrained(tmp_path / "theirs")
+    model = from_pretrained(tmp_path / "theirs")
+    prompt = _ids(length=5)[:1]
+    ours = model.generate(prompt, 12, temperature=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            tokens = torch.cat([tokens, reference(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours, tokens)
+    save_pretrained(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == model_type and config["architectures"] == [FAMILIES[model_type].architecture]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, reference(_ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", [m for m in CASES if m != "dots1"])  # dots1's class has no expert defaults
+def test_a_field_left_out_reads_as_transformers_reads_it(model_type):
+    """config.json with only model_type: every field is transformers' class default (dsmoe holds its own table)."""
+    given = {"head_dim": 128} if model_type == "glm4_moe" else {}  # its class default (4096 // 96) has odd rotary
+    ours = model_config_from_hf({"model_type": model_type, **given})
+    theirs = model_config_from_hf(transformers.AutoConfig.for_model(model_type, **given).to_dict())
+    assert ours == theirs
+
+
+def test_glm_multi_token_prediction_layer_is_left_out_as_transformers_does(tmp_path):
+    """GLM-4.5 ships its MTP layer as model.layers.{num_hidden_layers}; transformers ignores it, and so does dsmoe
+    (a DeepSeek release's MTP modules are kept: tests/test_pretrained.py)."""
+    reference = hf_model("glm4_moe")
+    reference.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids())[0], reference(_ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,change,match", [
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 16}, r"use_sliding_window=true .*sliding-window "
+                                                                       "attention is not supported"),
+    ("mixtral", {"sliding_window": 16}, r"sliding_window=16: sliding-window attention is not supported"),
+    ("qwen2_moe", {"layer_types": ["sliding_attention", "full_attention", "full_attention"]},
+     r"layer_types \(layers \[0\] are \['sliding_attention'\]\)"),
+    ("olmoe", {"clip_qkv": 8.0}, r"clip_qkv=8.0 is not supported"),
+    ("llama", {"mlp_bias": True}, r"mlp_bias=true is not supported"),
+    ("qwen3_moe", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported; dsmoe supports 'silu'"),
+    ("qwen3_moe", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, r"rope scaling 'linear' is not supported"),
+    ("glm4_moe", {"partial_rotary_factor": 1.5}, r"partial_rotary_factor=1.5 is invalid"),
+    ("qwen2_moe", {"mlp_only_layers": [7]}, r"mlp_only_layers=\[7\] is invalid"),
+    ("mixtral", {"num_local_experts": 0}, r"num_local_experts=0 is invalid"),
+])
+def test_what_dsmoe_cannot_compute_exactly_is_refused(model_type, change, match, tmp_path):
+    hf_model(model_type).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(PretrainedError, match=match):
+        from_pretrained(tmp_path)
+
+
+def test_a_window_as_long_as_the_context_is_no_window(tmp_path):
+    hf_model("mixtral", {"sliding_window": 64}).save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path).cfg.family == "mixtral"
+
+
+def test_an_unknown_model_type_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen9_moe"}))
+    with pytest.raises(PretrainedError, match=r"model_type='qwen9_moe' is not supported; choose one of "
+                                              r"deepseek_v2, deepseek_v3, kimi_k2, qwen2_moe, .*mixtral"):
+        from_pretrained(tmp_path)
+
+
+def test_keys_that_do_not_fit_the_config_are_named(tmp_path):
+    hf_model("mixtral").save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.1.block_sparse_moe.experts.9.w1.weight"] = weights.pop(
+        "model.layers.1.block_sparse_moe.experts.3.w1.weight")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PretrainedError, match=r"missing keys \[model.layers.1.block_sparse_moe.experts.3.w1.weight\]; "
+                                              r"unexpected keys \[model.layers.1.block_sparse_moe.experts.9.w1.weight"):
+        from_pretrained(tmp_path)
+
+
+def test_a_model_a_family_cannot_hold_is_not_exported(tmp_path):
+    hf_model("qwen3_moe").save_pretrained(tmp_path / "a")
+    model = from_pretrained(tmp_path / "a")
+    model.moe_layers()[0].gate.bias.fill_(0.5)  # a loss-free bias: Qwen3-MoE's checkpoints have no place for it
+    with pytest.raises(PretrainedError, match="qwen3_moe \\(softmax\\) checkpoints have no e_score_correction_bias"):
+        save_pretrained(model, tmp_path / "b")
+    assert sorted(MOE_FAMILIES) == ["dots1", "glm4_moe", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
