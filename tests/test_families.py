@@ -166,3 +166,60 @@ def test_a_model_a_family_cannot_hold_is_not_exported(tmp_path):
     with pytest.raises(PretrainedError, match="qwen3_moe \\(softmax\\) checkpoints have no e_score_correction_bias"):
         save_pretrained(model, tmp_path / "b")
     assert sorted(MOE_FAMILIES) == ["dots1", "glm4_moe", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+
+
+# ---- fine-tuning a family's release loss-free ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe"])
+def test_train_init_balances_any_family_loss_free(model_type, tmp_path, capsys, monkeypatch):
+    """train --init of a family's folder trains the gate's balancing bias (u = 1e-3, MaxVio in every row): a softmax
+    family (Qwen3-MoE) gets a bias for the choice of experts only, which its format cannot hold, so the run keeps
+    its dsmoe checkpoint and says so; a sigmoid family (GLM-4.5) holds it as e_score_correction_bias, so RUN/hf
+    is written and transformers loads it with dsmoe's logits."""
+    from dsmoe.checkpoint import load_checkpoint
+    from dsmoe.cli import main
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    hf_model(model_type, {"vocab_size": 260}).save_pretrained(tmp_path / "release")  # dsmoe's byte tokenizer fits
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(tmp_path / "release"), "--preset", "debug", "--steps", "4", "--quiet",
+                 "--out", str(out), "--set", "seq_len=32", "--set", "batch_size=4", "--set", "eval_batches=1",
+                 "--set", "tensorboard=false"]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(r["maxvio"] for r in rows if r["kind"] == "train")
+    trained = load_checkpoint(out)[0]
+    assert trained.cfg.family == model_type
+    assert any(layer.gate.bias.abs().sum() > 0 for layer in trained.moe_layers())
+    if model_type == "qwen3_moe":
+        assert "no HuggingFace folder written" in capsys.readouterr().out and not (out / "hf").exists()
+        return
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, trained.eval()(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_compares_a_deepseek_and_a_glm_release_side_by_side(tmp_path, capsys, monkeypatch):
+    """`dsmoe inspect A B` on two families' folders: each its routing report, one table naming both families."""
+    from dsmoe.cli import main
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config(
+        vocab_size=260, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        max_position_embeddings=64)).save_pretrained(tmp_path / "v3")
+    hf_model("glm4_moe", {"vocab_size": 260}).save_pretrained(tmp_path / "glm")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{j}(x):\n    return x + {j}\n" for j in range(300)))
+    out = tmp_path / "cmp"
+    assert main(["inspect", str(tmp_path / "v3"), str(tmp_path / "glm"), "--data", str(corpus), "--out", str(out),
+                 "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--redundancy-batches", "1",
+                 "--quiet"]) == 0
+    table = (out / "compare.md").read_text()
+    assert "| family | deepseek | glm4_moe |" in table and "MaxVio_global" in table
+    blocks = json.loads((out / "glm" / "results.json").read_text())["blocks"]
+    assert blocks == [1, 2]  # GLM's first block is dense (first_k_dense_replace=1)

@@ -158,8 +158,9 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
         "seq_len": seq_len, "device": device,
         "model": {"layers": cfg.n_layers, "first_k_dense": cfg.first_k_dense, "moe_layers": len(maxvio),
                   "routed_experts": moe.n_routed_experts, "top_k": moe.top_k, "shared_experts": moe.n_shared_experts,
-                  "score_func": str(moe.score_func), "params": sum(p.numel() for p in model.parameters())},
-        "blocks": [cfg.first_k_dense + i for i in range(len(maxvio))],
+                  "score_func": str(moe.score_func), "family": cfg.family or "deepseek",
+                  "params": sum(p.numel() for p in model.parameters())},
+        "blocks": [i for i in range(cfg.n_layers) if cfg.is_moe(i)],
         **passed,
         "maxvio_global": maxvio, "mean_maxvio_global": sum(maxvio) / len(maxvio),
         "load_entropy": load_entropy(load_LE).tolist(),
@@ -222,6 +223,7 @@ def comparison_markdown(results: list[dict], names: list[str]) -> str:
         ("corpus (tokens)", [f"{r['corpus']} ({r['tokens']:,})" for r in results]),
         ("MoE layers x routed experts, top-k", [f"{len(r['blocks'])} x {r['model']['routed_experts']}, "
                                                 f"{r['model']['top_k']}" for r in results]),
+        ("family", [r["model"].get("family", "deepseek") for r in results]),
         ("score function", [r["model"]["score_func"] for r in results]),
         ("loss / perplexity", [f"{r['loss']:.4f} / {r['ppl']:.2f}" for r in results]),
         ("MaxVio_global, mean (max)", [f"{r['mean_maxvio_global']:.3f} ({max(r['maxvio_global']):.3f})"

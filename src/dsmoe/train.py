@@ -555,9 +555,10 @@ def _log_point(run: Run, meter: Meter, k: int, stop_requested: bool, bar: tqdm |
 
 
 def _export_job(run: Run) -> Callable[[], None] | None:
-    """What writes RUN/hf after the run (on rank 0 of an MLA MoE model), holding no reference to a sharded
-    model: under a mesh rank 0 reads the whole model back from the shards the ranks wrote."""
-    if not (run.model_cfg.mla and run.model_cfg.moe is not None and run.ctx.is_main):
+    """What writes RUN/hf after the run (on rank 0 of an MLA MoE model, or one read from a HuggingFace family),
+    holding no reference to a sharded model: under a mesh rank 0 reads the whole model back from the shards the
+    ranks wrote."""
+    if not ((run.model_cfg.mla or run.model_cfg.family) and run.model_cfg.moe is not None and run.ctx.is_main):
         return None
     model = None if run.ctx.sharded else run.model
     return functools.partial(_export, run.model_cfg, model, run.checkpoint_dir, run.tokenizer, run.run_dir)
