@@ -145,7 +145,7 @@ class MoEConfig:
             _integer(self, name, 1)
         _integer(self, "n_shared_experts", 0)
         _integer(self, "shared_expert_dim", 0)
-        _check(not self.shared_expert_dim or self.n_shared_experts, "shared_expert_dim", self.shared_expert_dim,
+        _check(not self.shared_expert_dim or self.n_shared_experts > 0, "shared_expert_dim", self.shared_expert_dim,
                "must be 0 without shared experts (n_shared_experts=0)")
         for name in ("norm_topk_prob", "uniform_routing", "check_inputs", "shared_expert_gate"):
             _boolean(self, name)
@@ -170,7 +170,7 @@ class MoEConfig:
                self.route_scale, f"must be a number > 0 and <= {MAX_ROUTE_SCALE:g} (released models use 1 to 16)")
         _check(self.capacity_factor is None or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
                "capacity_factor", self.capacity_factor, "must be None (dropless) or a finite number > 0")
-        _check(not self.shared_expert_gate or self.n_shared_experts, "shared_expert_gate", True,
+        _check(not self.shared_expert_gate or self.n_shared_experts > 0, "shared_expert_gate", True,
                "needs shared experts (n_shared_experts > 0)")
 
     @property
@@ -293,14 +293,7 @@ class ModelConfig:
             self._check_yarn()
         self._check_token_ids()
         if not self.mla:  # MLA sizes its heads by qk_nope/qk_rope/v_head_dim instead
-            if not self.head_dim:
-                _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
-            _check(self.rope_dims % 2 == 0, "rope_dim" if self.rope_dim else "n_heads",
-                   self.rope_dim or self.n_heads, "must leave an even head dim for rotary (an even number of rotary dims per head)")
-            _check(self.rope_dim <= self.attn_head_dim, "rope_dim", self.rope_dim,
-                   f"must be <= the head dim {self.attn_head_dim}")
-            _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
-                   f"must divide n_heads={self.n_heads}")
+            self._check_heads()
         _check(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
                f"must be in [0, n_layers={self.n_layers}]")
         _check(self.moe is not None or self.dense_hidden > 0, "dense_hidden", self.dense_hidden,
@@ -309,6 +302,17 @@ class ModelConfig:
             _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
             if not self.dense_hidden:
                 self.dense_hidden = (self.moe.top_k + self.moe.n_shared_experts) * self.moe.expert_dim
+
+    def _check_heads(self) -> None:
+        """MHA/GQA: the heads' dims, their rotary dims (even: rotated in pairs) and the key/value heads."""
+        if not self.head_dim:
+            _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
+        _check(self.rope_dims % 2 == 0, "rope_dim" if self.rope_dim else "n_heads", self.rope_dim or self.n_heads,
+               "must leave an even head dim for rotary (an even number of rotary dims per head)")
+        _check(self.rope_dim <= self.attn_head_dim, "rope_dim", self.rope_dim,
+               f"must be <= the head dim {self.attn_head_dim}")
+        _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+               f"must divide n_heads={self.n_heads}")
 
     def _check_token_ids(self) -> None:
         ids = self.token_ids

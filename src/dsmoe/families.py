@@ -160,7 +160,7 @@ def moe_config(d: dict, fam: Family) -> MoEConfig:
     D = hf._int("hidden_size", d["hidden_size"], 1)
     E = hf._int(fam.experts, d[fam.experts], 1)
     F = hf._int(fam.expert_width, d[fam.expert_width], 1)
-    shared = dict(n_shared_experts=0)
+    shared: dict[str, Any] = dict(n_shared_experts=0)
     if fam.shared_width:  # one shared expert of its own width
         width = hf._int(fam.shared_width, d[fam.shared_width], 0)
         shared = dict(n_shared_experts=1 if width else 0, shared_expert_dim=width, shared_expert_gate=bool(width))

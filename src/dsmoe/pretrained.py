@@ -35,9 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsmoe import families, hf
+from dsmoe.attention import Attention
 from dsmoe.config import TOKEN_ID_FIELDS, ModelConfig
 from dsmoe.memory import available_memory, size_text
-from dsmoe.attention import Attention
 from dsmoe.model import Block, MoETransformer, MTPModule
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.paths import folder_file
@@ -96,7 +96,7 @@ def _rope(d: dict) -> tuple[float, dict | None]:
                    **{k: scaling[k] for k in keys if scaling.get(k) is not None}}
 
 
-def _attention(d: dict) -> dict[str, int]:
+def _attention(d: dict) -> dict[str, Any]:
     """ModelConfig's Multi-head Latent Attention fields (DeepSeek-V2 §2.1)."""
     if not d.get("kv_lora_rank"):
         raise PretrainedError("kv_lora_rank is missing or 0: DeepSeek-V2/V3 models use Multi-head Latent Attention")

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _tokenizer(args: argparse.Namespace) -> Tokenizer:
     """byte; bpe (the folder's own when it was begun with bpe of this vocabulary, else trained on the sources);
-    or the tokenizer.json of a folder: a HuggingFace model, a dsmoe checkpoint (or run) or a prepared corpus."""
+    or the tokenizer.json (or tiktoken.model) of a folder: a HuggingFace model, a dsmoe checkpoint (or run) or a
+    prepared corpus."""
     if args.tokenizer == "byte":
         return ByteTokenizer()
     if args.tokenizer == "bpe":
@@ -69,7 +70,7 @@ def _tokenizer(args: argparse.Namespace) -> Tokenizer:
     folder = Path(args.tokenizer)
     if (folder / "checkpoint" / "tokenizer.json").is_file():  # a dsmoe run
         folder = folder / "checkpoint"
-    if not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"--tokenizer {args.tokenizer}: not byte, bpe, or a folder with a tokenizer.json (a "
-                         "HuggingFace model, a dsmoe run or checkpoint, a prepared corpus)")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tiktoken.model")):
+        raise ValueError(f"--tokenizer {args.tokenizer}: not byte, bpe, or a folder with a tokenizer.json or "
+                         "tiktoken.model (a HuggingFace model, a dsmoe run or checkpoint, a prepared corpus)")
     return load_tokenizer(folder)
