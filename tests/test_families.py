@@ -275,3 +275,25 @@ def test_a_releases_count_is_its_published_one(name):
     assert cfg.num_params() == pytest.approx(total, rel=0.01)
     counted = cfg.num_active_params() - (cfg.vocab_size * cfg.dim * 2 if name.startswith("GLM") else 0)
     assert counted == pytest.approx(active, rel=0.05 if name.startswith("GLM") else 0.025)
+
+
+def test_generate_and_eval_take_a_family_folder(tmp_path, capsys, monkeypatch):
+    from dsmoe.cli import main
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    hf_model("qwen2_moe", {"vocab_size": 260}).save_pretrained(tmp_path / "q")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{j}(x):\n    return x + {j}\n" for j in range(300)))
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "def ", "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["eval", "--model", str(tmp_path / "q"), "--data", str(corpus), "--batches", "1"]) == 0
+    assert "MaxVio_global per MoE layer" in capsys.readouterr().out
+
+
+def test_a_qwen2_shared_expert_is_not_written_as_deepseek():
+    from dsmoe.config import MoEConfig
+    from dsmoe.hf import moe_config_to_hf
+
+    with pytest.raises(ValueError, match="a gated shared expert or one of its own width"):
+        moe_config_to_hf(MoEConfig(dim=32, n_routed_experts=8, top_k=2, expert_dim=16, n_shared_experts=1,
+                                   shared_expert_dim=24, shared_expert_gate=True))

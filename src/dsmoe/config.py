@@ -459,6 +459,14 @@ class TrainConfig:
                                       # data parallel over N / E; 0 = no expert parallelism
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
     dist_timeout_s: float = 120.0     # several processes: a rank that died or hung fails the others after this long
+    esft: str = ""                    # Expert-Specialized Fine-Tuning (arXiv 2407.01906) of an --init model: train
+                                      # only the experts chosen by "gate" (average gate score) or "token" (token
+                                      # selection ratio) on the run's data; "" = off (dsmoe.esft)
+    esft_top_p: float = 0.2           # ESFT: each MoE layer keeps its top experts until their scores sum to this
+    esft_score_batches: int = 8       # ESFT: training batches scored before the run
+    esft_train_shared: bool = False   # ESFT: the shared experts train too
+    esft_train_rest: bool = False     # ESFT: everything but the routed and shared experts trains too (attention,
+                                      # embeddings, norms, routers, dense FFNs, head, MTP modules)
 
     def __post_init__(self) -> None:
         _floats(self)
@@ -487,6 +495,7 @@ class TrainConfig:
         _boolean(self, "doc_mask")
         _boolean(self, "overwrite")
         _boolean(self, "activation_checkpointing")
+        self._check_esft()
         _check(isinstance(self.compile, str), "compile", self.compile,
                "must be a torch.compile backend name ('inductor', 'aot_eager', ...) or '' for eager")
         _check(_is_number(self.dist_timeout_s) and self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s,
@@ -501,6 +510,19 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _check(_is_number(value) and 0 <= value < 1, name, value, "must be a number in [0, 1)")
+
+    def _check_esft(self) -> None:
+        _check(isinstance(self.esft, str) and self.esft in ("", "gate", "token"), "esft", self.esft,
+               "choose 'gate' (average gate score), 'token' (token selection ratio) or '' (off)")
+        _check(_is_number(self.esft_top_p) and 0 < self.esft_top_p <= 1, "esft_top_p", self.esft_top_p,
+               "must be a number in (0, 1]: the score each MoE layer's kept experts sum to")
+        _integer(self, "esft_score_batches", 1)
+        for name in ("esft_train_shared", "esft_train_rest"):
+            _boolean(self, name)
+            _check(not getattr(self, name) or bool(self.esft), name, getattr(self, name),
+                   "applies to ESFT only: set esft=gate or esft=token too")
+        _check(not self.esft or self.init is not None, "esft", self.esft,
+               "ESFT fine-tunes a pretrained model: give --init DIR (a HuggingFace DeepSeek-V2/V3 folder)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -231,6 +231,9 @@ def moe_config_to_hf(cfg: MoEConfig) -> dict:
                          f"be written: {model_type} scores groups by {want_group_score.value!r}")
     if cfg.uniform_routing:
         raise ValueError("uniform_routing=True is a debug mode that HF configs cannot express")
+    if cfg.shared_expert_gate or cfg.shared_width != cfg.n_shared_experts * cfg.expert_dim:
+        raise ValueError("a gated shared expert or one of its own width (Qwen2-MoE's) cannot be written in "
+                         f"{model_type}'s format, whose shared experts are n_shared_experts x moe_intermediate_size")
     if cfg.aux_loss_alpha and cfg.seq_aux_loss_alpha:
         raise ValueError("HF configs hold one auxiliary loss (aux_loss_alpha with seq_aux); "
                          "set aux_loss_alpha or seq_aux_loss_alpha to 0")

@@ -26,9 +26,10 @@ import torch
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from dsmoe import checkpoint
+from dsmoe import checkpoint, esft
 from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Corpus, build_tokenizer, load_corpus, parse_data
+from dsmoe.esft import Selection as ESFTSelection
 from dsmoe.evaluate import autocast, evaluate
 from dsmoe.memory import check_step_memory, rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
@@ -120,6 +121,7 @@ class Run:
     step: int = 0                 # optimizer steps done
     init_eval: dict[str, float] | None = None  # the untrained model's validation loss and perplexity
     last_good: int | None = None  # step of the last checkpoint written (None: none yet)
+    esft: ESFTSelection | None = None  # the experts an ESFT run trains (TrainConfig.esft)
 
     def evaluate(self) -> dict[str, Any]:
         ev = evaluate(self.model, self.corpus, self.cfg.batch_size, self.seq_len, self.cfg.eval_batches,
@@ -183,11 +185,16 @@ def run_configs(preset: str | None = None, sets: Sequence[str] = (), resume: str
         return _resume_configs(resume, sets)
     if init:
         model_cfg = hf_model_config(init)
+        user_sets = list(sets)
         if model_cfg.moe is not None:
             sets = ["moe.bias_update_speed=0.001", *sets]
         _, train_cfg = build_configs(preset or "tiny")
         train_cfg = dataclasses.replace(train_cfg, init=init, out=f"runs/{Path(init).name}")
-        return *apply_sets(model_cfg, train_cfg, list(sets)), []
+        model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, list(sets))
+        if train_cfg.esft and model_cfg.moe is not None and \
+                not any(s.partition("=")[0].strip() == "moe.bias_update_speed" for s in user_sets):
+            model_cfg = dataclasses.replace(model_cfg, moe=model_cfg.moe.replace(bias_update_speed=0.0))
+        return model_cfg, train_cfg, []
     return *build_configs(preset or "tiny", list(sets)), []
 
 
@@ -212,6 +219,7 @@ def _resume_configs(resume: str, sets: Sequence[str]) -> tuple[ModelConfig, Trai
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
+    esft.check_config(model_cfg, cfg)
     ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s,
                        settings={"model": model_cfg.to_dict(), "train": cfg.to_dict()})
     try:  # refused here, not killed by the OOM killer later; every rank alike (the least memory of any)
@@ -254,18 +262,23 @@ def _build_run(model_cfg: ModelConfig, cfg: TrainConfig, ctx: Context, device: s
         checkpoint.load_weights(ckpt, model)  # the full weights, before sharding
     elif ckpt is None and cfg.init:
         load_hf_weights(model, cfg.init)
+    selection = esft.selection_for_run(model, cfg, corpus, seq_len, device, run_dir, ctx.world) if cfg.esft else None
+    partial = esft.freeze(model, selection) if selection is not None else []  # only the chosen experts train
     if cfg.activation_checkpointing:
         checkpoint_activations(model)
     model = ctx.shard(model)
     if cfg.compile:  # in place, so parameter names and checkpoints stay those of the eager model
         model.compile(backend=cfg.compile)
     optimizer = build_optimizer(model, cfg)
+    esft.keep_frozen_rows(optimizer, partial, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     data_rng = torch.Generator().manual_seed(cfg.seed)
     (run_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}, indent=2))
     log = MetricsLog(run_dir, state["step"] if state else None, cfg.tensorboard)
+    if selection is not None and state is None:
+        log.write(esft.metrics_row(selection))
     run = Run(cfg, model_cfg, ctx, device, run_dir, out / "checkpoint", tokenizer, corpus, seq_len, model, optimizer,
-              scheduler, data_rng, log, lock)
+              scheduler, data_rng, log, lock, esft=selection)
     if ckpt is not None and state is not None:
         _restore(run, ckpt, state)
     return run
@@ -507,6 +520,8 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
             run.log.close()
             raise Stopped  # on every rank after the same step (the flag travelled in an all-reduce)
         run.save()
+    if run.esft is not None and run.cfg.init and run.ctx.is_main:  # the trained tensors alone, HF keys
+        esft.save_adapter(run.model, run.esft, run.run_dir / "esft", run.cfg.init)
     ev = run.evaluate()
     run.log.close()
     return _summary(run, ev)
@@ -523,6 +538,8 @@ def _introduce(run: Run, say: Callable[..., None]) -> None:
     if len(run.corpus.sets) > 1:
         say("data mixture: " + ", ".join(f"{folder} x {w / sum(run.corpus.weights):.2f}"
                                          for folder, w in zip(run.corpus.info["folders"], run.corpus.weights)))
+    if run.esft is not None:
+        say(run.esft.describe())
     if cfg.activation_checkpointing:
         B = cfg.batch_size // run.ctx.world
         with_ac, without = (step_memory(model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),
@@ -592,6 +609,8 @@ def _summary(run: Run, ev: dict[str, Any]) -> dict[str, Any]:
         "num_params": run.model_cfg.num_params(), "num_active_params": run.model_cfg.num_active_params(),
         "train_loss": train_rows[-1]["loss"] if train_rows else float("nan"),
     }
+    if run.esft is not None:
+        summary["esft"] = run.esft.summary() | {"adapter": str(run.run_dir / "esft")}
     if len(run.corpus.sets) > 1:
         mixes = [r["mix"] for r in train_rows if "mix" in r]
         summary["mix_weights"] = run.corpus.weights
