@@ -297,3 +297,21 @@ def test_a_qwen2_shared_expert_is_not_written_as_deepseek():
     with pytest.raises(ValueError, match="a gated shared expert or one of its own width"):
         moe_config_to_hf(MoEConfig(dim=32, n_routed_experts=8, top_k=2, expert_dim=16, n_shared_experts=1,
                                    shared_expert_dim=24, shared_expert_gate=True))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe", "mixtral"])
+def test_rope_theta_and_yarn_kept_where_transformers_keeps_them(model_type, tmp_path):
+    """transformers 5 writes rope_theta (and yarn) into rope_parameters: read there, over the class default; yarn's
+    frequencies and attention factor equal transformers' at positions past the original context."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5e5,
+            "beta_fast": 16, "beta_slow": 2}
+    if model_type == "glm4_moe":
+        yarn["partial_rotary_factor"] = 0.5
+    if model_type == "mixtral":  # transformers' Mixtral fails to build with yarn here: its theta alone
+        yarn = {"rope_type": "default", "rope_theta": 5e5}
+    reference = hf_model(model_type, {"rope_parameters": yarn})
+    reference.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.cfg.rope_theta == 5e5 and (model.cfg.rope_scaling is not None) == (model_type != "mixtral")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids(length=60))[0], reference(_ids(length=60)).logits, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,7 @@ class Family:
     defaults: dict[str, Any] = field(default_factory=dict)  # transformers' class defaults of the fields read
 
 
-_COMMON = dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0)
+_COMMON = dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False)
 _QWEN = dict(_COMMON, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, decoder_sparse_step=1,
              mlp_only_layers=[], norm_topk_prob=False, use_sliding_window=False)
 FAMILIES: dict[str, Family] = {
@@ -109,7 +109,10 @@ def with_defaults(d: dict) -> dict:
     for name in EXPERT_FIELDS:
         if fam.experts and name in given:
             given[fam.experts] = given.pop(name)
-    return {**fam.defaults, **given}
+    merged = {**fam.defaults, **given}
+    if "rope_theta" in given or "rope_theta" in (given.get("rope_parameters") or {}):
+        merged["rope_theta"] = given.get("rope_theta")  # the folder's own, wherever it keeps it
+    return merged
 
 
 # ---- config.json -> ModelConfig ------------------------------------------------------------------------------
