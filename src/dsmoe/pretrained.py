@@ -184,10 +184,12 @@ class Slot(NamedTuple):
     shape: tuple[int, ...]
     write: Writer
     read: Callable[[], torch.Tensor]
+    target: torch.Tensor | None = None  # the model's tensor itself, when a stored tensor is simply copied into it
 
 
 def _slot(t: torch.Tensor, write: Writer | None = None, copy_on_read: bool = False) -> Slot:
-    return Slot(tuple(t.shape), write or (lambda x: t.copy_(x)), (lambda: t.clone()) if copy_on_read else (lambda: t))
+    return Slot(tuple(t.shape), write or (lambda x: t.copy_(x)), (lambda: t.clone()) if copy_on_read else (lambda: t),
+                None if write else t)
 
 
 def _block_keys(prefix: str, block: Block, family: families.Family | None) -> dict[str, Slot]:
@@ -470,13 +472,49 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
     with torch.no_grad():
         for late in (False, True):
             for file in files:
-                with safe_open(str(file), "pt") as f:
+                offsets = _data_offsets(file)
+                with safe_open(str(file), "pt") as f, open(file, "rb") as raw:
                     for key in (k for k in f.keys() if k in headers and (k in shared) == late):
+                        target = writers[key].target
+                        if key not in scales.keys and _read_into(raw, offsets.get(key), target):
+                            assert target is not None
+                            _check_finite(file, key, target)
+                            continue
                         t = f.get_tensor(key)
                         if key in scales.keys:
                             t = _dequantized(f, file, t, scales.keys[key], scales.block)
                         _check_finite(file, key, t)
                         writers[key].write(t)
+
+
+def _data_offsets(file: Path) -> dict[str, tuple[str, int, int]]:
+    """key -> (dtype, first byte, end byte) of each tensor's data in a safetensors file, from its JSON header; {}
+    where the header cannot be read that way (safe_open then reads the file, and names what is wrong with it)."""
+    try:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n > MAX_JSON_BYTES:
+                return {}
+            header, base = json.loads(fh.read(n)), 8 + n
+        return {k: (v["dtype"], base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
+                for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return {}
+
+
+def _read_into(raw: Any, entry: tuple[str, int, int] | None, target: torch.Tensor | None) -> bool:
+    """Read a stored tensor's bytes straight into the model's CPU tensor of the same dtype and size: no copy of
+    it in between and no mapped pages of the file left in the process (what keeps loading's peak near the
+    checkpoint's size). False where that does not apply (another dtype, a device, a slice, FP8)."""
+    if entry is None or target is None or target.device.type != "cpu" or not target.is_contiguous():
+        return False
+    dtype, begin, end = entry
+    if _DTYPES.get(dtype) != target.dtype or end - begin != target.numel() * target.element_size():
+        return False
+    raw.seek(begin)
+    if raw.readinto(target.detach().reshape(-1).view(torch.uint8).numpy()) != end - begin:
+        raise PretrainedError(f"{raw.name} ends inside tensor data: the file is truncated")
+    return True
 
 
 # ---- FP8 releases -------------------------------------------------------------------------------------------
