@@ -1,14 +1,111 @@
 """The memory a training step needs, estimated from the configs, against what the device has: a batch that
-cannot fit is refused at the start instead of being killed by the OOM killer in the middle."""
+cannot fit is refused at the start instead of being killed by the OOM killer in the middle. The same estimate,
+per pipeline stage and rank, ranks the pp x dp x ep layouts a model can train in (`plan`, `dsmoe plan`).
+
+One estimator: the model is a list of units in pipeline order (the embedding, each block, the head, each MTP
+module's own layers and its block), each with its parameters and the numbers per token it keeps for backward. A
+rank holds some of them (all of them without pipeline parallelism), and every figure is a sum over its units.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.config import ModelConfig, MoEConfig, TrainConfig
 
 ACTIVATION_OVERHEAD = 1.15  # backward's temporaries beyond the ones counted (fitted: see step_memory)
+STATE_BYTES = 16  # a parameter's fp32 weight (the master copy: bf16 autocast casts per op), fp32 gradient and
+#                   AdamW's two fp32 moments (exp_avg, exp_avg_sq): 4 + 4 + 8
+HIDDEN_BYTES = 4  # the residual stream (between blocks and between pipeline stages) and the hidden states the
+#                   all-to-alls carry stay fp32 under bf16 autocast: RMSNorm's output, and the routed-expert op
+#                   (dsmoe::routed_swiglu) is not autocast
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the model in pipeline order: the embedding, a block, the head, an MTP module's own layers."""
+
+    name: str
+    params: int            # its parameters
+    acts: int              # numbers per token it keeps for backward
+    block: bool = False    # a block: activation checkpointing keeps only its input (D numbers) and recomputes
+    #                        `acts` in backward, one block at a time
+    expert: int = 0        # the parameters of one routed expert (3*D*F) ...
+    experts: int = 0       # ... and how many the unit has (split over the ep ranks, reached by all-to-alls)
+
+    def local(self, ep: int) -> int:
+        """Parameters one rank of an expert-parallel group of ep computes with: its 1/ep of the routed experts."""
+        return self.params - self.expert * (self.experts - -(-self.experts // ep))
+
+
+def model_units(model_cfg: ModelConfig, vocab_size: int, ep: int = 1) -> list[Unit]:
+    """The model's units in pipeline order with the activations step_memory describes (an MoE block under ep > 1
+    also keeps the hidden states the dispatch sent it). Their parameters sum to num_params() at vocab_size."""
+    cfg, D, V, moe = model_cfg, model_cfg.dim, vocab_size, model_cfg.moe
+    attn = 10 * D
+    dense = Unit("dense block", cfg.block_params(3 * D * cfg.dense_hidden), attn + 3 * D + 4 * cfg.dense_hidden, True)
+    routed = dense
+    if moe is not None:
+        received = min(moe.top_k, ep) * D if ep > 1 else 0
+        routed = Unit("MoE block", cfg.block_params(moe.num_params()),
+                      attn + 3 * D + 2 * moe.n_routed_experts + moe.top_k * (2 * moe.expert_dim + 3)
+                      + 4 * moe.shared_width + received, True, 3 * D * moe.expert_dim, moe.n_routed_experts)
+    output = 2 * D + 4 * V  # final norm; logits, their log-softmax, and in backward the gradients of both
+    units = [Unit("embedding", V * D, D)]  # its output
+    units += [dataclasses.replace(routed if cfg.is_moe(i) else dense, name=f"block {i}") for i in range(cfg.n_layers)]
+    units.append(Unit("head", D + (0 if cfg.tie_embeddings else V * D), output))
+    for d in range(cfg.mtp_layers):  # enorm and hnorm outputs, their concatenation, eh_proj's output, the
+        units.append(Unit(f"mtp {d}", cfg.mtp_own_params(), 6 * D + output))  # shifted tokens' embedding
+        units.append(dataclasses.replace(routed, name=f"mtp {d} block"))  # MoE whenever the model has MoE
+    return units
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What sizes the activations of a sequence."""
+
+    dim: int
+    seq_len: int
+    number: int    # bytes per activation: 4 on cpu (fp32), 2 on cuda (bf16 autocast)
+    ac: bool       # activation checkpointing
+    mask: int      # bytes of doc_mask's block-causal mask, one bool per query and key, kept once per forward
+
+
+def _run(model_cfg: ModelConfig, train_cfg: TrainConfig) -> _Run:
+    S = train_cfg.seq_len or model_cfg.max_seq_len
+    return _Run(model_cfg.dim, S, 2 if train_cfg.device == "cuda" else 4, train_cfg.activation_checkpointing,
+                S * S if train_cfg.doc_mask else 0)
+
+
+def _activations(run: _Run, chunks: list[tuple[list[Unit], bool, int]]) -> int:
+    """Bytes one sequence of each micro-batch in flight keeps on a rank. chunks: (its units, whether it sends its
+    output to a next stage, micro-batches in flight). Each keeps its units' activations per micro-batch (a block
+    only its input under activation checkpointing) and its output until that micro-batch's backward; under
+    activation checkpointing one block's activations are recomputed at a time."""
+    def kept(u: Unit) -> int:
+        return run.dim if run.ac and u.block else u.acts
+    per_token = sum(n * (sum(map(kept, units)) + (run.dim if sends else 0)) for units, sends, n in chunks)
+    if run.ac:
+        per_token += max((u.acts for units, _, _ in chunks for u in units if u.block), default=0)
+    return int(ACTIVATION_OVERHEAD * per_token * run.seq_len * run.number) + sum(n for *_, n in chunks) * run.mask
+
+
+def _state(params: int, ranks: int) -> int:
+    """A rank's shard of the weights, gradients and AdamW state of `params` spread over `ranks` (each parameter on
+    exactly one of them: see step_memory)."""
+    return -(-STATE_BYTES * params // ranks)
+
+
+def _gathered(units: list[Unit], ep: int, pipelined: bool = False) -> int:
+    """What FSDP2 gathers on one rank of several: see gathered_bytes; pipelined, the whole stage (see plan)."""
+    if pipelined:
+        return 8 * sum(u.local(ep) for u in units)
+    root = sum(u.local(ep) for u in units if not u.block)
+    return 8 * root + 12 * max((u.local(ep) for u in units if u.block), default=0)
 
 
 def step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, *, world: int = 1, ep: int = 1) -> tuple[int, int]:
@@ -37,7 +134,7 @@ def step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, *, world: int = 
     memory is linear in seq_len (with doc_mask its block-causal mask adds seq_len^2 bytes a sequence). Against
     the peak RSS of CPU training steps (debug and tiny presets, vocabularies of 260 and 2048, batch 4 to 68) the
     activation estimate is within 10%: good enough to refuse a batch that cannot fit, not to predict the peak to
-    the byte.
+    the byte. `plan` is this estimate per pipeline stage.
     """
     state, gathered = _fixed(model_cfg, train_cfg, world, ep)
     return state + gathered, _per_sequence(model_cfg, train_cfg, ep)
@@ -61,10 +158,8 @@ def _vocab(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
 def _fixed(model_cfg: ModelConfig, train_cfg: TrainConfig, world: int, ep: int) -> tuple[int, int]:
     """(this rank's shard of the weights, gradients and AdamW state, what FSDP2 gathers on it), in bytes."""
     _check_layout(world, ep)
-    V = _vocab(model_cfg, train_cfg)
-    embeddings = 1 if model_cfg.tie_embeddings else 2
-    params = model_cfg.num_params() + (V - model_cfg.vocab_size) * model_cfg.dim * embeddings
-    return -(-16 * params // world), gathered_bytes(model_cfg, V, ep) if world > 1 else 0
+    units = model_units(model_cfg, _vocab(model_cfg, train_cfg), ep)
+    return _state(sum(u.params for u in units), world), _gathered(units, ep) if world > 1 else 0
 
 
 def gathered_bytes(model_cfg: ModelConfig, vocab_size: int, ep: int = 1) -> int:
@@ -75,39 +170,13 @@ def gathered_bytes(model_cfg: ModelConfig, vocab_size: int, ep: int = 1) -> int:
     this rank: 1/ep of the layer's); in backward the block running holds its weights and its full gradient
     until the reduce-scatter, while the next block's weights are prefetched: 12 bytes a parameter of the
     largest block."""
-    cfg, D = model_cfg, model_cfg.dim
-    root = vocab_size * D * (1 if cfg.tie_embeddings else 2) + D + cfg.mtp_layers * cfg.mtp_own_params()
-    blocks = [cfg.block_params(3 * D * cfg.dense_hidden)] if cfg.n_moe_layers < cfg.n_layers else []
-    moe = cfg.moe
-    if moe is not None and (cfg.n_moe_layers or cfg.mtp_layers):  # an MTP block is MoE when the model has MoE
-        routed = 3 * D * moe.expert_dim * -(-moe.n_routed_experts // ep)
-        blocks.append(cfg.block_params(D * moe.n_routed_experts + 3 * D * moe.expert_dim * moe.n_shared_experts
-                                       + routed))
-    return 8 * root + 12 * max(blocks)
+    return _gathered(model_units(model_cfg, vocab_size, ep), ep)
 
 
 def _per_sequence(model_cfg: ModelConfig, train_cfg: TrainConfig, ep: int) -> int:
-    """The activations of one sequence (see step_memory), in bytes."""
-    D, L, S = model_cfg.dim, model_cfg.n_layers, train_cfg.seq_len or model_cfg.max_seq_len
-    V, M = _vocab(model_cfg, train_cfg), model_cfg.mtp_layers
-    attn, dense = 10 * D, 3 * D + 4 * model_cfg.dense_hidden
-    moe, n_moe = model_cfg.moe, model_cfg.n_moe_layers
-    blocks = [attn + dense] * (L - n_moe)
-    mtp_block = attn + dense
-    if moe is not None:
-        received = min(moe.top_k, ep) * D if ep > 1 else 0  # the hidden states sent here by the dispatch
-        moe_block = (attn + 3 * D + 2 * moe.n_routed_experts + moe.top_k * (2 * moe.expert_dim + 3)
-                     + 4 * moe.n_shared_experts * moe.expert_dim + received)
-        blocks += [moe_block] * n_moe
-        mtp_block = moe_block  # an MTP module's block is MoE whenever the model has MoE
-    blocks += [mtp_block] * M
-    # activation checkpointing keeps each block's input, and one block's activations at a time in backward
-    kept = (L + M) * D + max(blocks, default=0) if train_cfg.activation_checkpointing else sum(blocks)
-    output = 2 * D + 4 * V
-    per_token = kept + output + D + M * (6 * D + output)  # + the embedding's output, and each MTP depth's own
-    number = 2 if train_cfg.device == "cuda" else 4
-    mask = S * S if train_cfg.doc_mask else 0  # the block-causal mask, one bool per query and key, kept once
-    return int(ACTIVATION_OVERHEAD * per_token * S * number) + mask
+    """The activations of one sequence (see step_memory), in bytes: the whole model as one stage."""
+    units = model_units(model_cfg, _vocab(model_cfg, train_cfg), ep)
+    return _activations(_run(model_cfg, train_cfg), [(units, False, 1)])
 
 
 def available_memory(device: str) -> int | None:
@@ -187,3 +256,304 @@ def check_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available:
                      f"{train_cfg.seq_len or model_cfg.max_seq_len} a training step needs about "
                      f"{size_text(need)}{layout} (estimated: {fixed} + {per_sequence / 2**20:.1f} MiB of activations "
                      f"per sequence), but {train_cfg.device} has {size_text(available)} available; {advice}")
+
+
+# ----------------------------------------------------------------------------- layouts: pp x dp x ep
+# gpus = pp x dp x ep. Each pipeline stage is the model trimmed to its units and laid out as dsmoe.parallel lays
+# out a whole model: its routed experts split over ep and FSDP2-sharded over dp, everything else FSDP2-sharded over
+# its dp x ep ranks, which all train on their own share of the batch. Stages and schedules are
+# torch.distributed.pipelining's; the pipeline itself is not built yet, so what follows models torch's pieces
+# as they are (torch/distributed/pipelining/stage.py and schedules.py, read at torch 2.13).
+
+SCHEDULES = {  # --schedule -> the torch.distributed.pipelining schedule class name (get_schedule_class)
+    "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb": "ZBVZeroBubble",
+    "dualpipev": "DualPipeV"}
+GB = 10**9  # plans speak of GB, as GPU memory is sold
+
+
+def stage_chunks(schedule: str, pp: int, v: int = 2) -> list[list[int]]:
+    """The chunks of the model (virtual stages, numbered in pipeline order) each of the pp ranks runs, as torch's
+    schedules place them: one each (GPipe, 1F1B); v each, round robin (Interleaved1F1B); two in a V, the first and
+    the last on rank 0 (ZB-V, DualPipeV), so the embedding and the head share a rank."""
+    if pp == 1 or schedule in ("gpipe", "1f1b"):
+        return [[r] for r in range(pp)]
+    if schedule == "interleaved":
+        return [[r + k * pp for k in range(v)] for r in range(pp)]
+    return [[r, 2 * pp - 1 - r] for r in range(pp)]
+
+
+def in_flight(schedule: str, pp: int, microbatches: int, v: int = 2) -> list[list[int]]:
+    """The micro-batches whose activations each rank's chunks hold at that rank's peak (ordered as stage_chunks),
+    as torch's schedules order their work: GPipe all M; 1F1B pp - r (rank r); Interleaved1F1B its warm-up
+    forwards, (v-1)*M/rounds + 2*(pp-1-r), and the first steady one, dealt to the rank's chunks M/rounds at a time
+    (Narayanan et al. 2021's schedule: rank 0 holds pp + (pp-1)/v stages' worth); ZB-V 2pp-1-r and r+1 (pp on
+    every rank, like 1F1B's first: Qi et al. 2024 §6); DualPipeV one more (2pp-r and r+1, DualPipe's PP+1).
+    tests/test_plan.py holds these to torch's own schedules."""
+    M, ranks = microbatches, range(pp)
+    if pp == 1:
+        return [[1]]
+    if schedule == "gpipe":
+        return [[M] for _ in ranks]
+    if schedule == "1f1b":
+        return [[min(M, pp - r)] for r in ranks]
+    if schedule == "interleaved":
+        per_round = M // max(1, M // pp)
+        out = []
+        for r in ranks:
+            counts = [0] * v
+            for f in range(min((v - 1) * per_round + 2 * (pp - 1 - r) + 1, M * v)):
+                counts[(f // per_round) % v] += 1
+            out.append(counts)
+        return out
+    extra = 1 if schedule == "dualpipev" else 0
+    return [[min(M, 2 * pp - 1 - r + extra), min(M, r + 1)] for r in ranks]
+
+
+def bubble(schedule: str, pp: int, microbatches: int, v: int = 2) -> float:
+    """The pipeline's idle share of a step, bubble / (bubble + compute), with forward, input-backward and
+    weight-backward of a chunk taking equal times (F = B = W, a full backward 2F), as the schedules' papers
+    compare them: GPipe and 1F1B a bubble of (pp-1)/M of the compute; interleaved 1/v of that (Narayanan et al.
+    2021); ZB-V none (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", §6); DualPipeV (pp-1)(F&B + B - 3W)
+    against 2M(F + B) per rank (DualPipe's README, 2pp stages), with the overlapped F&B = F + B: (pp-1)/(3M)."""
+    M = microbatches
+    if pp == 1:
+        return 0.0
+    ratio = {"gpipe": (pp - 1) / M, "1f1b": (pp - 1) / M, "interleaved": (pp - 1) / (v * M), "zb": 0.0,
+             "dualpipev": (pp - 1) / (3 * M)}[schedule]
+    return ratio / (1 + ratio)
+
+
+def a2a_copies(moe: MoEConfig | None, ep: int, limited: bool = True) -> int:
+    """At most how many ranks one token's hidden state goes to in an MoE layer: dsmoe's dispatch sends it once to
+    each rank holding one of its top_k experts (self included), so min(top_k, ep); with group-limited routing
+    (n_groups > 1, `limited`) only to the ranks of its topk_groups groups (a group is a rank, V2's device limit,
+    or ep / n_groups ranks, V3's node limit). 0 without expert parallelism."""
+    if moe is None or ep == 1:
+        return 0
+    n = min(moe.top_k, ep)
+    if limited and moe.n_groups > 1:
+        n = min(n, moe.topk_groups * max(1, ep // moe.n_groups))
+    return n
+
+
+@functools.lru_cache(maxsize=64)
+def split_blocks(weights: tuple[int, ...], chunks: int) -> tuple[int, ...]:
+    """Blocks in each of `chunks` contiguous chunks (each at least one) whose largest sum of weights is the
+    smallest possible, the most even such split among ties (dynamic programming over chunks and blocks)."""
+    L = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    best: dict[tuple[int, int], tuple[int, int, int]] = {(0, 0): (0, 0, 0)}  # (chunks, blocks) -> (largest,
+    for k in range(1, chunks + 1):                                          # sum of squares, previous blocks)
+        for i in range(k, L - (chunks - k) + 1):
+            best[k, i] = min((max(best[k - 1, j][0], w := prefix[i] - prefix[j]), best[k - 1, j][1] + w * w, j)
+                             for j in range(k - 1, i) if (k - 1, j) in best)
+    sizes, i = [], L
+    for k in range(chunks, 0, -1):
+        j = best[k, i][2]
+        sizes.append(i - j)
+        i = j
+    return tuple(reversed(sizes))
+
+
+@dataclass(frozen=True)
+class MemorySplit:
+    """One GPU's memory at its peak, in bytes, by what holds it."""
+
+    params: int              # its shard of the fp32 weights (4 of the 16 bytes a parameter)
+    grads: int               # its shard of the fp32 gradients (4)
+    adamw: int               # its shard of AdamW's two fp32 moments (8)
+    gathered: int            # the full-size weights (and gradients) FSDP2 gathers on it
+    activations: int         # one micro-batch's activations, with activation checkpointing as the run sets it
+    activations_no_ac: int   # the same without activation checkpointing
+    activations_ac: int      # and with it
+    pipeline: int            # the schedule's other micro-batches in flight, and the stage's receive buffers
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.adamw + self.gathered + self.activations + self.pipeline
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """One pp x dp x ep layout of a run: its busiest GPU's memory, its all-to-alls and its pipeline bubble."""
+
+    pp: int
+    dp: int
+    ep: int
+    schedule: str                  # a SCHEDULES key
+    microbatches: int              # M per optimizer step
+    micro_batch: int               # sequences per rank in one micro-batch
+    stage_blocks: tuple[int, ...]  # blocks of each chunk (virtual stage) in pipeline order; the first has the
+    #                                embedding, the last the head and the MTP modules
+    peak_stage: int                # the pipeline rank whose memory `memory` is (the highest)
+    memory: MemorySplit
+    a2a_token: tuple[int, int]     # bytes one token's dispatch sends in one MoE layer: (group-limited, unlimited)
+    a2a_step: int                  # bytes the busiest GPU sends in all-to-alls in a step (group-limited): dispatch
+    #                                and combine, forward, backward, and the recomputed forward under AC
+    bubble: float                  # the pipeline's idle share of a step
+    problem: str = ""              # why torch or dsmoe would refuse this layout; "" when it runs
+
+    @property
+    def uneven(self) -> bool:
+        return len(set(self.stage_blocks)) > 1
+
+
+def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int, ep: int, schedule: str = "1f1b",
+                microbatches: int | None = None, stages_per_rank: int = 2) -> LayoutPlan:
+    """Memory, communication and bubble of one layout (see plan). The global batch is train_cfg's batch_size x
+    grad_accum sequences; each of a stage's dp x ep ranks trains on its share, in `microbatches` micro-batches
+    (default: one sequence per rank in each)."""
+    v, ranks, moe = stages_per_rank, dp * ep, model_cfg.moe
+    batch = train_cfg.batch_size * train_cfg.grad_accum
+    M = microbatches or -(-batch // ranks)
+    mb = -(-batch // (ranks * M))
+    placement = stage_chunks(schedule, pp, v)
+    n_chunks = sum(map(len, placement))
+    if n_chunks > model_cfg.n_layers:
+        raise ValueError(f"pp={pp} is invalid: {n_chunks} pipeline stages for {model_cfg.n_layers} blocks")
+    units = model_units(model_cfg, _vocab(model_cfg, train_cfg), ep)
+    chunks, blocks = _chunks(model_cfg, units, n_chunks, placement)
+    run, flights = _run(model_cfg, train_cfg), in_flight(schedule, pp, M, v)
+    D, S = model_cfg.dim, run.seq_len
+    splits, sent = [], []
+    for r, own in enumerate(placement):
+        held = [u for c in own for u in chunks[c]]
+        params = sum(u.params for u in held)
+        state, shard = _state(params, ranks), -(-4 * params // ranks)
+        gathered = _gathered(held, ep, pipelined=pp > 1) if ranks > 1 else 0
+        flying = [(chunks[c], c < n_chunks - 1, n) for c, n in zip(own, flights[r])]
+        one = [(units_c, sends, 1) for units_c, sends, _ in flying]
+        with_ac, without = (mb * _activations(dataclasses.replace(run, ac=ac), one) for ac in (True, False))
+        activations = with_ac if run.ac else without
+        buffers = sum((c > 0) + (c < n_chunks - 1) for c in own) * M * mb * S * D * HIDDEN_BYTES
+        pipeline = mb * _activations(run, flying) - activations + buffers
+        splits.append(MemorySplit(shard, shard, state - 2 * shard, gathered, activations, without, with_ac, pipeline))
+        moe_layers = sum(u.experts > 0 for u in held)
+        passes = 2 * (3 if run.ac else 2)  # dispatch and combine; forward, backward (and the recomputed forward)
+        sent.append(M * mb * S * moe_layers * a2a_copies(moe, ep) * D * HIDDEN_BYTES * passes)
+    peak = max(range(pp), key=lambda r: splits[r].total)
+    per_token = tuple(a2a_copies(moe, ep, limited) * D * HIDDEN_BYTES for limited in (True, False))
+    return LayoutPlan(pp, dp, ep, schedule, M, mb, blocks, peak, splits[peak], (per_token[0], per_token[1]), max(sent),
+                      bubble(schedule, pp, M, v),
+                      _problem(model_cfg, batch, pp, ep, ranks, M, microbatches is not None, schedule, v))
+
+
+def _chunks(model_cfg: ModelConfig, units: list[Unit], n: int, placement: list[list[int]]
+            ) -> tuple[list[list[Unit]], tuple[int, ...]]:
+    """The model's units cut into n chunks in pipeline order, and the blocks of each: the embedding on the first
+    chunk, the head and the MTP modules on the last, the blocks split to balance the chunks' parameters (as
+    dsmoe.parallel.pipeline splits them). A last chunk on another rank than the first also holds a copy of the
+    embedding when the head shares it (tied) or the MTP modules embed the shifted tokens with it: a replica whose
+    gradient is summed with the first's, as Megatron-LM does for tied embeddings."""
+    L = model_cfg.n_layers
+    if n == 1:
+        return [units], (L,)
+    embedding, blocks, tail = units[0], units[1:L + 1], units[L + 1:]
+    weights = [u.params for u in blocks]
+    weights[0] += embedding.params
+    weights[-1] += sum(u.params for u in tail)
+    sizes = split_blocks(tuple(weights), n)
+    if (model_cfg.tie_embeddings or model_cfg.mtp_layers) and n - 1 not in placement[0]:
+        tail = [*tail, Unit("embedding copy", embedding.params, 0)]
+    bounds = [sum(sizes[:k]) for k in range(n + 1)]
+    chunks = [blocks[bounds[k]:bounds[k + 1]] for k in range(n)]
+    return [[embedding, *chunks[0]], *chunks[1:-1], [*chunks[-1], *tail]], sizes
+
+
+def _problem(model_cfg: ModelConfig, batch: int, pp: int, ep: int, ranks: int, M: int, explicit: bool,
+             schedule: str, v: int) -> str:
+    """Why torch's schedule or dsmoe's expert parallelism would refuse a layout ("" when neither would); a rank
+    without a sequence in a micro-batch (of `explicit` micro-batches, else of one) too."""
+    moe = model_cfg.moe
+    if moe is not None and moe.n_groups > 1 and moe.n_groups % ep and ep % moe.n_groups:
+        return (f"n_groups={moe.n_groups} must be a multiple or a divisor of ep={ep} "
+                "(dsmoe.parallel.expert_parallel)")
+    if batch < ranks * (M if explicit else 1):
+        return (f"{batch} sequences do not make {M if explicit else 1} micro-batch(es) on each of the {ranks} ranks "
+                "of a stage")
+    if pp > 1 and schedule == "1f1b" and M < pp:
+        return f"1F1B needs at least pp={pp} micro-batches, got {M}"
+    if pp > 1 and schedule == "interleaved" and M % max(1, M // pp):
+        return f"Interleaved1F1B needs micro-batches ({M}) to be a multiple of their rounds ({max(1, M // pp)})"
+    if pp > 1 and schedule == "dualpipev" and M < 2 * pp:
+        return f"DualPipeV needs at least 2 x pp={2 * pp} micro-batches, got {M}"
+    return ""
+
+
+def chunks_per_rank(schedule: str, stages_per_rank: int = 2) -> int:
+    return {"interleaved": stages_per_rank, "zb": 2, "dualpipev": 2}.get(schedule, 1)
+
+
+def layouts(model_cfg: ModelConfig, train_cfg: TrainConfig, gpus: int, schedule: str = "1f1b",
+            microbatches: int | None = None, stages_per_rank: int = 2) -> list[LayoutPlan]:
+    """Every layout gpus = pp x dp x ep (ep dividing the routed experts, at least one block per chunk), each with
+    its problem if it has one."""
+    _check_plan(gpus, schedule, microbatches, stages_per_rank)
+    moe, per_rank = model_cfg.moe, chunks_per_rank(schedule, stages_per_rank)
+    out = []
+    for pp in _divisors(gpus):
+        if pp > 1 and pp * per_rank > model_cfg.n_layers:
+            continue
+        for ep in _divisors(gpus // pp):
+            if ep == 1 or (moe is not None and moe.n_routed_experts % ep == 0):
+                out.append(layout_plan(model_cfg, train_cfg, pp, gpus // pp // ep, ep, schedule, microbatches,
+                                       stages_per_rank))
+    return out
+
+
+def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, gpus: int, gpu_memory: int, *, schedule: str = "1f1b",
+         microbatches: int | None = None, stages_per_rank: int = 2) -> list[LayoutPlan]:
+    """The layouts of `gpus` GPUs of `gpu_memory` bytes each that train the model, best first: by the memory the
+    busiest GPU leaves free, in whole GB, then by the bytes it sends in all-to-alls per step, then by bubble.
+
+    Per rank of a stage (step_memory's estimate over the stage's units): its 1/(dp x ep) share of the stage's
+    weights, gradients and AdamW moments; what FSDP2 gathers, without a pipeline as step_memory says, and with one
+    the whole stage's weights and gradients unsharded at 8 bytes a parameter (routed experts 1/ep), because
+    torch's PipelineStage leaves every micro-batch's backward but the last unresharded and unreduced
+    (stage.py, backward_maybe_with_nosync); its micro-batches' activations, as many as the schedule holds in
+    flight on that rank (in_flight); and the stage's receive buffers, which torch allocates once per
+    micro-batch: the input activations of a stage after the first and the output gradients of one before the
+    last (_setup_forward_recv_info, _setup_backward_recv_info), fp32 [micro_batch, seq_len, D] each. Not counted:
+    the CUDA context and allocator fragmentation (leave a few GB), and the FSDP2 and pipeline traffic.
+    A ValueError when no layout can run, or none fits, naming the smallest memory any layout needs."""
+    candidates = layouts(model_cfg, train_cfg, gpus, schedule, microbatches, stages_per_rank)
+    runnable = [p for p in candidates if not p.problem]
+    if not runnable:
+        problems = sorted({p.problem for p in candidates})
+        raise ValueError(f"no pp x dp x ep layout of {gpus} GPU(s) can run this model and batch: "
+                         + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
+    fits = [p for p in runnable if p.memory.total <= gpu_memory]
+    if not fits:
+        least = min(runnable, key=lambda p: p.memory.total)
+        ac = train_cfg.activation_checkpointing
+        params = sum(u.params for u in model_units(model_cfg, _vocab(model_cfg, train_cfg)))
+        least_gpus = -(-STATE_BYTES * params // gpu_memory)
+        advice = (f"the training state alone ({STATE_BYTES} B a parameter) needs at least {least_gpus} such GPUs"
+                  if least_gpus > gpus else "use more GPUs or a shorter seq_len"
+                  + ("" if ac else ", or activation checkpointing"))
+        raise ValueError(
+            f"no pp x dp x ep layout of {gpus} GPU(s) fits in {_gb(gpu_memory)} per GPU: the smallest needs "
+            f"{_gb(least.memory.total)} per GPU (pp {least.pp} x dp {least.dp} x ep {least.ep}, "
+            f"micro-batches of {least.micro_batch} x {_run(model_cfg, train_cfg).seq_len} tokens, "
+            f"{'with' if ac else 'without'} activation checkpointing); {advice}")
+    return sorted(fits, key=lambda p: (-((gpu_memory - p.memory.total) // GB), p.a2a_step, p.bubble, p.pp, p.ep))
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 10**6:.1f} MB"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_plan(gpus: int, schedule: str, microbatches: int | None, stages_per_rank: int) -> None:
+    for name, value in (("gpus", gpus), ("microbatches", microbatches), ("stages_per_rank", stages_per_rank)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    if schedule == "interleaved" and stages_per_rank < 2:
+        raise ValueError(f"stages_per_rank={stages_per_rank} is invalid for the interleaved schedule: must be >= 2")

@@ -30,6 +30,7 @@ COMMANDS = {
     "esft-merge": ("esft", "merge an ESFT adapter (RUN/esft of a run with --set esft=...) into its base HF folder"),
     "inspect": ("inspection", "expert load, MaxVio, dead experts, specialization and redundancy of any model"),
     "study": ("study", "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),
+    "plan": ("plan", "pp x dp x ep layouts of a model on N GPUs, ranked by free memory per GPU (no GPU needed)"),
 }
 
 
