@@ -457,6 +457,10 @@ class TrainConfig:
     tensorboard: bool = True          # also log to TensorBoard when it is installed
     expert_parallel: int = 0          # shard the routed experts over E ranks (of N = torchrun --nproc_per_node);
                                       # data parallel over N / E; 0 = no expert parallelism
+    pipeline_parallel: int = 0        # split the blocks into P pipeline stages (torchrun: P x dp x ep processes);
+                                      # 0 or 1 = no pipeline
+    schedule: str = "1f1b"            # the pipeline schedule: "1f1b" or "gpipe" (torch.distributed.pipelining)
+    microbatches: int = 0             # pipeline micro-batches per micro-batch (each a share of its rows); 0 = P
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
     dist_timeout_s: float = 120.0     # several processes: a rank that died or hung fails the others after this long
     esft: str = ""                    # Expert-Specialized Fine-Tuning (arXiv 2407.01906) of an --init model: train
@@ -473,14 +477,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
             _integer(self, name, 1)
         for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "topk_start", "topk_anneal_steps",
-                     "expert_parallel", "seed"):
+                     "expert_parallel", "seed", "pipeline_parallel", "microbatches"):
             _integer(self, name, 0)
         _integer(self, "bpe_vocab_size", BPE_MIN_VOCAB)
         _check(self.seed < 2**63, "seed", self.seed, "must be < 2**63")
         if bool(self.topk_start) != bool(self.topk_anneal_steps):  # either alone is silently ignored
             name = "topk_anneal_steps" if self.topk_start else "topk_start"
             _check(False, name, getattr(self, name), "dynamic top-k needs topk_start and topk_anneal_steps both > 0")
-        for name, choices in (("device", ("cpu", "cuda")), ("tokenizer", ("byte", "bpe"))):
+        for name, choices in (("device", ("cpu", "cuda")), ("tokenizer", ("byte", "bpe")),
+                              ("schedule", ("1f1b", "gpipe"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name}={value!r} is not allowed; choose {' or '.join(map(repr, choices))}")

@@ -43,12 +43,10 @@ def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: in
         x, y, docs = corpus.windows_with_docs(split, local, seq_len) if doc_mask else (
             *corpus.windows(split, local, seq_len), None)
         docs = None if docs is None else docs.to(device)
-        with autocast(device):
-            _, loss = model(x.to(device), y.to(device), docs_BS=docs)
-        targets = (y != -1).sum()
-        total_loss += loss.float() * targets.to(total_loss.device)
-        total_targets += targets
-        stats = model.routing_stats()
+        loss_sum, targets = ctx.forward_loss(model, x.to(device), y.to(device), docs, lambda: autocast(device))
+        total_loss += loss_sum.to(total_loss.device)
+        total_targets += targets.cpu()
+        stats = ctx.routing_stats(model)
         if stats:
             load_LE = stats["tokens_per_expert"] if load_LE is None else load_LE + stats["tokens_per_expert"]
     model.train(was_training)

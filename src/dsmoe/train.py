@@ -36,6 +36,7 @@ from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import Context, init_context, launch_world, layout_for_launch
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
+from dsmoe.parallel.pipeline import describe_split, split_layers
 from dsmoe.prepare import is_prepared
 from dsmoe.presets import apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config, load_hf_weights, save_pretrained
@@ -220,8 +221,11 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
     esft.check_config(model_cfg, cfg)
+    if cfg.pipeline_parallel > 1:
+        split_layers(model_cfg, cfg.pipeline_parallel)  # enough blocks for the stages: refused before any group
     ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s,
-                       settings={"model": model_cfg.to_dict(), "train": cfg.to_dict()})
+                       settings={"model": model_cfg.to_dict(), "train": cfg.to_dict()},
+                       pipeline_parallel=cfg.pipeline_parallel, schedule=cfg.schedule, microbatches=cfg.microbatches)
     try:  # refused here, not killed by the OOM killer later; every rank alike (the least memory of any)
         check_step_memory(model_cfg, cfg, ctx.least(rank_memory(cfg.device)), world=ctx.world, ep=ctx.ep)
     except ValueError:
@@ -328,6 +332,9 @@ def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
         raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
     corpus = load_corpus(cfg.data, tokenizer)
     corpus.check(seq_len, model_cfg.vocab_size)
+    if cfg.pipeline_parallel > 1 and corpus.has_masks:  # its micro-batches' losses are means over their own targets
+        raise ValueError("fine-tuning data with untrained targets (prompt/completion, chat) cannot train with "
+                         "--pipeline-parallel yet: the loss would weight the micro-batches by rows, not targets")
     return model_cfg, tokenizer, corpus, seq_len
 
 
@@ -358,12 +365,11 @@ def _restore(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
 class Meter:
     """Loss, auxiliary loss, MaxVio_batch [L] and load [L, E] summed on the device between log points."""
 
-    def __init__(self, model: MoETransformer, device: str, sets: int = 1):
-        layers = model.moe_layers()
-        E = layers[0].cfg.n_routed_experts if layers else 0
+    def __init__(self, model_cfg: ModelConfig, device: str, sets: int = 1):
+        L, E = model_cfg.n_moe_layers, model_cfg.moe.n_routed_experts if model_cfg.moe else 0
         self.loss, self.aux = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.maxvio_L = torch.zeros(len(layers), device=device)
-        self.load_LE = torch.zeros(len(layers), E, device=device, dtype=torch.long)
+        self.maxvio_L = torch.zeros(L, device=device)
+        self.load_LE = torch.zeros(L, E, device=device, dtype=torch.long)
         self.steps, self.t0 = 0, time.perf_counter()
         self.mix = torch.zeros(sets, dtype=torch.long)  # windows drawn from each set of a mixture
 
@@ -380,8 +386,8 @@ class Meter:
         all-reduce of [loss, aux, stop] and the load, one host sync. Resets the meter."""
         n = self.steps
         packed = ctx.all_reduce_(torch.stack([self.loss, self.aux, torch.tensor(float(stop), device=self.loss.device)]))
-        loss, aux, stops = (packed / ctx.world / n).tolist()
-        row = {"loss": loss, "aux_loss": aux, "maxvio": (self.maxvio_L / n).tolist(),
+        loss, aux, stops = (packed / ctx.data_ranks / n).tolist()
+        row = {"loss": loss, "aux_loss": aux, "maxvio": (ctx.layer_mean_(self.maxvio_L) / n).tolist(),
                "mix": (self.mix / self.mix.sum().clamp(min=1)).tolist(),
                "load": ctx.all_reduce_(self.load_LE).tolist(), "seconds": time.perf_counter() - self.t0}
         for t in (self.loss, self.aux, self.maxvio_L, self.load_LE, self.mix):
@@ -415,7 +421,7 @@ def target_weights(run: Run, ys: list[torch.Tensor]) -> list[float] | None:
         return None
     counts = torch.stack([(y != -1).sum() for y in ys]).float()
     total = run.ctx.all_reduce_(counts.sum()).item()
-    return [c * run.ctx.world / max(total, 1.0) for c in counts.tolist()]
+    return [c * run.ctx.data_ranks / max(total, 1.0) for c in counts.tolist()]
 
 
 def train_step(run: Run, meter: Meter) -> int:
@@ -429,24 +435,18 @@ def train_step(run: Run, meter: Meter) -> int:
     batches = [next_batch(run, meter) for _ in range(cfg.grad_accum)]
     weights = target_weights(run, [y for _, y, _ in batches])
     for i, (x, y, docs) in enumerate(batches):
-        with autocast(run.device):
-            _, loss = model(x, y, docs_BS=docs)
-            aux = model.aux_loss()
         # aux losses are scaled like the main loss, or accumulation would inflate their weight
-        if weights is None:
-            weighted = loss / cfg.grad_accum
-            ((loss + aux) / cfg.grad_accum).backward()
-        else:
-            weighted = loss * weights[i]
-            (weighted + aux / cfg.grad_accum).backward()
-        meter.add(weighted, aux, model.routing_stats(), cfg.grad_accum)
+        weight = 1 / cfg.grad_accum if weights is None else weights[i]
+        weighted, aux = run.ctx.forward_backward(model, x, y, docs, weight, 1 / cfg.grad_accum,
+                                                 functools.partial(autocast, run.device))
+        meter.add(weighted, aux, run.ctx.routing_stats(model), cfg.grad_accum)
     run.ctx.reduce_grads(model)
     if cfg.grad_clip:
         run.ctx.clip_grad_norm_(model, cfg.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    model.update_biases(run.ctx.all_reduce_)  # loss-free balancing: once per optimizer step, counts of every rank
+    model.update_biases(run.ctx.all_reduce_layers_)  # loss-free balancing: once per step, counts of every rank
     run.step += 1
     meter.steps += 1
     return k
@@ -496,7 +496,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
         say(f"step 0: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} (untrained)")
 
     bar = tqdm(total=cfg.steps, initial=run.step, dynamic_ncols=True, desc="train") if progress else None
-    meter, stopped = Meter(run.model, run.device, len(run.corpus.sets)), False
+    meter, stopped = Meter(run.model_cfg, run.device, len(run.corpus.sets)), False
     run.model.train()
     with StopFlag() as stop:
         while run.step < cfg.steps and not stopped:
@@ -540,6 +540,11 @@ def _introduce(run: Run, say: Callable[..., None]) -> None:
                                          for folder, w in zip(run.corpus.info["folders"], run.corpus.weights)))
     if run.esft is not None:
         say(run.esft.describe())
+    if cfg.pipeline_parallel > 1:
+        split = split_layers(model_cfg, cfg.pipeline_parallel)
+        even = "" if len({len(s) for s in split}) == 1 else " (uneven: balanced by parameters)"
+        say(f"pipeline: {cfg.pipeline_parallel} stages, blocks {describe_split(split)}{even}, schedule "
+            f"{cfg.schedule}, {cfg.microbatches or cfg.pipeline_parallel} micro-batches")
     if cfg.activation_checkpointing:
         B = cfg.batch_size // run.ctx.world
         with_ac, without = (step_memory(model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),

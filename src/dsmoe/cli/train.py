@@ -34,12 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-parallel", type=int, metavar="E",
                    help="split the routed experts over E processes; under `torchrun --nproc_per_node N -m dsmoe "
                         "train`, data parallel over N / E (without this flag: plain data parallel over N)")
+    p.add_argument("--pipeline-parallel", type=int, metavar="P",
+                   help="split the blocks into P pipeline stages (torchrun: P x dp x ep processes)")
+    p.add_argument("--schedule", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
+    p.add_argument("--microbatches", type=int, metavar="M", help="pipeline micro-batches per step (default P)")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """The run's configs (dsmoe.train.run_configs) with the command line's flags as overrides."""
     flags = (("out", args.out), ("data", args.data), ("device", args.device), ("steps", args.steps),
-             ("expert_parallel", args.expert_parallel))
+             ("expert_parallel", args.expert_parallel), ("pipeline_parallel", args.pipeline_parallel),
+             ("schedule", args.schedule), ("microbatches", args.microbatches))
     sets = args.sets + [f"{k}={v}" for k, v in flags if v is not None] + (["compile=inductor"] if args.compile else [])
     model_cfg, train_cfg, notes = run_configs(args.preset, sets, args.resume, args.init)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank tells

@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dsmoe.model import Block
+from dsmoe.model import Block, MoETransformer
 from dsmoe.parallel.comm import end_process_groups, init_distributed
 from dsmoe.parallel.expert_parallel import expert_parameter_names
 from dsmoe.parallel.fsdp import build_meshes, global_view, init_optimizer_state, local, shard_model
@@ -45,6 +47,45 @@ class Context(abc.ABC):
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_ranks(self) -> int:
+        """The ranks that each take their own share of a batch (all of them, but under pipeline parallelism)."""
+        return self.world
+
+    # ---- what a step computes: the plain forward and backward, which pipeline parallelism replaces -----------
+
+    def forward_backward(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
+                         weight: float, aux_weight: float,
+                         amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's forward and backward of (loss * weight + aux * aux_weight); returns the weighted
+        loss and the auxiliary loss, detached (no host sync)."""
+        with amp():
+            _, loss = model(x, y, docs_BS=docs)
+            aux = model.aux_loss()
+        (loss * weight + aux * aux_weight).backward()
+        return loss.detach() * weight, aux.detach()
+
+    def forward_loss(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
+                     amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: (the loss summed over the batch's trained targets, their count) of this rank."""
+        with amp():
+            _, loss = model(x, y, docs_BS=docs)
+        targets = (y != -1).sum()
+        return loss.float() * targets.to(loss.device), targets
+
+    def routing_stats(self, model: MoETransformer) -> dict[str, torch.Tensor]:
+        """The last step's per-layer load [L, E] and MaxVio [L] of every MoE layer of the model (not only this
+        rank's stage)."""
+        return model.routing_stats()
+
+    def layer_mean_(self, t_L: torch.Tensor) -> torch.Tensor:
+        """A per-layer statistic as the log shows it: this rank's own (every rank has every layer)."""
+        return t_L
+
+    def all_reduce_layers_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the sum over the ranks that hold the same layers (the loss-free balancing counts)."""
+        return self.all_reduce_(tensor)
 
     @abc.abstractmethod
     def shard(self, model: _M) -> _M:
@@ -279,13 +320,20 @@ def layout_for_launch(expert_parallel: int, world: int) -> int:
 
 
 def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", timeout_s: float = 300.0,
-                 settings: dict[str, Any] | None = None) -> Context:
+                 settings: dict[str, Any] | None = None, pipeline_parallel: int = 0, schedule: str = "1f1b",
+                 microbatches: int = 0) -> Context:
     """The context of a run: SingleProcess, or for N processes launched by torchrun a MeshContext with
     ep = expert_parallel (1 when 0: plain data parallelism) and dp = N / ep. The layout is checked against
     torchrun's WORLD_SIZE before any process group is set up, so a bad one fails at once on every rank; then
     the ranks' `settings` are compared (check_agreement) before anything else talks."""
     world = launch_world()
-    ep = expert_parallel or 1
+    ep, pp = expert_parallel or 1, pipeline_parallel or 1
+    if pp > 1:
+        from dsmoe.parallel.pipeline import check_layout
+        if world == 1:
+            raise ValueError(f"--pipeline-parallel {pp} needs one process per stage: launch with `torchrun "
+                             f"--nproc_per_node {pp * ep} -m dsmoe train ...` (pp x dp x ep processes)")
+        dp = check_layout(world, pp, ep, schedule, microbatches, global_batch)
     if world == 1 and ep > 1:
         raise ValueError(f"--expert-parallel {ep} needs one process per rank: launch with "
                          f"`torchrun --nproc_per_node {ep} -m dsmoe train ...` (or a multiple of {ep} processes); "
@@ -294,7 +342,7 @@ def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", t
         raise ValueError(f"--expert-parallel {ep} must divide the {world} processes launched (data parallel over "
                          f"processes / expert-parallel); choose one of "
                          f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0)}")
-    if global_batch % world:
+    if pp == 1 and global_batch % world:
         raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by the {world} processes")
     if world == 1:
         return SingleProcess()
@@ -306,6 +354,11 @@ def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", t
         if started:  # every rank refuses together: end the group in order, as MeshContext.close does
             end_process_groups()
         raise
-    ctx = MeshContext(world // ep, ep, "cuda" if device == "cuda" else "cpu")
+    device_type = "cuda" if device == "cuda" else "cpu"
+    if pp > 1:
+        from dsmoe.parallel.pipeline import PipelineContext
+        ctx: MeshContext = PipelineContext(pp, dp, ep, schedule, microbatches, device_type)
+    else:
+        ctx = MeshContext(world // ep, ep, device_type)
     ctx.owns_group = started
     return ctx

@@ -1,0 +1,367 @@
+"""Pipeline parallelism on torch.distributed.pipelining: the model split into stages by block, one stage per
+pipeline rank, scheduled by torch's own schedules (no hand-written send/recv loop).
+
+A stage is the one model with the parts other stages hold taken out: blocks outside it become `Passthrough`
+(no parameters, so every name stays the whole model's: `layers.5.attn.wq.weight` on any stage, and DCP
+checkpoints, key maps and FSDP2 see the same names as in one process), the embedding stays on the first stage,
+the final norm, output head and multi-token-prediction modules on the last (with the embedding too when the head
+is tied to it: its gradient is then summed over the two stages). The schedule passes each micro-batch's hidden
+states forward and their gradients back; every stage also receives the micro-batch's token ids and targets as
+keyword arguments, so the last stage computes the loss (and the MTP loss) itself and returns it.
+
+Auxiliary losses are added on the stage that computes them: a stage's balance losses ride on its output with
+`AuxGrad`, whose backward hands the loss a gradient of 1 (scaled by the schedule like the main loss), so every
+stage's router learns from its own aux loss although only the last stage's output is differentiated.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import get_schedule_class
+
+from dsmoe.config import ModelConfig
+from dsmoe.model import Block, MoETransformer, next_token_loss
+from dsmoe.moe import moe_layers
+from dsmoe.parallel.context import MeshContext
+from dsmoe.parallel.fsdp import local, shard_model
+
+_M = TypeVar("_M", bound=nn.Module)
+
+SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe"}  # torch's schedule class names of dsmoe's --schedule choices
+
+
+def block_costs(cfg: ModelConfig) -> list[int]:
+    """Each block's parameters (its compute follows its active ones; a stage is balanced on both at once by
+    the parameters, which dominate memory)."""
+    moe = cfg.moe.num_params() if cfg.moe else 0
+    return [cfg.block_params(moe if cfg.is_moe(i) else 3 * cfg.dim * cfg.dense_hidden) for i in range(cfg.n_layers)]
+
+
+def split_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
+    """The blocks of each stage, contiguous, minimizing the largest stage's parameters (the embedding counted on
+    the first stage, the final norm, an untied head and the MTP modules on the last)."""
+    n = cfg.n_layers
+    if not 1 <= stages <= n:
+        raise ValueError(f"--pipeline-parallel {stages} needs at least one block per stage: the model has "
+                         f"n_layers={n} blocks")
+    costs = block_costs(cfg)
+    head = cfg.dim + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    if cfg.mtp_layers:
+        head += cfg.num_params() - cfg.num_params(mtp=False)
+    costs[0] += cfg.vocab_size * cfg.dim
+    costs[-1] += head
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[s][i]: the smallest largest-stage cost of blocks 0..i-1 in s stages; cut[s][i] where the last begins
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for s in range(1, stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                worst = max(best[s - 1][j], prefix[i] - prefix[j])
+                if worst < best[s][i]:
+                    best[s][i], cut[s][i] = worst, j
+    bounds, i = [], n
+    for s in range(stages, 0, -1):
+        bounds.append((cut[s][i], i))
+        i = cut[s][i]
+    return [list(range(a, b)) for a, b in reversed(bounds)]
+
+
+def describe_split(split: list[list[int]]) -> str:
+    """'blocks 0-1 | 2-3' for the user."""
+    return " | ".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in split)
+
+
+class Passthrough(nn.Module):
+    """A block another stage holds: no parameters, its input unchanged."""
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        return x
+
+
+class AuxGrad(torch.autograd.Function):
+    """Identity on the hidden states whose backward also gives `aux` (a scalar loss computed from them or before
+    them on this stage) the gradient 1, as if it had been added to the final loss."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+@dataclass
+class StageInfo:
+    """A stage's place, the weights on its micro-batches' losses, and what its forwards recorded since the step
+    began: the last stage's next-token loss, this stage's aux loss, its MoE layers' load [L, E] and MaxVio [L]."""
+
+    index: int
+    layers: list[int]
+    first: bool
+    last: bool
+    weight: float = 1.0
+    aux_weight: float = 1.0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    aux: list[torch.Tensor] = field(default_factory=list)
+    load: list[torch.Tensor] = field(default_factory=list)
+    maxvio: list[torch.Tensor] = field(default_factory=list)
+
+    def begin(self, weight: float, aux_weight: float) -> None:
+        self.weight, self.aux_weight = weight, aux_weight
+        for records in (self.losses, self.aux, self.load, self.maxvio):
+            records.clear()
+
+
+def stage_of(model: nn.Module) -> StageInfo:
+    info = getattr(model, "pp_stage", None)
+    assert isinstance(info, StageInfo), "not a pipeline stage (make_stage)"
+    return info
+
+
+def make_stage(model: MoETransformer, index: int, split: list[list[int]]) -> MoETransformer:
+    """The model (in place) reduced to stage `index` of `split`, its forward the stage's (see the module
+    docstring): forward(x, tokens_BS=, targets_BS=, docs_BS=) -> hidden states, or the loss on the last stage."""
+    cfg = model.cfg
+    info = StageInfo(index, split[index], index == 0, index == len(split) - 1)
+    for i in range(cfg.n_layers):
+        if i not in info.layers:
+            model.layers[i] = Passthrough()
+    if not info.last:
+        model.norm, model.head, model.mtp = None, None, nn.ModuleList()  # type: ignore[assignment]
+    if not info.first and not (info.last and (cfg.tie_embeddings or cfg.mtp_layers)):
+        model.embed = None  # type: ignore[assignment]
+    model.pp_stage = info  # type: ignore[assignment]
+    model.forward = types.MethodType(_stage_forward, model)  # type: ignore[method-assign]
+    return model
+
+
+def _stage_forward(self: MoETransformer, x: torch.Tensor, tokens_BS: torch.Tensor | None = None,
+                   targets_BS: torch.Tensor | None = None, docs_BS: torch.Tensor | None = None) -> torch.Tensor:
+    info = stage_of(self)
+    h_BSD = self.embed(x) if info.first else x
+    rot_SR, mask_B1SS = self._rotary_and_mask(0, h_BSD.shape[1], docs_BS)
+    for i in info.layers:
+        h_BSD = self.layers[i](h_BSD, rot_SR, None, mask_B1SS)
+    layers = moe_layers(self.layers)
+    if layers:
+        info.load.append(torch.stack([m.tokens_per_expert for m in layers]))
+        info.maxvio.append(torch.stack([m.maxvio for m in layers]))
+    aux = sum((m.aux_loss for m in layers), h_BSD.new_zeros((), dtype=torch.float32))
+    if not info.last:
+        info.aux.append(aux.detach())
+        out: torch.Tensor = AuxGrad.apply(h_BSD, aux * info.aux_weight) if aux.requires_grad else h_BSD  # type: ignore[no-untyped-call]
+        return out
+    assert targets_BS is not None and tokens_BS is not None
+    h_BSD = self.norm(h_BSD)
+    loss = next_token_loss(self.head(h_BSD), targets_BS)
+    info.losses.append(loss.detach())
+    if self.mtp and self.training:
+        aux = aux + self._mtp_loss(tokens_BS, targets_BS, h_BSD, docs_BS)
+        aux = aux + sum((m.aux_loss for m in moe_layers(self.mtp)), aux.new_zeros(()))
+    info.aux.append(aux.detach())
+    return loss * info.weight + aux * info.aux_weight
+
+
+# ---- the context ------------------------------------------------------------------------------------------
+
+
+def check_layout(world: int, pp: int, ep: int, schedule: str, microbatches: int, global_batch: int) -> int:
+    """pp x dp x ep against the processes launched, the schedule and the micro-batches, before any process group
+    is set up (every rank refuses alike); returns dp."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule {schedule} is not available; choose one of {', '.join(SCHEDULES)} (torch "
+                         "2.13's single-stage schedules: the multi-stage ones need several stages a rank, not built)")
+    if world % (pp * ep):
+        raise ValueError(f"--pipeline-parallel {pp} x --expert-parallel {ep} must divide the {world} processes "
+                         f"launched (pp x dp x ep = processes); with pp {pp}, ep may be one of "
+                         f"{', '.join(str(d) for d in range(1, world // pp + 1) if (world // pp) % d == 0) or 'none'}")
+    M = microbatches or pp
+    if schedule == "1f1b" and M < pp:
+        raise ValueError(f"--microbatches {M} is fewer than the {pp} stages: 1F1B needs at least one micro-batch a "
+                         "stage (use more, or --schedule gpipe)")
+    rows = global_batch // (world // pp) if global_batch % (world // pp) == 0 else 0
+    if not rows or rows % M:
+        raise ValueError(f"batch_size={global_batch} must split over the {world // pp} data ranks (dp x ep) into "
+                         f"{M} equal micro-batches each: a multiple of {world // pp * M}")
+    return world // (pp * ep)
+
+
+class PipelineContext(MeshContext):
+    """pp x dp x ep processes: stage s on the ranks s*dp*ep .. (s+1)*dp*ep - 1, each stage laid out on its own
+    (dp, ep) mesh exactly as MeshContext lays out a whole model; the ranks of a stage share the batch."""
+
+    def __init__(self, pp: int, dp: int, ep: int, schedule: str = "1f1b", microbatches: int = 0,
+                 device_type: str = "cpu"):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.pp, self.dp, self.ep = pp, dp, ep
+        self.schedule_name, self.microbatches = schedule, microbatches or pp
+        n = dp * ep
+        mesh3 = init_device_mesh(device_type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+        self.mesh = mesh3["dp", "ep"]
+        flat = init_device_mesh(device_type, (pp, n), mesh_dim_names=("pp", "dp_ep"))
+        self.flat = flat["dp_ep"]
+        self.stage_index, self.stage_rank = divmod(self.rank, n)
+        # the first and the last stage's ranks of one (dp, ep) place: where the shared embedding's grads meet
+        pairs = [dist.new_group([j, (pp - 1) * n + j]) for j in range(n)]
+        self.embed_group = pairs[self.stage_rank] if self.stage_index in (0, pp - 1) else None
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else \
+            torch.device("cpu")
+        self.split: list[list[int]] = []
+        self.moe_ids: list[int] = []  # the MoE layers of this stage, as indices among all MoE layers
+        self.schedule: Any = None
+
+    @property
+    def data_ranks(self) -> int:
+        return self.dp * self.ep
+
+    def shard(self, model: _M) -> _M:
+        assert isinstance(model, MoETransformer)
+        cfg = model.cfg
+        self.split = split_layers(cfg, self.pp)
+        moe_blocks = [i for i in range(cfg.n_layers) if cfg.is_moe(i)]
+        self.moe_ids = [moe_blocks.index(i) for i in self.split[self.stage_index] if i in moe_blocks]
+        make_stage(model, self.stage_index, self.split)
+        if self.data_ranks > 1:
+            shard_model(model, self.mesh, self.flat, [m for m in model.modules() if isinstance(m, Block)])
+        return model
+
+    def local_batch(self, *tensors_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B = len(tensors_B[0])
+        if B % self.data_ranks:
+            raise ValueError(f"batch_size={B} (the global batch) must be divisible by the {self.data_ranks} data ranks")
+        return tuple(t.chunk(self.data_ranks)[self.stage_rank] for t in tensors_B)
+
+    def _schedule(self, model: nn.Module, x: torch.Tensor) -> Any:
+        """The stage and its schedule, built for this micro-batch shape at the first step."""
+        if self.schedule is None:
+            M = self.microbatches
+            rows, S = x.shape[0] // M, x.shape[1]
+            dim = _cfg(model).dim
+            info = stage_of(model)
+            h = torch.empty(rows, S, dim, device=self.device, requires_grad=True)
+            stage = PipelineStage(model, self.stage_index, self.pp, self.device,
+                                  input_args=(x[:rows],) if info.first else (h,),
+                                  output_args=torch.empty((), device=self.device) if info.last else h,
+                                  group=self._pp_group())
+            cls = get_schedule_class(SCHEDULES[self.schedule_name])
+            self.schedule = cls(stage, n_microbatches=M, loss_fn=_the_loss, scale_grads=False)
+        return self.schedule
+
+    def _pp_group(self) -> dist.ProcessGroup:
+        """The pipeline's ranks of this (dp, ep) place."""
+        if not hasattr(self, "_pp"):
+            n = self.data_ranks
+            groups = [dist.new_group([s * n + j for s in range(self.pp)]) for j in range(n)]
+            self._pp = groups[self.stage_rank]
+        group: dist.ProcessGroup = self._pp
+        return group
+
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
+             weight: float, aux_weight: float, train: bool) -> None:
+        schedule = self._schedule(model, x)
+        M = self.microbatches
+        stage_of(model).begin(weight / M, aux_weight / M)
+        kwargs: dict[str, Any] = {"tokens_BS": x, "targets_BS": y, **({"docs_BS": docs} if docs is not None else {})}
+        args = (x,) if self.stage_index == 0 else ()
+        (schedule.step if train else schedule.eval)(*args, target=y, return_outputs=False, **kwargs)
+
+    def forward_backward(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
+                         weight: float, aux_weight: float,
+                         amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        with amp():
+            self._run(model, x, y, docs, weight, aux_weight, train=True)
+        info, zero, M = stage_of(model), torch.zeros((), device=self.device), self.microbatches
+        return sum(info.losses, zero) * weight / M, sum(info.aux, zero) / M
+
+    def forward_loss(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
+                     amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        with amp():
+            self._run(model, x, y, docs, 1.0, 1.0, train=False)
+        counts = [(c != -1).sum() for c in y.chunk(self.microbatches)]
+        if self.stage_index != self.pp - 1:
+            return torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long)
+        total = sum((loss.float() * c for loss, c in zip(stage_of(model).losses, counts)),
+                    torch.zeros((), device=self.device))
+        return total, sum(counts, torch.zeros((), dtype=torch.long))
+
+    def routing_stats(self, model: MoETransformer) -> dict[str, torch.Tensor]:
+        """Every MoE layer's load and MaxVio of the last step, this stage's rows filled (summed and averaged over
+        its micro-batches), the others zero; Meter and evaluation all-reduce them over the ranks."""
+        cfg, info = _cfg(model), stage_of(model)
+        if cfg.moe is None:
+            return {}
+        load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long, device=self.device)
+        maxvio = torch.zeros(cfg.n_moe_layers, device=self.device)
+        if self.moe_ids and info.load:
+            load[self.moe_ids] = torch.stack(info.load).sum(0)
+            maxvio[self.moe_ids] = torch.stack(info.maxvio).mean(0)
+        return {"tokens_per_expert": load, "maxvio": maxvio}
+
+    def layer_mean_(self, t_L: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_(t_L.clone()).div_(self.data_ranks)
+
+    def all_reduce_layers_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.data_ranks > 1:
+            dist.all_reduce(tensor, group=self.flat.get_group())
+        return tensor
+
+    @torch.no_grad()
+    def reduce_grads(self, model: nn.Module) -> None:
+        """The experts' as MeshContext's; the embedding held by the first and the last stage (tied to the head,
+        or used by the MTP modules) gets the sum of both stages' gradients, on both."""
+        super().reduce_grads(model)
+        embed = getattr(model, "embed", None)
+        if self.pp > 1 and self.embed_group is not None and isinstance(embed, nn.Embedding) and \
+                _shared_embedding(model):
+            grad = embed.weight.grad
+            if grad is not None:
+                dist.all_reduce(local(grad), group=self.embed_group)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """The whole model's norm: every stage's shards, the shared embedding counted once (on the first stage)."""
+        embed = getattr(model, "embed", None)
+        skip = embed.weight if isinstance(embed, nn.Embedding) and self.stage_index == self.pp - 1 and \
+            self.pp > 1 and _shared_embedding(model) else None
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+        counted = [local(p.grad) for p in model.parameters() if p.grad is not None and p is not skip]
+        total = self.all_reduce_(torch.stack([g.float().square().sum() for g in counted]).sum()
+                                 if counted else torch.zeros((), device=self.device)).sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+        return total
+
+
+def _cfg(model: nn.Module) -> ModelConfig:
+    assert isinstance(model, MoETransformer)
+    return model.cfg
+
+
+def _shared_embedding(model: nn.Module) -> bool:
+    """Whether the embedding lives on the first and the last stage (tied head or MTP modules)."""
+    cfg = _cfg(model)
+    return cfg.tie_embeddings or cfg.mtp_layers > 0
+
+
+def _the_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The last stage returns its (weighted) loss itself."""
+    return output

@@ -1,0 +1,92 @@
+"""Pipeline parallelism (dsmoe.parallel.pipeline): the stage split, and training on torch.distributed.pipelining
+equal to one process: pp 2, pp 2 x ep 2 and pp 2 x dp 2 (gloo, CPU) give the single-process losses, validation
+losses and balancing biases, with an auxiliary loss on every stage; the pipelined checkpoint reads in one
+process. Bad layouts are refused before any process group."""
+
+import os
+
+import pytest
+import torch
+from test_parallel import TRAIN_SETS, _train_rows, launch
+
+from dsmoe.config import ModelConfig, MoEConfig
+from dsmoe.parallel.pipeline import check_layout, describe_split, split_layers
+
+
+def _cfg(n_layers=6, **kw) -> ModelConfig:
+    moe = MoEConfig(dim=32, n_routed_experts=8, top_k=2, expert_dim=16, n_shared_experts=1)
+    return ModelConfig(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=4, moe=moe, **kw)
+
+
+def test_stages_are_contiguous_balanced_and_cover_every_block():
+    cfg = _cfg(6, vocab_size=64)
+    for stages in range(1, 7):
+        split = split_layers(cfg, stages)
+        assert [i for s in split for i in s] == list(range(6)) and all(split)
+    assert split_layers(cfg, 2) == [[0, 1, 2], [3, 4, 5]]  # the dense first block evens out the embedding
+    big_vocab = _cfg(6, vocab_size=50_000)  # an embedding worth several blocks: the first stage takes fewer
+    assert len(split_layers(big_vocab, 2)[0]) < 3
+    assert describe_split([[0, 1], [2], [3, 4, 5]]) == "0-1 | 2 | 3-5"
+    with pytest.raises(ValueError, match=r"--pipeline-parallel 7 needs at least one block per stage: the model "
+                                         r"has n_layers=6"):
+        split_layers(cfg, 7)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((4, 2, 1, "zb", 0, 8), r"--schedule zb is not available; choose one of 1f1b, gpipe"),
+    ((4, 3, 1, "1f1b", 0, 8), r"--pipeline-parallel 3 x --expert-parallel 1 must divide the 4 processes"),
+    ((4, 2, 2, "1f1b", 1, 8), r"--microbatches 1 is fewer than the 2 stages: 1F1B needs"),
+    ((4, 2, 1, "gpipe", 3, 8), r"batch_size=8 must split over the 2 data ranks .* into 3 equal micro-batches"),
+])
+def test_bad_layouts_are_refused_before_any_process_group(args, match):
+    with pytest.raises(ValueError, match=match):
+        check_layout(*args)
+    assert check_layout(4, 2, 1, "gpipe", 1, 8) == 2
+
+
+def test_one_process_cannot_pipeline(monkeypatch):
+    from dsmoe.parallel.context import init_context
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"--pipeline-parallel 2 needs one process per stage: launch with "
+                                         r"`torchrun --nproc_per_node 2"):
+        init_context(0, 8, pipeline_parallel=2)
+
+
+def pp_worker(rank, world):
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", *os.environ["DSMOE_SETS"].split()]
+    train(*build_configs("debug", sets), progress=False)
+    return {}
+
+
+MODEL = ["n_layers=4", "moe.seq_aux_loss_alpha=0.01", "steps=4"]  # a MoE block and an aux loss on every stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2xep2", "pp2xdp2"])
+def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch):
+    from dsmoe.checkpoint import load_checkpoint
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    train(*build_configs("debug", TRAIN_SETS + MODEL + [f"out={tmp_path / 'single'}"]), progress=False)
+    world, sets = {"pp2-1f1b": (2, ["schedule=1f1b"]), "pp2-gpipe-m4": (2, ["schedule=gpipe", "microbatches=4"]),
+                   "pp2xep2": (4, ["expert_parallel=2"]), "pp2xdp2": (4, [])}[layout]
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "pp"))
+    monkeypatch.setenv("DSMOE_SETS", " ".join(MODEL + ["pipeline_parallel=2", *sets]))
+    assert launch(pp_worker, world, tmp_path / "results") == [{}] * world, "a rank crashed"
+    single_loss, single_val = _train_rows(tmp_path / "single")
+    pp_loss, pp_val = _train_rows(tmp_path / "pp")
+    assert len(pp_loss) == len(single_loss) == 4
+    torch.testing.assert_close(torch.tensor(pp_loss), torch.tensor(single_loss), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(pp_val), torch.tensor(single_val), atol=1e-4, rtol=0)
+    single, pipelined = load_checkpoint(tmp_path / "single")[0], load_checkpoint(tmp_path / "pp")[0]
+    for a, b in zip(single.moe_layers(), pipelined.moe_layers(), strict=True):
+        torch.testing.assert_close(b.gate.bias, a.gate.bias, atol=0, rtol=0)
+    assert any(layer.gate.bias.abs().sum() > 0 for layer in pipelined.moe_layers())
+    for (name, a), b in zip(single.state_dict().items(), pipelined.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
