@@ -338,7 +338,7 @@ def _short(keys: list[str], n: int = 6) -> str:
 
 # model.py's rotary table holds 4R bytes a position (fp32 cos and sin of R/2 angles); while rotary_table()
 # builds it, the angles (2R), their cos and sin (4R) and the stacked pair (4R) live at once, beside the table
-# it replaces (.to(), to_empty() and _init_buffers rebuild it) and the positions (12 bytes): 14R + 12 at the
+# it replaces (.to(), to_empty() and init_buffers rebuild it) and the positions (12 bytes): 14R + 12 at the
 # peak, 16R + 12 with room for the allocator.
 ROTARY_BYTES_PER_DIM, ROTARY_BYTES_PER_POSITION = 16, 12
 
@@ -451,7 +451,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         model = MoETransformer(cfg)
     _check_keys(path, headers, _writers(model, set(headers)))  # before a byte is allocated or read
     model.to(dtype).to_empty(device=device)
-    _init_buffers(model)
+    init_buffers(model)
     if device.type != "meta":
         load_hf_weights(model, path)
     return model.eval()
@@ -630,7 +630,7 @@ def _check_keys(path: Path, headers: dict[str, tuple[Path, tuple[int, ...], str]
         raise PretrainedError(f"{path} does not fit its config.json: " + "; ".join(parts))
 
 
-def _init_buffers(model: MoETransformer) -> None:
+def init_buffers(model: MoETransformer) -> None:
     """What to_empty leaves undefined and no checkpoint holds: the tied output head, the rotary table, the
     balancing biases (fp32, zero unless the checkpoint has them: V3's e_score_correction_bias), the token
     counts and every layer's last-forward statistics."""

@@ -27,6 +27,7 @@ COMMANDS = {
     "report": ("report", "plot a run's loss, MaxVio and expert-load heatmaps into RUN/plots"),
     "demo": ("demo", "the main job: train the default preset on the stdlib, then evaluate, plot and sample"),
     "export": ("export", "write a dsmoe checkpoint as a HuggingFace DeepSeek-V2/V3 folder that transformers loads"),
+    "upcycle": ("upcycle", "a dense Llama/Qwen2/Qwen3 folder as a DeepSeekMoE folder computing the same function"),
     "esft-merge": ("esft", "merge an ESFT adapter (RUN/esft of a run with --set esft=...) into its base HF folder"),
     "inspect": ("inspection", "expert load, MaxVio, dead experts, specialization and redundancy of any model"),
     "study": ("study", "reproduce the papers' balance, shared-expert, segmentation and specialization findings"),

@@ -13,6 +13,8 @@
                     shared, the dense model of the same active size), for the bigger presets; it shares their runs
     specialization  which kinds of token each routed expert takes, and the redundancy test: disable each
                     token's top-1..3 routed experts at inference and measure the rise in loss (DeepSeekMoE)
+    upcycle         a trained dense model upcycled into the preset's MoE shape and trained on, against the dense
+                    model trained on and the same MoE from scratch (on the extra tokens, and on as many in all)
     all             every study above
 
 Each training run is cached under OUT/runs/<key>/ (key = hash of the model and training configs, the
@@ -23,6 +25,7 @@ Each study writes OUT/<study>/results.json, results.md and PNGs.
     definitions.py     what each study trains (its variants of the preset) and the constants shaping them
     runner.py          training and the run cache, aggregation over seeds, study() and run_study()
     specialization.py  the specialization study's measurements of a run (the analysis: dsmoe.analysis)
+    upcycle.py         the upcycle study's runs: each arm continues from the dense run's HuggingFace folders
     report.py          the markdown tables
 """
 
@@ -54,6 +57,8 @@ from dsmoe.studies.definitions import (
     segmented_model,
     shared_variants,
     specialization_variants,
+    upcycle_setup,
+    upcycle_variants,
 )
 from dsmoe.studies.runner import Runner, aggregate, mean_std, run_key, run_study, run_variants, study
 
@@ -63,5 +68,5 @@ __all__ = [
     "aggregate", "balance_core_variants", "balance_variants", "char_kinds", "dense_models", "disable_top_experts",
     "mean_std", "mutual_information", "run_key", "run_study", "run_variants", "segmentation_core_variants",
     "segmentation_variants", "segmented_model", "shared_variants", "specialization_variants", "study",
-    "token_kinds",
+    "token_kinds", "upcycle_setup", "upcycle_variants",
 ]

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsmoe.config import ModelConfig, MoEConfig
+from dsmoe.upcycle import UpcycleConfig, upcycled_config
 
-STUDIES = ("balance", "balance-core", "shared", "segmentation", "segmentation-core", "specialization")
+STUDIES = ("balance", "balance-core", "shared", "segmentation", "segmentation-core", "specialization", "upcycle")
 
 # Training steps per run when --steps is not given. debug: the whole `study all` (58 runs at 2 seeds)
 # takes ~15-25 minutes on 2 shared CPU cores; tiny: a longer, more convincing run (hours on a CPU).
@@ -156,7 +157,37 @@ def specialization_variants(base: ModelConfig) -> list[Variant]:
     return [main, gshard, deepseek]
 
 
+def upcycle_setup(base: ModelConfig) -> tuple[ModelConfig, UpcycleConfig]:
+    """(the dense model, how it is upcycled) for a preset's MoE model: the dense twin in Llama's format, upcycled
+    back into the preset's MoE shape in every block."""
+    moe = base.moe
+    if moe is None or base.mla:
+        raise ValueError("the upcycle study starts from a preset's MoE model with MHA/GQA attention (its dense twin "
+                         "is the dense model; Llama's format has no latent attention)")
+    dense = dataclasses.replace(base.dense_twin(), family="llama", rope_interleave=False,
+                                n_kv_heads=max(1, base.n_heads // 2))
+    spec = UpcycleConfig(experts=moe.n_routed_experts, top_k=moe.top_k, granularity=moe.top_k + moe.n_shared_experts,
+                         shared=moe.n_shared_experts)
+    return dense, spec
+
+
+def upcycle_variants(base: ModelConfig) -> list[Variant]:
+    """The dense pretraining, then the four arms of the upcycle study (dsmoe.studies.upcycle): (a) the upcycled MoE
+    continued, (b) the MoE from scratch on the extra tokens, (c) the dense model continued, (d) the MoE from scratch
+    on as many tokens as (a) saw in all."""
+    dense, spec = upcycle_setup(base)
+    assert base.moe is not None
+    moe = upcycled_config(dense, spec)
+    assert moe.moe is not None
+    moe = dataclasses.replace(moe, moe=moe.moe.replace(bias_update_speed=base.moe.bias_update_speed))
+    return [Variant("dense, pretrained", "dense", dense, {"arm": "pretrain"}),
+            Variant("(a) upcycled MoE, continued", "upcycled MoE", moe, {"arm": "upcycled"}),
+            Variant("(b) MoE from scratch, extra tokens only", "MoE from scratch", moe, {"arm": "scratch"}),
+            Variant("(c) dense, continued", "dense, continued", dense, {"arm": "dense"}),
+            Variant("(d) MoE from scratch, as many tokens as (a)", "MoE from scratch", moe, {"arm": "scratch-all"})]
+
+
 # study name -> its variants of a base model (the specialization study examines its checkpoints after training)
 VARIANTS = {"balance": balance_variants, "balance-core": balance_core_variants, "shared": shared_variants,
             "segmentation": segmentation_variants, "segmentation-core": segmentation_core_variants,
-            "specialization": specialization_variants}
+            "specialization": specialization_variants, "upcycle": upcycle_variants}

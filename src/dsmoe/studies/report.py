@@ -24,6 +24,16 @@ def shape_table(rows: list[dict]) -> str:
     return _table(header, body)
 
 
+def upcycle_table(rows: list[dict]) -> str:
+    """The upcycle study: each arm's size, tokens seen in all, and validation loss before and after its run."""
+    header = ["model", "total params", "active params", "steps in all", "tokens in all", "val loss at its start",
+              "val loss", "val ppl", "MaxVio_global"]
+    body = [[r["label"], _millions(r["num_params"]), _millions(r["num_active_params"]), str(r["steps"]),
+             f"{r['tokens']:,}", _pm(r["init_val_loss"]), _pm(r["val_loss"]),
+             _pm(r["val_ppl"]), _pm(r.get("maxvio_global_mean"))] for r in rows]
+    return _table(header, body)
+
+
 def specialization_tables(result: dict) -> str:
     """The redundancy test and mutual information per checkpoint, then the preset's experts by token kind."""
     rows = result["rows"]

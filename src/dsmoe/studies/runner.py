@@ -22,7 +22,7 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import corpus_fingerprint, load_corpus
 from dsmoe.evaluate import evaluate
 from dsmoe.studies.definitions import SEGMENTS, STUDIES, VARIANTS, Variant
-from dsmoe.studies.report import balance_table, shape_table, specialization_tables
+from dsmoe.studies.report import balance_table, shape_table, specialization_tables, upcycle_table
 from dsmoe.studies.specialization import examine
 from dsmoe.train import train
 
@@ -109,23 +109,28 @@ class Runner:
         self.trained_s: list[float] = []  # wall time of each run trained in this process
         self.pending: set[str] = set()    # keys of the planned runs not trained yet, for the ETA
 
-    def plan(self, variants: list[Variant]) -> None:
-        """Note the runs still to train, for the ETA."""
+    def plan(self, variants: list[Variant], **options) -> None:
+        """Note the runs still to train (each variant at every seed, with train_config's options), for the ETA."""
         for v in variants:
             for s in range(self.seeds):
-                key = self.train_config(v, s)[1]
+                key = self.train_config(v, s, **options)[1]
                 if not (self.root / "runs" / key / "result.json").is_file():
                     self.pending.add(key)
 
-    def train_config(self, variant: Variant, seed_index: int) -> tuple[TrainConfig, str]:
-        seed = self.base_train.seed + seed_index
-        cfg = run_train_config(self.base_train, self.steps, seed, Path("."))
+    def train_config(self, variant: Variant, seed_index: int, steps: int | None = None, seed_offset: int = 0,
+                     init: str | None = None) -> tuple[TrainConfig, str]:
+        """A run's config and cache key: the study's steps unless `steps`, seed base + seed_index + seed_offset,
+        and optionally the weights of a HuggingFace folder `init` (relative to the study's folder: the key does
+        not depend on where the study is)."""
+        seed = self.base_train.seed + seed_index + seed_offset
+        cfg = dataclasses.replace(run_train_config(self.base_train, steps or self.steps, seed, Path(".")), init=init)
         key = run_key(variant.model, cfg, self.corpus)
-        return dataclasses.replace(cfg, out=str(self.root / "runs" / key)), key
+        return dataclasses.replace(cfg, out=str(self.root / "runs" / key),
+                                   init=str(self.root / init) if init else None), key
 
-    def run(self, variant: Variant, seed_index: int) -> dict:
-        """The cached result of one run, training it first if needed."""
-        cfg, key = self.train_config(variant, seed_index)
+    def run(self, variant: Variant, seed_index: int, **options) -> dict:
+        """The cached result of one run (train_config's options), training it first if needed."""
+        cfg, key = self.train_config(variant, seed_index, **options)
         assert cfg.out is not None  # train_config sets it
         run_dir = Path(cfg.out)
         cached = run_dir / "result.json"
@@ -253,6 +258,13 @@ def run_study(name: str, base: ModelConfig, runner: Runner, out: Path, meta: dic
         plots.plot_shape(rows, out / "segmentation.png", "m", "segmentation factor m",
                          "fine-grained segmentation at constant total and active parameters", log2_ticks=SEGMENTS)
         payload, md = {"rows": rows}, shape_table(rows)
+    elif name == "upcycle":
+        from dsmoe.studies.upcycle import upcycle_study  # it builds on this module's Runner
+
+        payload = upcycle_study(runner, base)
+        plots.plot_shape(payload["points"], out / "upcycle.png", "tokens", "tokens seen in all",
+                         "a dense model upcycled vs continued vs the MoE from scratch")
+        md = upcycle_table(payload["rows"])
     elif name == "specialization":
         payload = specialization(runner, base, eval_batches)
         main = payload["rows"][0]
@@ -281,7 +293,12 @@ def study(names: list[str], base: ModelConfig, base_train: TrainConfig, steps: i
     template = run_train_config(base_train, steps, base_train.seed, out / "runs")  # each run: its seed and key dir
     meta = {"steps": steps, "seeds": seeds, "model": base.to_dict(), "train": _jsonable(dataclasses.asdict(template))}
     for name in names:
-        runner.plan(VARIANTS[name](base))
+        if name == "upcycle":  # its arms continue from the dense runs: their keys follow from those
+            from dsmoe.studies.upcycle import plan_upcycle
+
+            plan_upcycle(runner, base)
+        else:
+            runner.plan(VARIANTS[name](base))
     t0 = time.perf_counter()
     results = {n: run_study(n, base, runner, out, meta, base_train.eval_batches) for n in names}
     runner.log(f"done in {_duration(time.perf_counter() - t0)}; {len(runner.trained_s)} runs trained")
