@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from test_parallel import TRAIN_SETS, _train_rows, launch
 
 from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.parallel.pipeline import check_layout, describe_split, split_layers
+from test_parallel import TRAIN_SETS, _cut_at_step_3, _train_rows, launch
 
 
 def _cfg(n_layers=6, **kw) -> ModelConfig:
@@ -90,3 +90,101 @@ def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch)
     assert any(layer.gate.bias.abs().sum() > 0 for layer in pipelined.moe_layers())
     for (name, a), b in zip(single.state_dict().items(), pipelined.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def pp_resume_worker(rank, world):
+    """Train the run in DSMOE_RUN with DSMOE_SETS, stopped at step 3 when DSMOE_CUT is set; else resume it."""
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", *os.environ["DSMOE_SETS"].split()]
+    if not os.environ.get("DSMOE_CUT"):
+        train(*build_configs("debug", sets + [f"resume={os.environ['DSMOE_RUN']}"]), progress=False)
+        return {}
+    _cut_at_step_3()
+    try:
+        train(*build_configs("debug", sets), progress=False)
+    except KeyboardInterrupt:
+        return {"interrupted": True}
+    return {"interrupted": False}
+
+
+@pytest.mark.slow
+def test_a_pipelined_checkpoint_resumes_in_one_process_and_at_dp2(tmp_path, monkeypatch, capsys):
+    """pp 2 x ep 2 stopped at step 3 resumes in one process (the command line takes the launch's layout and says
+    so) and at dp 2 (--set pipeline_parallel=0): step 4's loss is the uninterrupted single-process run's."""
+    import shutil
+
+    from dsmoe import cli
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    train(*build_configs("debug", TRAIN_SETS + MODEL + [f"out={tmp_path / 'full'}"]), progress=False)
+    full = _train_rows(tmp_path / "full")[0]
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "pp"))
+    monkeypatch.setenv("DSMOE_SETS", " ".join(MODEL + ["pipeline_parallel=2", "expert_parallel=2"]))
+    monkeypatch.setenv("DSMOE_CUT", "1")
+    assert launch(pp_resume_worker, 4, tmp_path / "cut") == [{"interrupted": True}] * 4
+    monkeypatch.delenv("DSMOE_CUT")
+    shutil.copytree(tmp_path / "pp", tmp_path / "at1")
+    assert cli.main(["train", "--resume", str(tmp_path / "at1"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline_parallel=0 instead of the checkpoint's 2" in out
+    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "at1")[0]), torch.tensor(full), atol=1e-4, rtol=0)
+    monkeypatch.setenv("DSMOE_SETS", " ".join(MODEL + ["pipeline_parallel=0", "expert_parallel=0"]))
+    assert launch(pp_resume_worker, 2, tmp_path / "dp2") == [{}, {}]
+    torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "pp")[0]), torch.tensor(full), atol=1e-4, rtol=0)
+
+
+def pp_fault_worker(rank, world):
+    """pp 2: rank 1 (the last stage) dies or hangs inside its stage forward in step 3, mid-schedule."""
+    import time
+
+    from dsmoe.data import Corpus
+    from dsmoe.parallel import pipeline
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+    from test_parallel import FAULT_TIMEOUT_S
+
+    real_sample, real_forward, fault = Corpus.sample, pipeline._stage_forward, {"at": 0.0, "armed": False}
+
+    def sample(self, *args, **kwargs):
+        fault["armed"] = fault["armed"] or self.__dict__.setdefault("_calls", 0) >= 2
+        self._calls += 1
+        return real_sample(self, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        if fault["armed"] and not fault["at"]:
+            fault["at"] = time.monotonic()
+            if rank == 1 and os.environ["DSMOE_FAULT"] == "die":
+                os._exit(1)
+            if rank == 1:
+                time.sleep(6 * FAULT_TIMEOUT_S)
+        return real_forward(self, *args, **kwargs)
+
+    Corpus.sample, pipeline._stage_forward = sample, forward
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", *MODEL, "pipeline_parallel=2", "steps=6",
+                         f"dist_timeout_s={FAULT_TIMEOUT_S}"]  # the pipeline's own groups take the run's timeout
+    try:
+        train(*build_configs("debug", sets), progress=False)
+    except Exception as e:
+        return {"error": str(e), "seconds": time.monotonic() - fault["at"]}
+    return {"error": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hang", "die"])
+def test_a_rank_lost_mid_schedule_stops_the_other_naming_the_checkpoint(mode, tmp_path, monkeypatch):
+    from dsmoe.checkpoint import load_checkpoint, read_config
+    from test_parallel import FAULT_TIMEOUT_S
+
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "run"))
+    monkeypatch.setenv("DSMOE_FAULT", mode)
+    first = launch(pp_fault_worker, 2, tmp_path / "results", timeout_s=FAULT_TIMEOUT_S)[0]
+    assert first is not None and first["error"], first
+    assert "a collective failed" in first["error"] and "step 2" in first["error"], first
+    assert first["seconds"] < 4 * FAULT_TIMEOUT_S + 10, first
+    assert read_config(tmp_path / "run")["step"] == 2
+    load_checkpoint(tmp_path / "run")

@@ -207,13 +207,20 @@ def _resume_configs(resume: str, sets: Sequence[str]) -> tuple[ModelConfig, Trai
     model_cfg, train_cfg = apply_sets(model_cfg, train_cfg, list(sets))
     train_cfg = dataclasses.replace(train_cfg, resume=resume)
     notes = [f"resuming {ckpt} into {train_cfg.out}"]
-    if not any(item.partition("=")[0].strip() == "expert_parallel" for item in sets):
-        world, saved = launch_world(), train_cfg.expert_parallel
-        train_cfg = dataclasses.replace(train_cfg, expert_parallel=layout_for_launch(saved, world))
-        if train_cfg.expert_parallel != saved:
-            notes.insert(0, f"resuming on {world} process{'es' * (world > 1)} with expert_parallel="
-                            f"{train_cfg.expert_parallel} instead of the checkpoint's {saved} (it reshards to any "
-                            "layout; choose another with --expert-parallel)")
+    given = {item.partition("=")[0].strip() for item in sets}
+    world, saved_pp, saved_ep = launch_world(), train_cfg.pipeline_parallel, train_cfg.expert_parallel
+    if "pipeline_parallel" not in given:  # kept where the launch has a multiple of its stages, else none
+        pp = saved_pp if saved_pp > 1 and world > 1 and world % saved_pp == 0 else 0
+        train_cfg = dataclasses.replace(train_cfg, pipeline_parallel=pp)
+    if "expert_parallel" not in given:
+        ep = layout_for_launch(saved_ep, world // max(train_cfg.pipeline_parallel, 1))
+        train_cfg = dataclasses.replace(train_cfg, expert_parallel=ep)
+    for name, flag, saved in (("expert_parallel", "--expert-parallel", saved_ep),
+                              ("pipeline_parallel", "--pipeline-parallel", saved_pp)):
+        if name not in given and getattr(train_cfg, name) != saved:
+            notes.insert(0, f"resuming on {world} process{'es' * (world > 1)} with {name}={getattr(train_cfg, name)} "
+                            f"instead of the checkpoint's {saved} (it reshards to any layout; choose another with "
+                            f"{flag})")
     return model_cfg, train_cfg, notes
 
 

@@ -357,7 +357,7 @@ def init_context(expert_parallel: int, global_batch: int, device: str = "cpu", t
     device_type = "cuda" if device == "cuda" else "cpu"
     if pp > 1:
         from dsmoe.parallel.pipeline import PipelineContext
-        ctx: MeshContext = PipelineContext(pp, dp, ep, schedule, microbatches, device_type)
+        ctx: MeshContext = PipelineContext(pp, dp, ep, schedule, microbatches, device_type, timeout_s)
     else:
         ctx = MeshContext(world // ep, ep, device_type)
     ctx.owns_group = started

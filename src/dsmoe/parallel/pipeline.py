@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from datetime import timedelta
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -209,7 +210,7 @@ class PipelineContext(MeshContext):
     (dp, ep) mesh exactly as MeshContext lays out a whole model; the ranks of a stage share the batch."""
 
     def __init__(self, pp: int, dp: int, ep: int, schedule: str = "1f1b", microbatches: int = 0,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", timeout_s: float = 300.0):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.pp, self.dp, self.ep = pp, dp, ep
         self.schedule_name, self.microbatches = schedule, microbatches or pp
@@ -220,7 +221,10 @@ class PipelineContext(MeshContext):
         self.flat = flat["dp_ep"]
         self.stage_index, self.stage_rank = divmod(self.rank, n)
         # the first and the last stage's ranks of one (dp, ep) place: where the shared embedding's grads meet
-        pairs = [dist.new_group([j, (pp - 1) * n + j]) for j in range(n)]
+        # groups of our own take the run's timeout (new_group's default is 30 minutes): a peer that hangs in the
+        # middle of a schedule fails a send or receive within dist_timeout_s
+        self.timeout = timedelta(seconds=timeout_s)
+        pairs = [dist.new_group([j, (pp - 1) * n + j], timeout=self.timeout) for j in range(n)]
         self.embed_group = pairs[self.stage_rank] if self.stage_index in (0, pp - 1) else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else \
             torch.device("cpu")
@@ -269,7 +273,7 @@ class PipelineContext(MeshContext):
         """The pipeline's ranks of this (dp, ep) place."""
         if not hasattr(self, "_pp"):
             n = self.data_ranks
-            groups = [dist.new_group([s * n + j for s in range(self.pp)]) for j in range(n)]
+            groups = [dist.new_group([s * n + j for s in range(self.pp)], timeout=self.timeout) for j in range(n)]
             self._pp = groups[self.stage_rank]
         group: dist.ProcessGroup = self._pp
         return group
