@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from datetime import timedelta
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
