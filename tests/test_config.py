@@ -128,7 +128,7 @@ def test_an_int_for_a_float_becomes_a_float_and_a_bool_is_refused(cls):
     takes a float (AdamW refused int betas); `lr=True` names the field instead of training at lr 1."""
     base = {MoEConfig: BASE, ModelConfig: {"dense_hidden": 16}}.get(cls, {})
     good = {"route_scale": 2, "capacity_factor": 1, "rope_theta": 10000, "norm_eps": 1, "lr": 1, "min_lr": 0,
-            "dist_timeout_s": 60}
+            "dist_timeout_s": 60, "esft_top_p": 1}
     for name in _float_fields(cls):
         value = good.get(name, 0)
         cfg = cls(**{**base, name: value})

@@ -1,4 +1,4 @@
-"""`dsmoe bench {layer,train,ep,model}`: the benchmarks' command lines (the measurements are in dsmoe.bench)."""
+"""`dsmoe bench {layer,train,ep,model,pp}`: the benchmarks' command lines (the measurements are in dsmoe.bench)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dsmoe.bench import ep, layer, mesh, model, train
+from dsmoe.bench import ep, layer, mesh, model, pp, train
 from dsmoe.cli.format import HelpFormatter, check_at_least
 from dsmoe.config import MoEConfig
 from dsmoe.memory import check_step_memory
@@ -260,5 +260,45 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pp_arguments(p: argparse.ArgumentParser) -> None:
+    d = pp.PipelineSettings()
+    p.add_argument("--pp", type=int, nargs="+", default=[1, 2, 4],
+                   help="pipeline stages (1: the one-process baseline)")
+    p.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe"], choices=["1f1b", "gpipe"])
+    p.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8], help="micro-batches per step")
+    p.add_argument("--preset", default=d.preset, help="the model's preset")
+    p.add_argument("--layers", type=int, default=d.layers, help="its blocks (each stage needs one)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _pp(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "layers", "batch_size", "seq_len", "repeats")
+    check_at_least(args, 0, "warmup")
+    settings = _settings(pp.PipelineSettings, args)
+    pp.check(settings, args.pp, args.microbatches)
+    print(f"machine: {layer.machine('cpu')}; 1-min load average {train.loadavg()} ({os.cpu_count()} CPUs)")
+    print(f"{settings.preset} with {settings.layers} blocks, global batch {settings.batch_size} x {settings.seq_len}, "
+          f"whole training steps, median of {settings.repeats}; one thread a process; bubble: the share of a step "
+          "a rank waits on its peers (mean over ranks), planner: dsmoe.memory.bubble\n" + pp.HEADER)
+    rows: list[dict] = []
+    for stages in sorted(set(args.pp)):
+        for schedule in args.schedules if stages > 1 else ["-"]:
+            for M in args.microbatches if stages > 1 else [1]:
+                if schedule == "1f1b" and M < stages:
+                    continue  # 1F1B needs a micro-batch a stage
+                r = pp.measure_one(settings, stages, schedule if stages > 1 else "1f1b", M)
+                rows.append(r)
+                print(pp.format_row(r, rows[0]["step_ms"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": layer.machine("cpu"), "rows": rows}, f, indent=2)
+    return 0
+
+
 BENCHMARKS = {"layer": (layer, _layer_arguments, _layer), "train": (train, _train_arguments, _train),
-              "ep": (ep, _ep_arguments, _ep), "model": (model, _model_arguments, _model)}
+              "ep": (ep, _ep_arguments, _ep), "model": (model, _model_arguments, _model),
+              "pp": (pp, _pp_arguments, _pp)}
