@@ -339,3 +339,33 @@ def test_a_dense_model_is_refused(base, tmp_path, capsys):
     assert esft.check_config(model_cfg, TrainConfig()) is None  # without esft, nothing to check
     assert main(["train", "--preset", "debug", "--set", "esft=token"]) == 1
     assert "esft='token' is invalid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_any_family_trains_and_merges_back(model_type, base, tmp_path):
+    """Mixtral's block_sparse_moe.experts.E.w1/w2/w3 and Qwen2-MoE's gated shared expert (esft_train_shared): the
+    adapter holds exactly the trained tensors under the family's own keys and merges back to the trained logits."""
+    from dsmoe.checkpoint import load_checkpoint
+    from test_families import hf_model
+
+    _, corpus = base
+    hf_model(model_type, {"vocab_size": 260}).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    argv = ["train", "--init", str(tmp_path / "hf"), "--data", str(corpus), "--out", str(out), "--steps", "3", *RUN,
+            "--set", "esft=token", "--set", "esft_top_p=0.3", "--set", "esft_train_shared=true", "--quiet"]
+    assert main(argv) == 0
+    adapter = set(load_file(str(out / "esft" / "adapter.safetensors")))
+    experts = {int(k): v for k, v in json.loads((out / "esft.json").read_text())["experts"].items()}
+    names = ("w1", "w2", "w3") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    want = {f"model.layers.{i}.{block}.experts.{e}.{n}.weight" for i, kept in experts.items() for e in kept
+            for n in names}
+    if model_type == "qwen2_moe":  # its shared expert and the gate on it
+        want |= {k for k in load_file(str(tmp_path / "hf" / "model.safetensors")) if ".mlp.shared_expert" in k
+                 and int(k.split(".")[2]) in experts}
+    assert adapter == want and want
+    assert main(["esft-merge", str(out / "esft"), "--out", str(tmp_path / "merged")]) == 0
+    ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path / "merged")(ids)[0],
+                                   load_checkpoint(out)[0].eval()(ids)[0], atol=1e-6, rtol=0)

@@ -94,10 +94,30 @@ def test_greedy_generation_and_the_saved_folder(model_type, tmp_path):
 @pytest.mark.parametrize("model_type", [m for m in CASES if m != "dots1"])  # dots1's class has no expert defaults
 def test_a_field_left_out_reads_as_transformers_reads_it(model_type):
     """config.json with only model_type: every field is transformers' class default (dsmoe holds its own table)."""
-    given = {"head_dim": 128} if model_type == "glm4_moe" else {}  # its class default (4096 // 96) has odd rotary
+    given = {"glm4_moe": {"head_dim": 128},  # its class default (4096 // 96) has odd rotary dims
+             "qwen3": {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 16},  # head_dim 128
+             }.get(model_type, {})
     ours = model_config_from_hf({"model_type": model_type, **given})
     theirs = model_config_from_hf(transformers.AutoConfig.for_model(model_type, **given).to_dict())
     assert ours == theirs
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe"])
+def test_attention_bias_as_each_family_places_it(model_type, tmp_path):
+    """attention_bias=true: Llama, Qwen3(-MoE), OLMoE and dots1 put a bias on o_proj too, GLM-4.5 (and Qwen2's
+    qkv_bias) on q/k/v only; equal to transformers' logits, and written back with the same keys."""
+    field = "qkv_bias" if model_type == "qwen2_moe" else "attention_bias"
+    reference = hf_model(model_type, {field: True})
+    reference.save_pretrained(tmp_path / "a")
+    model = from_pretrained(tmp_path / "a")
+    assert model.cfg.o_bias == (model_type in ("llama", "qwen3_moe", "olmoe"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids())[0], reference(_ids()).logits, atol=1e-5, rtol=1e-5)
+    save_pretrained(model, tmp_path / "b")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
 
 
 def test_glm_multi_token_prediction_layer_is_left_out_as_transformers_does(tmp_path):
@@ -305,8 +325,8 @@ def test_rope_theta_and_yarn_kept_where_transformers_keeps_them(model_type, tmp_
     frequencies and attention factor equal transformers' at positions past the original context."""
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5e5,
             "beta_fast": 16, "beta_slow": 2}
-    if model_type == "glm4_moe":
-        yarn["partial_rotary_factor"] = 0.5
+    if model_type == "glm4_moe":  # not the class default 0.5, and only in rope_parameters, as transformers keeps it
+        yarn["partial_rotary_factor"] = 0.25
     if model_type == "mixtral":  # transformers' Mixtral fails to build with yarn here: its theta alone
         yarn = {"rope_type": "default", "rope_theta": 5e5}
     reference = hf_model(model_type, {"rope_parameters": yarn})

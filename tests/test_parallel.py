@@ -450,12 +450,13 @@ def _cut_at_step_3():
 
 
 def resume_worker(rank, world):
-    """Resume the run in DSMOE_RUN on `world` ranks (--expert-parallel DSMOE_EP, default world); with DSMOE_CUT set,
-    train it from scratch and stop at step 3 instead."""
+    """Resume the run in DSMOE_RUN on `world` ranks (--expert-parallel DSMOE_EP, default world; more settings from
+    DSMOE_SETS); with DSMOE_CUT set, train it from scratch and stop at step 3 instead."""
     from dsmoe.presets import build_configs
     from dsmoe.train import train
 
-    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={os.environ.get('DSMOE_EP', world)}"]
+    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", f"expert_parallel={os.environ.get('DSMOE_EP', world)}",
+                         *os.environ.get("DSMOE_SETS", "").split()]
     if not os.environ.get("DSMOE_CUT"):
         train(*build_configs("debug", sets + [f"resume={os.environ['DSMOE_RUN']}"]), progress=False)
         return {}

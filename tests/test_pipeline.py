@@ -10,7 +10,7 @@ import torch
 
 from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.parallel.pipeline import check_layout, describe_split, split_layers
-from test_parallel import TRAIN_SETS, _cut_at_step_3, _train_rows, launch
+from test_parallel import TRAIN_SETS, _train_rows, launch, resume_worker
 
 
 def _cfg(n_layers=6, **kw) -> ModelConfig:
@@ -92,23 +92,6 @@ def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch)
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def pp_resume_worker(rank, world):
-    """Train the run in DSMOE_RUN with DSMOE_SETS, stopped at step 3 when DSMOE_CUT is set; else resume it."""
-    from dsmoe.presets import build_configs
-    from dsmoe.train import train
-
-    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", *os.environ["DSMOE_SETS"].split()]
-    if not os.environ.get("DSMOE_CUT"):
-        train(*build_configs("debug", sets + [f"resume={os.environ['DSMOE_RUN']}"]), progress=False)
-        return {}
-    _cut_at_step_3()
-    try:
-        train(*build_configs("debug", sets), progress=False)
-    except KeyboardInterrupt:
-        return {"interrupted": True}
-    return {"interrupted": False}
-
-
 @pytest.mark.slow
 def test_a_pipelined_checkpoint_resumes_in_one_process_and_at_dp2(tmp_path, monkeypatch, capsys):
     """pp 2 x ep 2 stopped at step 3 resumes in one process (the command line takes the launch's layout and says
@@ -125,7 +108,7 @@ def test_a_pipelined_checkpoint_resumes_in_one_process_and_at_dp2(tmp_path, monk
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "pp"))
     monkeypatch.setenv("DSMOE_SETS", " ".join(MODEL + ["pipeline_parallel=2", "expert_parallel=2"]))
     monkeypatch.setenv("DSMOE_CUT", "1")
-    assert launch(pp_resume_worker, 4, tmp_path / "cut") == [{"interrupted": True}] * 4
+    assert launch(resume_worker, 4, tmp_path / "cut") == [{"interrupted": True}] * 4
     monkeypatch.delenv("DSMOE_CUT")
     shutil.copytree(tmp_path / "pp", tmp_path / "at1")
     assert cli.main(["train", "--resume", str(tmp_path / "at1"), "--quiet"]) == 0
@@ -133,7 +116,7 @@ def test_a_pipelined_checkpoint_resumes_in_one_process_and_at_dp2(tmp_path, monk
     assert "pipeline_parallel=0 instead of the checkpoint's 2" in out
     torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "at1")[0]), torch.tensor(full), atol=1e-4, rtol=0)
     monkeypatch.setenv("DSMOE_SETS", " ".join(MODEL + ["pipeline_parallel=0", "expert_parallel=0"]))
-    assert launch(pp_resume_worker, 2, tmp_path / "dp2") == [{}, {}]
+    assert launch(resume_worker, 2, tmp_path / "dp2") == [{}, {}]
     torch.testing.assert_close(torch.tensor(_train_rows(tmp_path / "pp")[0]), torch.tensor(full), atol=1e-4, rtol=0)
 
 

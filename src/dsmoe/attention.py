@@ -120,7 +120,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, q, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(q, cfg.dim, bias=False)
+        self.wo = nn.Linear(q, cfg.dim, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             per_head = cfg.qk_norm == "head"

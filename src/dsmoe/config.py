@@ -230,6 +230,7 @@ class ModelConfig:
     max_seq_len: int = 256              # longest context (rotary table and KV cache size)
     head_dim: int = 0                   # per-head dims of MHA/GQA; 0 = dim // n_heads (Qwen3-MoE sets its own)
     qkv_bias: bool = False              # biases on the query/key/value projections (Qwen2-MoE, GLM-4.5)
+    o_bias: bool = False                # a bias on the output projection (Llama-style attention_bias)
     qk_norm: str = ""                   # RMSNorm on queries and keys before rotary: "" none, "head" over each
                                         # head's dims (Qwen3-MoE, dots1), "all" over the whole projection (OLMoE)
     rope_dim: int = 0                   # rotary dims per MHA/GQA head (the first ones); 0 = all (GLM-4.5: half)
@@ -270,7 +271,7 @@ class ModelConfig:
             _integer(self, name, 0)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             _integer(self, name, 1)
-        for name in ("tie_embeddings", "rope_interleave", "qkv_bias"):
+        for name in ("tie_embeddings", "rope_interleave", "qkv_bias", "o_bias"):
             _boolean(self, name)
         _integer(self, "head_dim", 0)
         _integer(self, "rope_dim", 0)
@@ -307,7 +308,8 @@ class ModelConfig:
         """MHA/GQA: the heads' dims, their rotary dims (even: rotated in pairs) and the key/value heads."""
         if not self.head_dim:
             _check(self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}")
-        _check(self.rope_dims % 2 == 0, "rope_dim" if self.rope_dim else "n_heads", self.rope_dim or self.n_heads,
+        name = "rope_dim" if self.rope_dim else "head_dim" if self.head_dim else "n_heads"
+        _check(self.rope_dims % 2 == 0, name, getattr(self, name),
                "must leave an even head dim for rotary (an even number of rotary dims per head)")
         _check(self.rope_dim <= self.attn_head_dim, "rope_dim", self.rope_dim,
                f"must be <= the head dim {self.attn_head_dim}")
@@ -362,8 +364,13 @@ class ModelConfig:
         return self.moe is not None and layer >= self.first_k_dense and layer not in self.dense_layers
 
     @property
+    def moe_blocks(self) -> list[int]:
+        """The indices of the blocks with the MoE FFN."""
+        return [i for i in range(self.n_layers) if self.is_moe(i)]
+
+    @property
     def n_moe_layers(self) -> int:
-        return sum(self.is_moe(i) for i in range(self.n_layers))
+        return len(self.moe_blocks)
 
     def _attention_params(self) -> int:
         D, H = self.dim, self.n_heads
@@ -371,7 +378,7 @@ class ModelConfig:
             q, kv = H * self.attn_head_dim, self.n_kv_heads * self.attn_head_dim
             bias = q + 2 * kv if self.qkv_bias else 0
             norms = {"": 0, "head": 2 * self.attn_head_dim, "all": q + kv}[self.qk_norm]
-            return 2 * D * q + 2 * D * kv + bias + norms  # wq, wo, wk, wv
+            return 2 * D * q + 2 * D * kv + bias + (D if self.o_bias else 0) + norms  # wq, wo, wk, wv
         qk = H * (self.qk_nope_head_dim + self.qk_rope_head_dim)
         q = D * qk if not self.q_lora_rank else D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * qk
         C = self.kv_lora_rank
@@ -451,7 +458,7 @@ class TrainConfig:
     topk_start: int = 0               # dynamic top-k: start with this many experts per token (0 = off) ...
     topk_anneal_steps: int = 0        # ... and anneal linearly to the preset's top_k over this many steps
     resume: str | None = None         # checkpoint (or run) directory to continue from
-    init: str | None = None           # HuggingFace DeepSeek-V2/V3 folder to fine-tune from (its weights and tokenizer)
+    init: str | None = None           # HuggingFace folder to fine-tune from (its weights and tokenizer): any family
     overwrite: bool = False           # start a new run in a folder that already holds one (its metrics are replaced)
     compile: str = ""                  # torch.compile backend for the model ("inductor"); "" = eager
     tensorboard: bool = True          # also log to TensorBoard when it is installed
@@ -527,7 +534,7 @@ class TrainConfig:
             _check(not getattr(self, name) or bool(self.esft), name, getattr(self, name),
                    "applies to ESFT only: set esft=gate or esft=token too")
         _check(not self.esft or self.init is not None, "esft", self.esft,
-               "ESFT fine-tunes a pretrained model: give --init DIR (a HuggingFace DeepSeek-V2/V3 folder)")
+               "ESFT fine-tunes a pretrained model: give --init DIR (a HuggingFace MoE folder)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -272,8 +272,8 @@ def freeze(model: MoETransformer, selection: Selection) -> list[tuple[nn.Paramet
                 w.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0))
                 partial.append((w, keep_E.nonzero().squeeze(1).to(w.device)))
                 partial_numel += w.numel() - w[0].numel() * int(keep_E.sum())
-        if layer.shared_experts is not None:
-            for p in layer.shared_experts.parameters():
+        for shared in (layer.shared_experts, layer.shared_expert_gate):
+            for p in shared.parameters() if shared is not None else ():
                 p.requires_grad_(selection.train_shared)
     params = {id(p): p for p in model.parameters()}.values()  # a tied head once
     selection.total_params = sum(p.numel() for p in params)
@@ -318,8 +318,11 @@ def metrics_row(selection: Selection) -> dict[str, Any]:
 
 # ---- the adapter -----------------------------------------------------------------------------------------------
 
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
-_SHARED = re.compile(r"model\.layers\.(\d+)\.mlp\.shared_experts\.")
+# every family's names (dsmoe.families): DeepSeek's mlp.experts.E.gate_proj, Mixtral's block_sparse_moe.experts.E.w1;
+# shared_experts, or Qwen2-MoE's shared_expert and shared_expert_gate
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                     r"(?:gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+_SHARED = re.compile(r"model\.layers\.(\d+)\.mlp\.shared_experts?(?:_gate)?\.")
 
 
 def trained_keys(keys: Iterable[str], selection: Selection) -> list[str]:

@@ -60,8 +60,9 @@ def evaluate(model: MoETransformer, corpus: Corpus, batch_size: int, seq_len: in
     return out
 
 
-def load_table(load_LE: list[list[int]], first_layer: int = 0) -> str:
-    """Tokens per expert as a layer x expert table, each cell a share of the layer's mean load."""
+def load_table(load_LE: list[list[int]], blocks: list[int] | None = None) -> str:
+    """Tokens per expert as a layer x expert table, each cell a share of the layer's mean load; rows named by their
+    block index (`blocks`, ModelConfig.moe_blocks), else counted from 0."""
     if not load_LE:
         return "(dense model: no routed experts)"
     E = len(load_LE[0])
@@ -69,5 +70,5 @@ def load_table(load_LE: list[list[int]], first_layer: int = 0) -> str:
              "layer " + " ".join(f"{e:>5d}" for e in range(E))]
     for i, row in enumerate(load_LE):
         mean = max(sum(row) / E, 1e-12)
-        lines.append(f"{first_layer + i:>5d} " + " ".join(f"{v / mean:5.2f}" for v in row))
+        lines.append(f"{blocks[i] if blocks else i:>5d} " + " ".join(f"{v / mean:5.2f}" for v in row))
     return "\n".join(lines)

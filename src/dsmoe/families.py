@@ -37,7 +37,8 @@ class Family:
     shared: str = ""                    # the shared experts' module name ("" = none)
     shared_width: str = ""              # the field of their width ("" = n_shared_experts x the expert width)
     qk_norm: str = ""                   # "head", "all" or "" (a "use_qk_norm" field turns "head" on)
-    qkv_bias: str = "attention_bias"    # the field of the query/key/value biases (o_proj has none)
+    qkv_bias: str = "attention_bias"    # the field of the query/key/value biases
+    o_bias: bool = False                # that field puts a bias on o_proj too (Llama, Qwen3, OLMoE, dots1)
     sparse_step: bool = False           # decoder_sparse_step and mlp_only_layers choose the dense blocks
     deepseek_routing: bool = False      # n_group, topk_group, routed_scaling_factor, first_k_dense_replace
     defaults: dict[str, Any] = field(default_factory=dict)  # transformers' class defaults of the fields read
@@ -53,17 +54,17 @@ FAMILIES: dict[str, Family] = {
                                       shared_expert_intermediate_size=5632, num_hidden_layers=24,
                                       num_attention_heads=16, num_key_value_heads=16, num_experts=60,
                                       num_experts_per_tok=4, qkv_bias=True)),
-    "qwen3_moe": Family("Qwen3MoeForCausalLM", "num_experts", qk_norm="head", sparse_step=True,
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", "num_experts", qk_norm="head", sparse_step=True, o_bias=True,
                         defaults=dict(_QWEN, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                                       num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
                                       num_experts=128, num_experts_per_tok=8)),
-    "mixtral": Family("MixtralForCausalLM", "num_local_experts", "intermediate_size", always_norm=True,
+    "mixtral": Family("MixtralForCausalLM", "num_local_experts", "intermediate_size", always_norm=True, qkv_bias="",
                       moe="block_sparse_moe", expert_names=("w1", "w3", "w2"),
                       defaults=dict(_COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                     max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e6,
                                     num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
-    "olmoe": Family("OlmoeForCausalLM", "num_experts", "intermediate_size", qk_norm="all",
+    "olmoe": Family("OlmoeForCausalLM", "num_experts", "intermediate_size", qk_norm="all", o_bias=True,
                     defaults=dict(_COMMON, vocab_size=50304, hidden_size=2048, intermediate_size=2048,
                                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                                   max_position_embeddings=4096, rms_norm_eps=1e-5, num_experts=64,
@@ -77,23 +78,23 @@ FAMILIES: dict[str, Family] = {
                                      num_experts_per_tok=8, n_shared_experts=1, n_group=1, topk_group=1,
                                      routed_scaling_factor=1.0, norm_topk_prob=True, first_k_dense_replace=1)),
     "dots1": Family("Dots1ForCausalLM", "n_routed_experts", score_func="sigmoid", shared="shared_experts",
-                    qk_norm="head", deepseek_routing=True,
+                    qk_norm="head", deepseek_routing=True, o_bias=True,
                     defaults=dict(_COMMON, vocab_size=152064, hidden_size=4608, intermediate_size=10944,
                                   moe_intermediate_size=1408, num_hidden_layers=62, num_attention_heads=32,
                                   num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
                                   n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
                                   first_k_dense_replace=0)),
     # dense models, the starting points of `dsmoe upcycle`
-    "llama": Family("LlamaForCausalLM", defaults=dict(_COMMON, vocab_size=32000, hidden_size=4096,
+    "llama": Family("LlamaForCausalLM", o_bias=True, defaults=dict(_COMMON, vocab_size=32000, hidden_size=4096,
                                                       intermediate_size=11008, num_hidden_layers=32,
                                                       num_attention_heads=32, max_position_embeddings=2048,
                                                       rms_norm_eps=1e-6, mlp_bias=False, bos_token_id=1,
                                                       eos_token_id=2)),
     "qwen2": Family("Qwen2ForCausalLM", qkv_bias="", defaults=dict(_QWEN, hidden_size=4096, intermediate_size=22016,
                                                                     num_hidden_layers=32, num_attention_heads=32)),
-    "qwen3": Family("Qwen3ForCausalLM", qk_norm="head", defaults=dict(_QWEN, hidden_size=4096,
-                                                                       intermediate_size=22016, num_hidden_layers=32,
-                                                                       num_attention_heads=32)),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm="head", o_bias=True,
+                    defaults=dict(_QWEN, hidden_size=4096, head_dim=128, intermediate_size=22016, num_hidden_layers=32,
+                                  num_attention_heads=32)),
 }
 MOE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.experts)
 
@@ -110,8 +111,10 @@ def with_defaults(d: dict) -> dict:
         if fam.experts and name in given:
             given[fam.experts] = given.pop(name)
     merged = {**fam.defaults, **given}
-    if "rope_theta" in given or "rope_theta" in (given.get("rope_parameters") or {}):
-        merged["rope_theta"] = given.get("rope_theta")  # the folder's own, wherever it keeps it
+    params = given.get("rope_parameters") or {}
+    for key in ("rope_theta", "partial_rotary_factor"):  # the folder's own, wherever it keeps it (transformers 5:
+        if key not in given and isinstance(params, dict) and key in params:  # in rope_parameters)
+            merged[key] = params[key]
     return merged
 
 
@@ -130,11 +133,16 @@ def _refuse(d: dict, max_len: int) -> None:
     kinds = d.get("layer_types") or []
     window = d.get("sliding_window")
     sliding = [i for i, kind in enumerate(kinds) if kind != "full_attention"]
+    mt = d["model_type"]
+    if mt == "dots1" and not kinds and window is not None:  # its config class: sliding from max_window_layers on
+        first = d.get("max_window_layers", 62)
+        sliding = list(range(first, d["num_hidden_layers"])) if isinstance(first, int) else []
+        kinds = ["sliding_attention"] * bool(sliding)
     if d.get("use_sliding_window"):
         where = f"use_sliding_window=true (sliding_window={window!r})"
     elif sliding:
         where = f"layer_types (layers {sliding[:4]} are {sorted(set(kinds) - {'full_attention'})})"
-    elif d["model_type"] in ("mixtral", "qwen3_moe", "qwen3") and window is not None:
+    elif mt == "mixtral" and window is not None:  # Qwen3's window applies only with use_sliding_window
         where = f"sliding_window={window!r}"
     else:
         return
@@ -160,6 +168,9 @@ def _dense_layers(d: dict, fam: Family, n_layers: int) -> tuple[int, list[int]]:
 
 def moe_config(d: dict, fam: Family) -> MoEConfig:
     """The MoE layer of a family's config.json (class defaults applied)."""
+    missing = [k for k in (fam.experts, "num_experts_per_tok", fam.expert_width) if d.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json lacks the required field(s) {missing} (its config class has no default)")
     D = hf._int("hidden_size", d["hidden_size"], 1)
     E = hf._int(fam.experts, d[fam.experts], 1)
     F = hf._int(fam.expert_width, d[fam.expert_width], 1)
@@ -191,8 +202,7 @@ def model_config(d: dict, theta: float, scaling: dict | None) -> ModelConfig:
     n_heads = hf._int("num_attention_heads", d["num_attention_heads"], 1)
     n_kv = hf._int("num_key_value_heads", d.get("num_key_value_heads") or n_heads, 1)
     hd = hf._int("head_dim", d["head_dim"], 2) if d.get("head_dim") else D // n_heads  # transformers' floor
-    factor = d.get("partial_rotary_factor", (d.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    factor = hf._float("partial_rotary_factor", factor, above=0)
+    factor = hf._float("partial_rotary_factor", d.get("partial_rotary_factor", 1.0), above=0)
     if factor > 1:
         raise ValueError(f"partial_rotary_factor={factor} is invalid: must be in (0, 1]")
     qk_norm = "head" if mt == "glm4_moe" and hf._bool("use_qk_norm", d["use_qk_norm"]) else fam.qk_norm
@@ -201,10 +211,10 @@ def model_config(d: dict, theta: float, scaling: dict | None) -> ModelConfig:
     if moe is not None and first_k_dense + len(dense_layers) == n_layers:
         moe = None  # no block routes
     token_ids = {k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if d.get(k) is not None}
+    qkv_bias = True if mt == "qwen2" else hf._bool(fam.qkv_bias, d.get(fam.qkv_bias, False))
     return ModelConfig(
         vocab_size=hf._int("vocab_size", d["vocab_size"], 1), dim=D, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=n_kv, head_dim=hd, max_seq_len=max_len,
-        qkv_bias=True if mt == "qwen2" else hf._bool(fam.qkv_bias, d.get(fam.qkv_bias, False)),
+        n_kv_heads=n_kv, head_dim=hd, max_seq_len=max_len, qkv_bias=qkv_bias, o_bias=qkv_bias and fam.o_bias,
         qk_norm=qk_norm, rope_dim=int(hd * factor) if factor < 1 else 0, rope_interleave=False,
         first_k_dense=min(first_k_dense, n_layers) if moe else n_layers, dense_layers=dense_layers if moe else [],
         dense_hidden=hf._int("intermediate_size", d["intermediate_size"], 1) if fam.expert_width !=
@@ -256,7 +266,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     checks = [(cfg.mla, "Multi-head Latent Attention"), (cfg.mtp_layers > 0, "multi-token prediction"),
               (cfg.rope_interleave, "rope_interleave=True (the family stores rotary dims as halves)"),
               (cfg.qk_norm not in qk_norms, f"qk_norm={cfg.qk_norm!r}"),
-              (cfg.rope_dim > 0 and cfg.family != "glm4_moe", f"rope_dim={cfg.rope_dim}")]
+              (cfg.rope_dim > 0 and cfg.family != "glm4_moe", f"rope_dim={cfg.rope_dim}"),
+              (cfg.o_bias != (cfg.qkv_bias and fam.o_bias), f"o_bias={cfg.o_bias} with qkv_bias={cfg.qkv_bias}"),
+              (cfg.moe is None and bool(fam.experts), "a model without MoE blocks (a MoE family)")]
     if moe is not None:
         dense_blocks = cfg.first_k_dense > 0 or cfg.dense_layers
         checks += [(not fam.experts, "an MoE FFN (it is a dense family)"),

@@ -160,7 +160,7 @@ def inspect(path: str | Path, data: str | None = None, out: str | Path | None = 
                   "routed_experts": moe.n_routed_experts, "top_k": moe.top_k, "shared_experts": moe.n_shared_experts,
                   "score_func": str(moe.score_func), "family": cfg.family or "deepseek",
                   "params": sum(p.numel() for p in model.parameters())},
-        "blocks": [i for i in range(cfg.n_layers) if cfg.is_moe(i)],
+        "blocks": cfg.moe_blocks,
         **passed,
         "maxvio_global": maxvio, "mean_maxvio_global": sum(maxvio) / len(maxvio),
         "load_entropy": load_entropy(load_LE).tolist(),
@@ -267,12 +267,23 @@ def _top_lifts(counts_KE: list[list[int]], lift_KE: list[list[float]], n: int = 
     return ", ".join(f"{kind}->{e} {v:.1f}x" for v, kind, e in sorted(cells, reverse=True)[:n]) or "-"
 
 
+def _ranges(blocks: list[int]) -> str:
+    """1-3, 5, 7-9"""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def markdown(r: dict, figures: list[str]) -> str:
     m = r["model"]
     lines = [
         f"# Inspection of {r['name']}", "",
         f"- source: {r['source']} ({r['path']})",
-        f"- model: {m['layers']} blocks ({m['first_k_dense']} dense first), {m['moe_layers']} MoE layers of "
+        f"- model: {m['layers']} blocks, {m['moe_layers']} MoE layers (blocks {_ranges(r['blocks'])}) of "
         f"{m['routed_experts']} routed experts (top-{m['top_k']}, {m['score_func']}) + {m['shared_experts']} shared; "
         f"{m['params']:,} parameters",
         f"- corpus: {r['corpus']}, validation split, {r['batches']} batches of {r['batch_size']} x {r['seq_len']} "

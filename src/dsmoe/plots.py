@@ -50,10 +50,13 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def layer_names(run_dir: str | Path, n_layers: int) -> list[str]:
-    """Names of the MoE layers: their block index when the run's config.json tells the dense blocks first."""
+    """Names of the MoE layers: their block index when the run's config.json tells which blocks are dense."""
     try:
-        first = json.loads((Path(run_dir) / "config.json").read_text())["model"]["first_k_dense"]
-        return [f"block {first + i}" for i in range(n_layers)]
+        model = json.loads((Path(run_dir) / "config.json").read_text())["model"]
+        dense = set(model.get("dense_layers") or [])
+        first = model["first_k_dense"]
+        blocks = [i for i in range(first, model.get("n_layers", first + n_layers)) if i not in dense]
+        return [f"block {b}" for b in blocks[:n_layers]]
     except (OSError, KeyError, TypeError, ValueError):
         return [f"MoE layer {i}" for i in range(n_layers)]
 

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,10 +85,21 @@ def _run(rank: int, world: int, s: PipelineSettings, schedule: str, microbatches
         waited[0] += time.perf_counter() - t0
 
     schedules._wait_batch_p2p = wait
+    try:
+        times, bubbles = _steps(world, s, ctx, model, optimizer, model_cfg.vocab_size, waited)
+    finally:
+        schedules._wait_batch_p2p = real_wait
+    return {"step_ms": 1e3 * statistics.median(times), "bubble": statistics.median(bubbles),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+
+
+def _steps(world: int, s: PipelineSettings, ctx: Any, model: Any, optimizer: torch.optim.Optimizer, vocab: int,
+           waited: list[float]) -> tuple[list[float], list[float]]:
+    """Time the training steps: the slowest rank's seconds and this rank's share of them blocked on peers."""
     gen = torch.Generator().manual_seed(1)
     times, bubbles = [], []
     for step in range(s.warmup + s.repeats):
-        idx = torch.randint(0, model_cfg.vocab_size, (s.batch_size, s.seq_len + 1), generator=gen)
+        idx = torch.randint(0, vocab, (s.batch_size, s.seq_len + 1), generator=gen)
         x, y = ctx.local_batch(idx[:, :-1], idx[:, 1:])
         dist.barrier() if world > 1 else None
         waited[0] = 0.0
@@ -103,9 +115,7 @@ def _run(rank: int, world: int, s: PipelineSettings, schedule: str, microbatches
         if step >= s.warmup:
             times.append(seconds)
             bubbles.append(waited[0] / own)
-    schedules._wait_batch_p2p = real_wait
-    return {"step_ms": 1e3 * statistics.median(times), "bubble": statistics.median(bubbles),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+    return times, bubbles
 
 
 def _worker(rank: int, world: int, port: int, s: PipelineSettings, schedule: str, microbatches: int,

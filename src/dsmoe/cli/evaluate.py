@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
           f"perplexity {ev['ppl']:.2f}")
     if mv:
         print(f"MaxVio_global per MoE layer: {', '.join(f'{v:.3f}' for v in mv)} (mean {sum(mv) / len(mv):.3f})")
-    print(load_table(ev["load"], model_cfg.first_k_dense if model_cfg.moe else 0))
+    print(load_table(ev["load"], model_cfg.moe_blocks))
     return 0

@@ -16,6 +16,7 @@ stage's router learns from its own aux loss although only the last stage's outpu
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -30,7 +31,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
+from dsmoe import memory
 from dsmoe.config import ModelConfig
+from dsmoe.memory import split_blocks
 from dsmoe.model import Block, MoETransformer, next_token_loss
 from dsmoe.moe import moe_layers
 from dsmoe.parallel.context import MeshContext
@@ -38,7 +41,7 @@ from dsmoe.parallel.fsdp import local, shard_model
 
 _M = TypeVar("_M", bound=nn.Module)
 
-SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe"}  # torch's schedule class names of dsmoe's --schedule choices
+SCHEDULES = {name: memory.SCHEDULES[name] for name in memory.TRAINED_SCHEDULES}  # --schedule -> torch's class
 
 
 def block_costs(cfg: ModelConfig) -> list[int]:
@@ -50,7 +53,8 @@ def block_costs(cfg: ModelConfig) -> list[int]:
 
 def split_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
     """The blocks of each stage, contiguous, minimizing the largest stage's parameters (the embedding counted on
-    the first stage, the final norm, an untied head and the MTP modules on the last)."""
+    the first stage, the final norm, an untied head and the MTP modules on the last): dsmoe.memory's split, which
+    the planner uses too."""
     n = cfg.n_layers
     if not 1 <= stages <= n:
         raise ValueError(f"--pipeline-parallel {stages} needs at least one block per stage: the model has "
@@ -61,25 +65,8 @@ def split_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
         head += cfg.num_params() - cfg.num_params(mtp=False)
     costs[0] += cfg.vocab_size * cfg.dim
     costs[-1] += head
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    # best[s][i]: the smallest largest-stage cost of blocks 0..i-1 in s stages; cut[s][i] where the last begins
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0
-    for s in range(1, stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                worst = max(best[s - 1][j], prefix[i] - prefix[j])
-                if worst < best[s][i]:
-                    best[s][i], cut[s][i] = worst, j
-    bounds, i = [], n
-    for s in range(stages, 0, -1):
-        bounds.append((cut[s][i], i))
-        i = cut[s][i]
-    return [list(range(a, b)) for a, b in reversed(bounds)]
+    bounds = list(itertools.accumulate(split_blocks(tuple(costs), stages), initial=0))
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 def describe_split(split: list[list[int]]) -> str:
@@ -96,7 +83,8 @@ class Passthrough(nn.Module):
 
 class AuxGrad(torch.autograd.Function):
     """Identity on the hidden states whose backward also gives `aux` (a scalar loss computed from them or before
-    them on this stage) the gradient 1, as if it had been added to the final loss."""
+    them on this stage, already weighted by the stage: StageInfo.aux_weight) the gradient 1, as if it had been added
+    to the final loss."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
