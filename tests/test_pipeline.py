@@ -27,15 +27,16 @@ def test_stages_are_contiguous_balanced_and_cover_every_block():
     big_vocab = _cfg(6, vocab_size=50_000)  # an embedding worth several blocks: the first stage takes fewer
     assert len(split_layers(big_vocab, 2)[0]) < 3
     assert describe_split([[0, 1], [2], [3, 4, 5]]) == "0-1 | 2 | 3-5"
-    with pytest.raises(ValueError, match=r"--pipeline-parallel 7 needs at least one block per stage: the model "
-                                         r"has n_layers=6"):
+    with pytest.raises(ValueError, match=r"7 pipeline stages need at least one block each: the model has "
+                                         r"n_layers=6"):
         split_layers(cfg, 7)
 
 
 @pytest.mark.parametrize("args,match", [
-    ((4, 2, 1, "zb", 0, 8), r"--schedule zb is not available; choose one of 1f1b, gpipe"),
+    ((4, 2, 1, "zb", 0, 8), r"--schedule zb is not available; choose one of 1f1b, gpipe, interleaved"),
+    ((8, 4, 1, "interleaved", 9, 18), r"--microbatches 9 must be a multiple of its rounds \(2 = M // pp\)"),
     ((4, 3, 1, "1f1b", 0, 8), r"--pipeline-parallel 3 x --expert-parallel 1 must divide the 4 processes"),
-    ((4, 2, 2, "1f1b", 1, 8), r"--microbatches 1 is fewer than the 2 stages: 1F1B needs"),
+    ((4, 2, 2, "1f1b", 1, 8), r"--microbatches 1 is fewer than the 2 pipeline ranks: 1f1b needs"),
     ((4, 2, 1, "gpipe", 3, 8), r"batch_size=8 must split over the 2 data ranks .* into 3 equal micro-batches"),
 ])
 def test_bad_layouts_are_refused_before_any_process_group(args, match):
@@ -66,7 +67,8 @@ MODEL = ["n_layers=4", "moe.seq_aux_loss_alpha=0.01", "steps=4"]  # a MoE block 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2xep2", "pp2xdp2"])
+@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2-interleaved", "pp2xep2", "pp2xdp2",
+                                    "pp2xdp2-interleaved"])
 def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch):
     from dsmoe.checkpoint import load_checkpoint
     from dsmoe.presets import build_configs
@@ -75,6 +77,8 @@ def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch)
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
     train(*build_configs("debug", TRAIN_SETS + MODEL + [f"out={tmp_path / 'single'}"]), progress=False)
     world, sets = {"pp2-1f1b": (2, ["schedule=1f1b"]), "pp2-gpipe-m4": (2, ["schedule=gpipe", "microbatches=4"]),
+                   "pp2-interleaved": (2, ["schedule=interleaved", "microbatches=4"]),
+                   "pp2xdp2-interleaved": (4, ["schedule=interleaved", "microbatches=2"]),
                    "pp2xep2": (4, ["expert_parallel=2"]), "pp2xdp2": (4, [])}[layout]
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "pp"))
     monkeypatch.setenv("DSMOE_SETS", " ".join(MODEL + ["pipeline_parallel=2", *sets]))

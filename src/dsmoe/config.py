@@ -466,7 +466,7 @@ class TrainConfig:
                                       # data parallel over N / E; 0 = no expert parallelism
     pipeline_parallel: int = 0        # split the blocks into P pipeline stages (torchrun: P x dp x ep processes);
                                       # 0 or 1 = no pipeline
-    schedule: str = "1f1b"            # the pipeline schedule: "1f1b" or "gpipe" (torch.distributed.pipelining)
+    schedule: str = "1f1b"            # the pipeline schedule: "1f1b", "gpipe" or "interleaved" (2 stages a rank)
     microbatches: int = 0             # pipeline micro-batches per micro-batch (each a share of its rows); 0 = P
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
     dist_timeout_s: float = 120.0     # several processes: a rank that died or hung fails the others after this long
@@ -492,7 +492,7 @@ class TrainConfig:
             name = "topk_anneal_steps" if self.topk_start else "topk_start"
             _check(False, name, getattr(self, name), "dynamic top-k needs topk_start and topk_anneal_steps both > 0")
         for name, choices in (("device", ("cpu", "cuda")), ("tokenizer", ("byte", "bpe")),
-                              ("schedule", ("1f1b", "gpipe"))):
+                              ("schedule", ("1f1b", "gpipe", "interleaved"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name}={value!r} is not allowed; choose {' or '.join(map(repr, choices))}")

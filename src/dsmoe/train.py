@@ -36,7 +36,7 @@ from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import Context, init_context, launch_world, layout_for_launch
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
-from dsmoe.parallel.pipeline import describe_split, split_layers
+from dsmoe.parallel.pipeline import describe_split, n_stages, split_layers
 from dsmoe.prepare import is_prepared
 from dsmoe.presets import apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config, load_hf_weights, save_pretrained
@@ -228,8 +228,8 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
     """Set a run up: context, run directory (locked), tokenizer and corpus, model (sharded), optimizer,
     schedule, and the resumed checkpoint's weights, optimizer, schedule and RNG states."""
     esft.check_config(model_cfg, cfg)
-    if cfg.pipeline_parallel > 1:
-        split_layers(model_cfg, cfg.pipeline_parallel)  # enough blocks for the stages: refused before any group
+    if cfg.pipeline_parallel > 1:  # enough blocks for the stages: refused before any group
+        split_layers(model_cfg, n_stages(cfg.pipeline_parallel, cfg.schedule))
     ctx = init_context(cfg.expert_parallel, cfg.batch_size, cfg.device, cfg.dist_timeout_s,
                        settings={"model": model_cfg.to_dict(), "train": cfg.to_dict()},
                        pipeline_parallel=cfg.pipeline_parallel, schedule=cfg.schedule, microbatches=cfg.microbatches)
@@ -548,10 +548,10 @@ def _introduce(run: Run, say: Callable[..., None]) -> None:
     if run.esft is not None:
         say(run.esft.describe())
     if cfg.pipeline_parallel > 1:
-        split = split_layers(model_cfg, cfg.pipeline_parallel)
+        split = split_layers(model_cfg, n_stages(cfg.pipeline_parallel, cfg.schedule))
         even = "" if len({len(s) for s in split}) == 1 else " (uneven: balanced by parameters)"
-        say(f"pipeline: {cfg.pipeline_parallel} stages, blocks {describe_split(split)}{even}, schedule "
-            f"{cfg.schedule}, {cfg.microbatches or cfg.pipeline_parallel} micro-batches")
+        say(f"pipeline: {len(split)} stages on {cfg.pipeline_parallel} ranks, blocks {describe_split(split)}{even}, "
+            f"schedule {cfg.schedule}, {cfg.microbatches or cfg.pipeline_parallel} micro-batches")
     if cfg.activation_checkpointing:
         B = cfg.batch_size // run.ctx.world
         with_ac, without = (step_memory(model_cfg, dataclasses.replace(cfg, activation_checkpointing=on),

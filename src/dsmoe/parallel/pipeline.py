@@ -35,13 +35,19 @@ from dsmoe import memory
 from dsmoe.config import ModelConfig
 from dsmoe.memory import split_blocks
 from dsmoe.model import Block, MoETransformer, next_token_loss
-from dsmoe.moe import moe_layers
+from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import MeshContext
 from dsmoe.parallel.fsdp import local, shard_model
 
 _M = TypeVar("_M", bound=nn.Module)
 
 SCHEDULES = {name: memory.SCHEDULES[name] for name in memory.TRAINED_SCHEDULES}  # --schedule -> torch's class
+STAGES_PER_RANK = {"interleaved": 2}  # the others hold one stage a rank
+
+
+def n_stages(pp: int, schedule: str) -> int:
+    """The stages P pipeline ranks hold under a schedule."""
+    return pp * STAGES_PER_RANK.get(schedule, 1)
 
 
 def block_costs(cfg: ModelConfig) -> list[int]:
@@ -57,8 +63,8 @@ def split_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
     the planner uses too."""
     n = cfg.n_layers
     if not 1 <= stages <= n:
-        raise ValueError(f"--pipeline-parallel {stages} needs at least one block per stage: the model has "
-                         f"n_layers={n} blocks")
+        raise ValueError(f"{stages} pipeline stages need at least one block each: the model has n_layers={n} blocks "
+                         "(--pipeline-parallel P makes P stages, 2P with --schedule interleaved)")
     costs = block_costs(cfg)
     head = cfg.dim + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     if cfg.mtp_layers:
@@ -106,6 +112,7 @@ class StageInfo:
     layers: list[int]
     first: bool
     last: bool
+    moe_ids: list[int] = field(default_factory=list)  # its MoE layers, as indices among all MoE layers
     weight: float = 1.0
     aux_weight: float = 1.0
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -119,37 +126,59 @@ class StageInfo:
             records.clear()
 
 
-def stage_of(model: nn.Module) -> StageInfo:
-    info = getattr(model, "pp_stage", None)
-    assert isinstance(info, StageInfo), "not a pipeline stage (make_stage)"
-    return info
+def stages_of(model: nn.Module) -> dict[int, StageInfo]:
+    """The stages this rank's model holds, by index."""
+    stages = getattr(model, "pp_stages", None)
+    assert isinstance(stages, dict), "not a pipeline stage (make_stage)"
+    return stages
 
 
-def make_stage(model: MoETransformer, index: int, split: list[list[int]]) -> MoETransformer:
-    """The model (in place) reduced to stage `index` of `split`, its forward the stage's (see the module
-    docstring): forward(x, tokens_BS=, targets_BS=, docs_BS=) -> hidden states, or the loss on the last stage."""
+def make_stage(model: MoETransformer, indices: list[int], split: list[list[int]]) -> MoETransformer:
+    """The model (in place) reduced to the stages `indices` of `split` (one, or several a rank for the interleaved
+    schedule), its forward the stages' (see the module docstring): forward(x, tokens_BS=, targets_BS=, docs_BS=,
+    stage=) -> hidden states, or the loss on the last stage."""
     cfg = model.cfg
-    info = StageInfo(index, split[index], index == 0, index == len(split) - 1)
+    moe_blocks = cfg.moe_blocks
+    stages = {i: StageInfo(i, split[i], i == 0, i == len(split) - 1,
+                           [moe_blocks.index(b) for b in split[i] if b in moe_blocks]) for i in indices}
+    held = {b for info in stages.values() for b in info.layers}
     for i in range(cfg.n_layers):
-        if i not in info.layers:
+        if i not in held:
             model.layers[i] = Passthrough()
-    if not info.last:
+    first, last = any(s.first for s in stages.values()), any(s.last for s in stages.values())
+    if not last:
         model.norm, model.head, model.mtp = None, None, nn.ModuleList()  # type: ignore[assignment]
-    if not info.first and not (info.last and (cfg.tie_embeddings or cfg.mtp_layers)):
+    if not first and not (last and (cfg.tie_embeddings or cfg.mtp_layers)):
         model.embed = None  # type: ignore[assignment]
-    model.pp_stage = info  # type: ignore[assignment]
+    model.pp_stages = stages  # type: ignore[assignment]
     model.forward = types.MethodType(_stage_forward, model)  # type: ignore[method-assign]
     return model
 
 
+class StageView(nn.Module):
+    """One of several stages a rank holds, for torch's PipelineStage: its forward is the model's for that stage.
+    The model is not a child (its parameters are the rank's, not this stage's), so the view has no parameters."""
+
+    def __init__(self, model: MoETransformer, index: int):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        self.index = index
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out: torch.Tensor = self.model(*args, stage=self.index, **kwargs)  # type: ignore[operator]
+        return out
+
+
 def _stage_forward(self: MoETransformer, x: torch.Tensor, tokens_BS: torch.Tensor | None = None,
-                   targets_BS: torch.Tensor | None = None, docs_BS: torch.Tensor | None = None) -> torch.Tensor:
-    info = stage_of(self)
+                   targets_BS: torch.Tensor | None = None, docs_BS: torch.Tensor | None = None,
+                   stage: int | None = None) -> torch.Tensor:
+    stages = stages_of(self)
+    info = stages[stage] if stage is not None else next(iter(stages.values()))
     h_BSD = self.embed(x) if info.first else x
     rot_SR, mask_B1SS = self._rotary_and_mask(0, h_BSD.shape[1], docs_BS)
     for i in info.layers:
         h_BSD = self.layers[i](h_BSD, rot_SR, None, mask_B1SS)
-    layers = moe_layers(self.layers)
+    layers = [f for f in (self.layers[i].ffn for i in info.layers) if isinstance(f, MoE)]
     if layers:
         info.load.append(torch.stack([m.tokens_per_expert for m in layers]))
         info.maxvio.append(torch.stack([m.maxvio for m in layers]))
@@ -176,16 +205,20 @@ def check_layout(world: int, pp: int, ep: int, schedule: str, microbatches: int,
     """pp x dp x ep against the processes launched, the schedule and the micro-batches, before any process group
     is set up (every rank refuses alike); returns dp."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"--schedule {schedule} is not available; choose one of {', '.join(SCHEDULES)} (torch "
-                         "2.13's single-stage schedules: the multi-stage ones need several stages a rank, not built)")
+        raise ValueError(f"--schedule {schedule} is not available; choose one of {', '.join(SCHEDULES)} (the "
+                         "zero-bubble ones, zb and dualpipev, split each stage's backward by its own module's "
+                         "weights: not built)")
     if world % (pp * ep):
         raise ValueError(f"--pipeline-parallel {pp} x --expert-parallel {ep} must divide the {world} processes "
                          f"launched (pp x dp x ep = processes); with pp {pp}, ep may be one of "
                          f"{', '.join(str(d) for d in range(1, world // pp + 1) if (world // pp) % d == 0) or 'none'}")
     M = microbatches or pp
-    if schedule == "1f1b" and M < pp:
-        raise ValueError(f"--microbatches {M} is fewer than the {pp} stages: 1F1B needs at least one micro-batch a "
-                         "stage (use more, or --schedule gpipe)")
+    if schedule in ("1f1b", "interleaved") and M < pp:
+        raise ValueError(f"--microbatches {M} is fewer than the {pp} pipeline ranks: {schedule} needs at least one "
+                         "micro-batch a rank (use more, or --schedule gpipe)")
+    if schedule == "interleaved" and M % (M // pp):
+        raise ValueError(f"--microbatches {M} must be a multiple of its rounds ({M // pp} = M // pp): the interleaved "
+                         f"schedule runs them round by round (e.g. {pp * (M // pp)})")
     rows = global_batch // (world // pp) if global_batch % (world // pp) == 0 else 0
     if not rows or rows % M:
         raise ValueError(f"batch_size={global_batch} must split over the {world // pp} data ranks (dp x ep) into "
@@ -202,22 +235,22 @@ class PipelineContext(MeshContext):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.pp, self.dp, self.ep = pp, dp, ep
         self.schedule_name, self.microbatches = schedule, microbatches or pp
+        self.v = STAGES_PER_RANK.get(schedule, 1)  # stages a rank holds: p, p + pp, ... (the interleaved loop)
         n = dp * ep
         mesh3 = init_device_mesh(device_type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
         self.mesh = mesh3["dp", "ep"]
         flat = init_device_mesh(device_type, (pp, n), mesh_dim_names=("pp", "dp_ep"))
         self.flat = flat["dp_ep"]
-        self.stage_index, self.stage_rank = divmod(self.rank, n)
+        self.pp_rank, self.stage_rank = divmod(self.rank, n)
         # the first and the last stage's ranks of one (dp, ep) place: where the shared embedding's grads meet
         # groups of our own take the run's timeout (new_group's default is 30 minutes): a peer that hangs in the
         # middle of a schedule fails a send or receive within dist_timeout_s
         self.timeout = timedelta(seconds=timeout_s)
         pairs = [dist.new_group([j, (pp - 1) * n + j], timeout=self.timeout) for j in range(n)]
-        self.embed_group = pairs[self.stage_rank] if self.stage_index in (0, pp - 1) else None
+        self.embed_group = pairs[self.stage_rank] if self.pp_rank in (0, pp - 1) else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else \
             torch.device("cpu")
         self.split: list[list[int]] = []
-        self.moe_ids: list[int] = []  # the MoE layers of this stage, as indices among all MoE layers
         self.schedule: Any = None
 
     @property
@@ -226,11 +259,8 @@ class PipelineContext(MeshContext):
 
     def shard(self, model: _M) -> _M:
         assert isinstance(model, MoETransformer)
-        cfg = model.cfg
-        self.split = split_layers(cfg, self.pp)
-        moe_blocks = [i for i in range(cfg.n_layers) if cfg.is_moe(i)]
-        self.moe_ids = [moe_blocks.index(i) for i in self.split[self.stage_index] if i in moe_blocks]
-        make_stage(model, self.stage_index, self.split)
+        self.split = split_layers(model.cfg, n_stages(self.pp, self.schedule_name))
+        make_stage(model, [self.pp_rank + k * self.pp for k in range(self.v)], self.split)
         if self.data_ranks > 1:
             shard_model(model, self.mesh, self.flat, [m for m in model.modules() if isinstance(m, Block)])
         return model
@@ -244,17 +274,18 @@ class PipelineContext(MeshContext):
     def _schedule(self, model: nn.Module, x: torch.Tensor) -> Any:
         """The stage and its schedule, built for this micro-batch shape at the first step."""
         if self.schedule is None:
+            assert isinstance(model, MoETransformer)
             M = self.microbatches
             rows, S = x.shape[0] // M, x.shape[1]
-            dim = _cfg(model).dim
-            info = stage_of(model)
-            h = torch.empty(rows, S, dim, device=self.device, requires_grad=True)
-            stage = PipelineStage(model, self.stage_index, self.pp, self.device,
-                                  input_args=(x[:rows],) if info.first else (h,),
-                                  output_args=torch.empty((), device=self.device) if info.last else h,
-                                  group=self._pp_group())
+            h = torch.empty(rows, S, _cfg(model).dim, device=self.device, requires_grad=True)
+            stages = [PipelineStage(model if self.v == 1 else StageView(model, i), i, len(self.split), self.device,
+                                    input_args=(x[:rows],) if info.first else (h,),
+                                    output_args=torch.empty((), device=self.device) if info.last else h,
+                                    group=self._pp_group())
+                      for i, info in stages_of(model).items()]
             cls = get_schedule_class(SCHEDULES[self.schedule_name])
-            self.schedule = cls(stage, n_microbatches=M, loss_fn=_the_loss, scale_grads=False)
+            self.schedule = cls(stages[0] if self.v == 1 else stages, n_microbatches=M, loss_fn=_the_loss,
+                                scale_grads=False)
         return self.schedule
 
     def _pp_group(self) -> dist.ProcessGroup:
@@ -270,9 +301,10 @@ class PipelineContext(MeshContext):
              weight: float, aux_weight: float, train: bool) -> None:
         schedule = self._schedule(model, x)
         M = self.microbatches
-        stage_of(model).begin(weight / M, aux_weight / M)
+        for info in stages_of(model).values():
+            info.begin(weight / M, aux_weight / M)
         kwargs: dict[str, Any] = {"tokens_BS": x, "targets_BS": y, **({"docs_BS": docs} if docs is not None else {})}
-        args = (x,) if self.stage_index == 0 else ()
+        args = (x,) if self.pp_rank == 0 else ()
         (schedule.step if train else schedule.eval)(*args, target=y, return_outputs=False, **kwargs)
 
     def forward_backward(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
@@ -280,31 +312,33 @@ class PipelineContext(MeshContext):
                          amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         with amp():
             self._run(model, x, y, docs, weight, aux_weight, train=True)
-        info, zero, M = stage_of(model), torch.zeros((), device=self.device), self.microbatches
-        return sum(info.losses, zero) * weight / M, sum(info.aux, zero) / M
+        infos, zero, M = stages_of(model).values(), torch.zeros((), device=self.device), self.microbatches
+        loss = sum((t for info in infos for t in info.losses), zero) * weight / M
+        return loss, sum((t for info in infos for t in info.aux), zero) / M
 
     def forward_loss(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
                      amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         with amp():
             self._run(model, x, y, docs, 1.0, 1.0, train=False)
         counts = [(c != -1).sum() for c in y.chunk(self.microbatches)]
-        if self.stage_index != self.pp - 1:
+        last = [info for info in stages_of(model).values() if info.last]
+        if not last:
             return torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long)
-        total = sum((loss.float() * c for loss, c in zip(stage_of(model).losses, counts)),
-                    torch.zeros((), device=self.device))
+        total = sum((loss.float() * c for loss, c in zip(last[0].losses, counts)), torch.zeros((), device=self.device))
         return total, sum(counts, torch.zeros((), dtype=torch.long))
 
     def routing_stats(self, model: MoETransformer) -> dict[str, torch.Tensor]:
         """Every MoE layer's load and MaxVio of the last step, this stage's rows filled (summed and averaged over
         its micro-batches), the others zero; Meter and evaluation all-reduce them over the ranks."""
-        cfg, info = _cfg(model), stage_of(model)
+        cfg = _cfg(model)
         if cfg.moe is None:
             return {}
         load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long, device=self.device)
         maxvio = torch.zeros(cfg.n_moe_layers, device=self.device)
-        if self.moe_ids and info.load:
-            load[self.moe_ids] = torch.stack(info.load).sum(0)
-            maxvio[self.moe_ids] = torch.stack(info.maxvio).mean(0)
+        for info in stages_of(model).values():
+            if info.moe_ids and info.load:
+                load[info.moe_ids] = torch.stack(info.load).sum(0)
+                maxvio[info.moe_ids] = torch.stack(info.maxvio).mean(0)
         return {"tokens_per_expert": load, "maxvio": maxvio}
 
     def layer_mean_(self, t_L: torch.Tensor) -> torch.Tensor:
@@ -331,7 +365,7 @@ class PipelineContext(MeshContext):
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The whole model's norm: every stage's shards, the shared embedding counted once (on the first stage)."""
         embed = getattr(model, "embed", None)
-        skip = embed.weight if isinstance(embed, nn.Embedding) and self.stage_index == self.pp - 1 and \
+        skip = embed.weight if isinstance(embed, nn.Embedding) and self.pp_rank == self.pp - 1 and \
             self.pp > 1 and _shared_embedding(model) else None
         grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
         counted = [local(p.grad) for p in model.parameters() if p.grad is not None and p is not skip]
