@@ -33,7 +33,9 @@ def test_stages_are_contiguous_balanced_and_cover_every_block():
 
 
 @pytest.mark.parametrize("args,match", [
-    ((4, 2, 1, "zb", 0, 8), r"--schedule zb is not available; choose one of 1f1b, gpipe, interleaved"),
+    ((4, 2, 1, "bfs", 0, 8), r"--schedule bfs is not available; choose one of gpipe, 1f1b, interleaved, zb, "
+                            r"dualpipev"),
+    ((4, 2, 1, "dualpipev", 2, 8), r"--microbatches 2 is fewer than the 4 stages: DualPipeV needs"),
     ((8, 4, 1, "interleaved", 9, 18), r"--microbatches 9 must be a multiple of its rounds \(2 = M // pp\)"),
     ((4, 3, 1, "1f1b", 0, 8), r"--pipeline-parallel 3 x --expert-parallel 1 must divide the 4 processes"),
     ((4, 2, 2, "1f1b", 1, 8), r"--microbatches 1 is fewer than the 2 pipeline ranks: 1f1b needs"),
@@ -67,8 +69,8 @@ MODEL = ["n_layers=4", "moe.seq_aux_loss_alpha=0.01", "steps=4"]  # a MoE block 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2-interleaved", "pp2xep2", "pp2xdp2",
-                                    "pp2xdp2-interleaved"])
+@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2-interleaved", "pp2-zb", "pp2-dualpipev",
+                                    "pp2xep2", "pp2xdp2", "pp2xdp2-interleaved"])
 def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch):
     from dsmoe.checkpoint import load_checkpoint
     from dsmoe.presets import build_configs
@@ -78,6 +80,8 @@ def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch)
     train(*build_configs("debug", TRAIN_SETS + MODEL + [f"out={tmp_path / 'single'}"]), progress=False)
     world, sets = {"pp2-1f1b": (2, ["schedule=1f1b"]), "pp2-gpipe-m4": (2, ["schedule=gpipe", "microbatches=4"]),
                    "pp2-interleaved": (2, ["schedule=interleaved", "microbatches=4"]),
+                   "pp2-zb": (2, ["schedule=zb", "microbatches=4"]),
+                   "pp2-dualpipev": (2, ["schedule=dualpipev", "microbatches=4"]),
                    "pp2xdp2-interleaved": (4, ["schedule=interleaved", "microbatches=2"]),
                    "pp2xep2": (4, ["expert_parallel=2"]), "pp2xdp2": (4, [])}[layout]
     monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "pp"))

@@ -492,7 +492,7 @@ class TrainConfig:
             name = "topk_anneal_steps" if self.topk_start else "topk_start"
             _check(False, name, getattr(self, name), "dynamic top-k needs topk_start and topk_anneal_steps both > 0")
         for name, choices in (("device", ("cpu", "cuda")), ("tokenizer", ("byte", "bpe")),
-                              ("schedule", ("1f1b", "gpipe", "interleaved"))):
+                              ("schedule", ("1f1b", "gpipe", "interleaved", "zb", "dualpipev"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name}={value!r} is not allowed; choose {' or '.join(map(repr, choices))}")

@@ -262,14 +262,12 @@ def check_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available:
 # gpus = pp x dp x ep. Each pipeline stage is the model trimmed to its units and laid out as dsmoe.parallel lays
 # out a whole model: its routed experts split over ep and FSDP2-sharded over dp, everything else FSDP2-sharded over
 # its dp x ep ranks, which all train on their own share of the batch. Stages and schedules are
-# torch.distributed.pipelining's (dsmoe.parallel.pipeline trains with gpipe, 1f1b and interleaved; zb and dualpipev
-# are planned, not yet trained): what follows models torch's pieces as they are (torch/distributed/pipelining/
-# stage.py and schedules.py, read at torch 2.13).
+# torch.distributed.pipelining's (dsmoe.parallel.pipeline trains with each): what follows models torch's pieces as
+# they are (torch/distributed/pipelining/stage.py and schedules.py, read at torch 2.13).
 
 SCHEDULES = {  # --schedule -> the torch.distributed.pipelining schedule class name (get_schedule_class)
     "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb": "ZBVZeroBubble",
     "dualpipev": "DualPipeV"}
-TRAINED_SCHEDULES = ("1f1b", "gpipe", "interleaved")  # what dsmoe.parallel.pipeline runs; the rest are planned
 GB = 10**9  # plans speak of GB, as GPU memory is sold
 
 

@@ -264,8 +264,8 @@ def _pp_arguments(p: argparse.ArgumentParser) -> None:
     d = pp.PipelineSettings()
     p.add_argument("--pp", type=int, nargs="+", default=[1, 2, 4],
                    help="pipeline stages (1: the one-process baseline)")
-    p.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe", "interleaved"],
-                   choices=["1f1b", "gpipe", "interleaved"])
+    p.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe", "interleaved", "zb", "dualpipev"],
+                   choices=["1f1b", "gpipe", "interleaved", "zb", "dualpipev"])
     p.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8], help="micro-batches per step")
     p.add_argument("--preset", default=d.preset, help="the model's preset")
     p.add_argument("--layers", type=int, default=d.layers, help="its blocks (each stage needs one)")
@@ -289,9 +289,10 @@ def _pp(args: argparse.Namespace) -> int:
     for stages in sorted(set(args.pp)):
         for schedule in args.schedules if stages > 1 else ["-"]:
             for M in args.microbatches if stages > 1 else [1]:
-                if schedule in ("1f1b", "interleaved") and M < stages or \
-                        schedule == "interleaved" and settings.layers < 2 * stages:
-                    continue  # a micro-batch a rank; interleaved: a block a stage, 2 stages a rank
+                two = schedule in ("interleaved", "zb", "dualpipev")  # stages a rank
+                if schedule != "gpipe" and M < stages or two and settings.layers < 2 * stages or \
+                        schedule == "dualpipev" and M < 2 * stages:
+                    continue  # a micro-batch a rank (DualPipeV: a stage), a block a stage
                 r = pp.measure_one(settings, stages, schedule if stages > 1 else "1f1b", M)
                 rows.append(r)
                 print(pp.format_row(r, rows[0]["step_ms"]), flush=True)

@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "train`, data parallel over N / E (without this flag: plain data parallel over N)")
     p.add_argument("--pipeline-parallel", type=int, metavar="P",
                    help="split the blocks into P pipeline stages (torchrun: P x dp x ep processes)")
-    p.add_argument("--schedule", choices=["1f1b", "gpipe", "interleaved"],
-                   help="pipeline schedule (default 1f1b; interleaved: 2 stages a rank)")
+    p.add_argument("--schedule", choices=["1f1b", "gpipe", "interleaved", "zb", "dualpipev"],
+                   help="pipeline schedule (default 1f1b; interleaved, zb, dualpipev: 2 stages a rank)")
     p.add_argument("--microbatches", type=int, metavar="M", help="pipeline micro-batches per step (default P)")
 
 

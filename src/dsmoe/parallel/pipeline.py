@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,8 +41,8 @@ from dsmoe.parallel.fsdp import local, shard_model
 
 _M = TypeVar("_M", bound=nn.Module)
 
-SCHEDULES = {name: memory.SCHEDULES[name] for name in memory.TRAINED_SCHEDULES}  # --schedule -> torch's class
-STAGES_PER_RANK = {"interleaved": 2}  # the others hold one stage a rank
+SCHEDULES = memory.SCHEDULES  # --schedule -> torch's schedule class name (the planner's table)
+STAGES_PER_RANK = {"interleaved": 2, "zb": 2, "dualpipev": 2}  # the others hold one stage a rank
 
 
 def n_stages(pp: int, schedule: str) -> int:
@@ -95,7 +95,7 @@ class AuxGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(aux)
-        return h.view_as(h)
+        return h.clone()  # not a view of h: the zero-bubble schedules detach a stage's outputs in place
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +157,32 @@ def make_stage(model: MoETransformer, indices: list[int], split: list[list[int]]
 
 class StageView(nn.Module):
     """One of several stages a rank holds, for torch's PipelineStage: its forward is the model's for that stage.
-    The model is not a child (its parameters are the rank's, not this stage's), so the view has no parameters."""
+    The model is not a child (the rank's parameters are registered once, in it); `parameters()` gives this stage's
+    own, which the zero-bubble schedules differentiate apart (their weight-gradient pass)."""
+
+    model: MoETransformer
 
     def __init__(self, model: MoETransformer, index: int):
         super().__init__()
         object.__setattr__(self, "model", model)
         self.index = index
 
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        info, model = stages_of(self.model)[self.index], self.model
+        parts: list[nn.Module | None] = [model.layers[i] for i in info.layers]
+        if info.first:
+            parts.append(model.embed)
+        if info.last:
+            parts += [model.norm, model.head, model.mtp]
+        seen: set[int] = set()
+        for part in parts:
+            for p in part.parameters() if part is not None else ():
+                if id(p) not in seen:  # a tied head is the embedding
+                    seen.add(id(p))
+                    yield p
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out: torch.Tensor = self.model(*args, stage=self.index, **kwargs)  # type: ignore[operator]
+        out: torch.Tensor = self.model(*args, stage=self.index, **kwargs)
         return out
 
 
@@ -205,15 +222,16 @@ def check_layout(world: int, pp: int, ep: int, schedule: str, microbatches: int,
     """pp x dp x ep against the processes launched, the schedule and the micro-batches, before any process group
     is set up (every rank refuses alike); returns dp."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"--schedule {schedule} is not available; choose one of {', '.join(SCHEDULES)} (the "
-                         "zero-bubble ones, zb and dualpipev, split each stage's backward by its own module's "
-                         "weights: not built)")
+        raise ValueError(f"--schedule {schedule} is not available; choose one of {', '.join(SCHEDULES)}")
     if world % (pp * ep):
         raise ValueError(f"--pipeline-parallel {pp} x --expert-parallel {ep} must divide the {world} processes "
                          f"launched (pp x dp x ep = processes); with pp {pp}, ep may be one of "
                          f"{', '.join(str(d) for d in range(1, world // pp + 1) if (world // pp) % d == 0) or 'none'}")
     M = microbatches or pp
-    if schedule in ("1f1b", "interleaved") and M < pp:
+    if schedule == "dualpipev" and M < 2 * pp:
+        raise ValueError(f"--microbatches {M} is fewer than the {2 * pp} stages: DualPipeV needs at least one "
+                         "micro-batch a stage")
+    if schedule in ("1f1b", "interleaved", "zb") and M < pp:
         raise ValueError(f"--microbatches {M} is fewer than the {pp} pipeline ranks: {schedule} needs at least one "
                          "micro-batch a rank (use more, or --schedule gpipe)")
     if schedule == "interleaved" and M % (M // pp):
@@ -235,7 +253,10 @@ class PipelineContext(MeshContext):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.pp, self.dp, self.ep = pp, dp, ep
         self.schedule_name, self.microbatches = schedule, microbatches or pp
-        self.v = STAGES_PER_RANK.get(schedule, 1)  # stages a rank holds: p, p + pp, ... (the interleaved loop)
+        self.v = STAGES_PER_RANK.get(schedule, 1)
+        # the stages each pipeline rank holds, as torch's schedules place them (the planner's placement): one each;
+        # a loop p, p + pp (interleaved); a V p, 2pp - 1 - p (zero bubble: first and last on rank 0)
+        self.placement = memory.stage_chunks(schedule, pp, self.v)
         n = dp * ep
         mesh3 = init_device_mesh(device_type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
         self.mesh = mesh3["dp", "ep"]
@@ -246,8 +267,11 @@ class PipelineContext(MeshContext):
         # groups of our own take the run's timeout (new_group's default is 30 minutes): a peer that hangs in the
         # middle of a schedule fails a send or receive within dist_timeout_s
         self.timeout = timedelta(seconds=timeout_s)
-        pairs = [dist.new_group([j, (pp - 1) * n + j], timeout=self.timeout) for j in range(n)]
-        self.embed_group = pairs[self.stage_rank] if self.pp_rank in (0, pp - 1) else None
+        first, last = (next(r for r, own in enumerate(self.placement) if s in own) for s in (0, pp * self.v - 1))
+        self.embed_ranks = (first, last)  # the pipeline ranks holding the first and the last stage
+        pairs = [dist.new_group([first * n + j, last * n + j], timeout=self.timeout) for j in range(n)] \
+            if first != last else []
+        self.embed_group = pairs[self.stage_rank] if pairs and self.pp_rank in (first, last) else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else \
             torch.device("cpu")
         self.split: list[list[int]] = []
@@ -260,7 +284,7 @@ class PipelineContext(MeshContext):
     def shard(self, model: _M) -> _M:
         assert isinstance(model, MoETransformer)
         self.split = split_layers(model.cfg, n_stages(self.pp, self.schedule_name))
-        make_stage(model, [self.pp_rank + k * self.pp for k in range(self.v)], self.split)
+        make_stage(model, self.placement[self.pp_rank], self.split)
         if self.data_ranks > 1:
             shard_model(model, self.mesh, self.flat, [m for m in model.modules() if isinstance(m, Block)])
         return model
@@ -305,7 +329,17 @@ class PipelineContext(MeshContext):
             info.begin(weight / M, aux_weight / M)
         kwargs: dict[str, Any] = {"tokens_BS": x, "targets_BS": y, **({"docs_BS": docs} if docs is not None else {})}
         args = (x,) if self.pp_rank == 0 else ()
-        (schedule.step if train else schedule.eval)(*args, target=y, return_outputs=False, **kwargs)
+        if train:
+            schedule.step(*args, target=y, return_outputs=False, **kwargs)
+        elif self.schedule_name in ("zb", "dualpipev"):  # their eval() still runs backward actions (torch 2.13):
+            with torch.enable_grad():  # a whole step of the losses weighted 0 instead, its zero gradients dropped
+                for info in stages_of(model).values():
+                    info.begin(0.0, 0.0)
+                schedule.step(*args, target=y, return_outputs=False, **kwargs)
+            for p in model.parameters():
+                p.grad = None
+        else:
+            schedule.eval(*args, target=y, return_outputs=False, **kwargs)
 
     def forward_backward(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
                          weight: float, aux_weight: float,
@@ -365,8 +399,9 @@ class PipelineContext(MeshContext):
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The whole model's norm: every stage's shards, the shared embedding counted once (on the first stage)."""
         embed = getattr(model, "embed", None)
-        skip = embed.weight if isinstance(embed, nn.Embedding) and self.pp_rank == self.pp - 1 and \
-            self.pp > 1 and _shared_embedding(model) else None
+        first, last = self.embed_ranks
+        skip = embed.weight if isinstance(embed, nn.Embedding) and self.pp_rank == last != first and \
+            _shared_embedding(model) else None
         grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
         counted = [local(p.grad) for p in model.parameters() if p.grad is not None and p is not skip]
         total = self.all_reduce_(torch.stack([g.float().square().sum() for g in counted]).sum()
