@@ -1,17 +1,19 @@
-"""Pipeline parallelism on torch.distributed.pipelining: the model split into stages by block, one stage per
-pipeline rank, scheduled by torch's own schedules (no hand-written send/recv loop).
+"""Pipeline parallelism on torch.distributed.pipelining: the model split into stages by block, one or two stages
+per pipeline rank (placed as the schedule wants: one each, a loop, or a V), scheduled by torch's own schedules
+(no hand-written send/recv loop).
 
-A stage is the one model with the parts other stages hold taken out: blocks outside it become `Passthrough`
-(no parameters, so every name stays the whole model's: `layers.5.attn.wq.weight` on any stage, and DCP
-checkpoints, key maps and FSDP2 see the same names as in one process), the embedding stays on the first stage,
-the final norm, output head and multi-token-prediction modules on the last (with the embedding too when the head
-is tied to it: its gradient is then summed over the two stages). The schedule passes each micro-batch's hidden
-states forward and their gradients back; every stage also receives the micro-batch's token ids and targets as
-keyword arguments, so the last stage computes the loss (and the MTP loss) itself and returns it.
+A rank holds the one model with the parts other ranks hold taken out: blocks outside its stages become
+`Passthrough` (no parameters, so every name stays the whole model's: `layers.5.attn.wq.weight` on any rank, and DCP
+checkpoints, key maps and FSDP2 see the same names as in one process), the embedding stays with the first stage,
+the final norm, output head and multi-token-prediction modules with the last (the embedding too when the head is
+tied to it or MTP uses it: its gradient is then summed over the two ranks). With two stages a rank, each is a
+`StageView` of that model. The schedule passes each micro-batch's hidden states forward and their gradients back;
+every stage also receives the micro-batch's token ids and targets as keyword arguments, so the last stage computes
+the loss (and the MTP loss) itself and returns it.
 
 Auxiliary losses are added on the stage that computes them: a stage's balance losses ride on its output with
-`AuxGrad`, whose backward hands the loss a gradient of 1 (scaled by the schedule like the main loss), so every
-stage's router learns from its own aux loss although only the last stage's output is differentiated.
+`AuxGrad`, whose backward hands the (already weighted) loss a gradient of 1, so every stage's router learns from
+its own aux loss although only the last stage's output is differentiated.
 """
 
 from __future__ import annotations
