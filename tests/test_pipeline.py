@@ -179,3 +179,17 @@ def test_a_rank_lost_mid_schedule_stops_the_other_naming_the_checkpoint(mode, tm
     assert first["seconds"] < 4 * FAULT_TIMEOUT_S + 10, first
     assert read_config(tmp_path / "run")["step"] == 2
     load_checkpoint(tmp_path / "run")
+
+
+def test_a_layout_that_does_not_fit_is_refused_with_its_busiest_stage():
+    """The start-of-run check under pipeline parallelism is the planner's per-stage figure (dsmoe.memory.layout_plan):
+    a layout whose busiest rank needs more than the device has is refused naming it; one that fits passes."""
+    from dsmoe.config import TrainConfig
+    from dsmoe.memory import check_layout_memory, layout_plan
+
+    model_cfg, train_cfg = _cfg(4, vocab_size=64), TrainConfig(batch_size=8, schedule="1f1b", pipeline_parallel=2)
+    need = layout_plan(model_cfg, train_cfg, 2, 2, 1, "1f1b", 2).memory.total
+    check_layout_memory(model_cfg, train_cfg, need, pp=2, dp=2, ep=1)
+    with pytest.raises(ValueError, match=r"pp 2 x dp 2 x ep 1 does not fit: its busiest rank \(pipeline rank \d, "
+                                         r"blocks \(2, 2\)\) needs about .* see `dsmoe plan`"):
+        check_layout_memory(model_cfg, train_cfg, need - 1, pp=2, dp=2, ep=1)

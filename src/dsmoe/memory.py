@@ -440,6 +440,27 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
                       _problem(model_cfg, batch, pp, ep, ranks, M, microbatches is not None, schedule, v))
 
 
+def check_layout_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available: int | None, *, pp: int, dp: int,
+                        ep: int) -> None:
+    """check_step_memory under pipeline parallelism: the busiest pipeline rank of the layout (layout_plan, one
+    micro-batch's schedule at a time: grad_accum steps run one after another) against the memory available."""
+    if available is None:
+        return
+    M = train_cfg.microbatches or pp
+    p = layout_plan(model_cfg, dataclasses.replace(train_cfg, grad_accum=1), pp, dp, ep, train_cfg.schedule, M)
+    need = p.memory.total
+    if need <= available:
+        return
+    m = p.memory
+    state = size_text(m.params + m.grads + m.adamw)
+    raise ValueError(f"pp {pp} x dp {dp} x ep {ep} does not fit: its busiest rank (pipeline rank {p.peak_stage}, "
+                     f"blocks {p.stage_blocks}) needs about {size_text(need)} ({state} of weights, gradients and "
+                     f"AdamW state, {size_text(m.gathered)} FSDP2 gathers, "
+                     f"{size_text(m.activations + m.pipeline)} of activations and pipeline buffers with "
+                     f"{M} micro-batches of {p.micro_batch}), but {train_cfg.device} has {size_text(available)} "
+                     "available; lower batch_size or seq_len, or see `dsmoe plan` for layouts that fit")
+
+
 def _chunks(model_cfg: ModelConfig, units: list[Unit], n: int, placement: list[list[int]]
             ) -> tuple[list[list[Unit]], tuple[int, ...]]:
     """The model's units cut into n chunks in pipeline order, and the blocks of each: the embedding on the first
