@@ -193,3 +193,31 @@ def test_a_layout_that_does_not_fit_is_refused_with_its_busiest_stage():
     with pytest.raises(ValueError, match=r"pp 2 x dp 2 x ep 1 does not fit: its busiest rank \(pipeline rank \d, "
                                          r"blocks \(2, 2\)\) needs about .* see `dsmoe plan`"):
         check_layout_memory(model_cfg, train_cfg, need - 1, pp=2, dp=2, ep=1)
+
+
+@pytest.mark.slow
+def test_fine_tuning_data_weights_micro_batches_by_their_trained_targets(tmp_path, monkeypatch):
+    """Prompt/completion records leave pipeline micro-batches with different numbers of trained targets: pp 2 (1F1B,
+    4 micro-batches) weights each by its count, so the losses are the single-process run's (the mean over every
+    trained target of the batch)."""
+    import json
+
+    from dsmoe import prepare
+    from dsmoe.presets import build_configs
+    from dsmoe.tokenizer import ByteTokenizer
+    from dsmoe.train import train
+
+    records = [{"prompt": f"question {i} " * (1 + i % 5), "completion": f"answer {i}." * (1 + i % 3)}
+               for i in range(80)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = prepare.prepare([str(tmp_path / "sft.jsonl")], tmp_path / "p", ByteTokenizer(), progress=False).out
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+    sets = [*MODEL, f"data={data}", "batch_size=8", "doc_mask=true"]
+    train(*build_configs("debug", TRAIN_SETS + sets + [f"out={tmp_path / 'single'}"]), progress=False)
+    monkeypatch.setenv("DSMOE_RUN", str(tmp_path / "pp"))
+    monkeypatch.setenv("DSMOE_SETS", " ".join([*sets, "pipeline_parallel=2", "microbatches=4"]))
+    assert launch(pp_worker, 2, tmp_path / "results") == [{}, {}]
+    single_loss, single_val = _train_rows(tmp_path / "single")
+    pp_loss, pp_val = _train_rows(tmp_path / "pp")
+    torch.testing.assert_close(torch.tensor(pp_loss), torch.tensor(single_loss), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(pp_val), torch.tensor(single_val), atol=1e-4, rtol=0)

@@ -343,9 +343,6 @@ def _data(model_cfg: ModelConfig, cfg: TrainConfig, tokenizer: Tokenizer | None
         raise ValueError(f"seq_len={seq_len} is invalid: must be <= max_seq_len={model_cfg.max_seq_len}")
     corpus = load_corpus(cfg.data, tokenizer)
     corpus.check(seq_len, model_cfg.vocab_size)
-    if cfg.pipeline_parallel > 1 and corpus.has_masks:  # its micro-batches' losses are means over their own targets
-        raise ValueError("fine-tuning data with untrained targets (prompt/completion, chat) cannot train with "
-                         "--pipeline-parallel yet: the loss would weight the micro-batches by rows, not targets")
     return model_cfg, tokenizer, corpus, seq_len
 
 
@@ -431,7 +428,8 @@ def target_weights(run: Run, ys: list[torch.Tensor]) -> list[float] | None:
     if not run.corpus.has_masks:
         return None
     counts = torch.stack([(y != -1).sum() for y in ys]).float()
-    total = run.ctx.all_reduce_(counts.sum()).item()
+    copies = run.ctx.world // run.ctx.data_ranks  # the pipeline ranks that hold the same rows
+    total = run.ctx.all_reduce_(counts.sum()).item() / copies
     return [c * run.ctx.data_ranks / max(total, 1.0) for c in counts.tolist()]
 
 

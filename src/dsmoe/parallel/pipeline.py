@@ -115,14 +115,15 @@ class StageInfo:
     first: bool
     last: bool
     moe_ids: list[int] = field(default_factory=list)  # its MoE layers, as indices among all MoE layers
-    weight: float = 1.0
-    aux_weight: float = 1.0
+    weight: float | torch.Tensor = 1.0  # on a pipeline micro-batch's mean loss, per trained target it holds
+    aux_weight: float = 1.0   # on its aux loss
     losses: list[torch.Tensor] = field(default_factory=list)
     aux: list[torch.Tensor] = field(default_factory=list)
     load: list[torch.Tensor] = field(default_factory=list)
     maxvio: list[torch.Tensor] = field(default_factory=list)
 
-    def begin(self, weight: float, aux_weight: float) -> None:
+    def begin(self, weight: float | torch.Tensor, aux_weight: float) -> None:
+        """weight: per trained target (a pipeline micro-batch's mean loss counts its targets times this)."""
         self.weight, self.aux_weight = weight, aux_weight
         for records in (self.losses, self.aux, self.load, self.maxvio):
             records.clear()
@@ -214,7 +215,7 @@ def _stage_forward(self: MoETransformer, x: torch.Tensor, tokens_BS: torch.Tenso
         aux = aux + self._mtp_loss(tokens_BS, targets_BS, h_BSD, docs_BS)
         aux = aux + sum((m.aux_loss for m in moe_layers(self.mtp)), aux.new_zeros(()))
     info.aux.append(aux.detach())
-    return loss * info.weight + aux * info.aux_weight
+    return loss * (targets_BS != -1).sum() * info.weight + aux * info.aux_weight
 
 
 # ---- the context ------------------------------------------------------------------------------------------
@@ -326,9 +327,9 @@ class PipelineContext(MeshContext):
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
              weight: float, aux_weight: float, train: bool) -> None:
         schedule = self._schedule(model, x)
-        M = self.microbatches
-        for info in stages_of(model).values():
-            info.begin(weight / M, aux_weight / M)
+        M, targets = self.microbatches, (y != -1).sum().clamp(min=1)
+        for info in stages_of(model).values():  # the micro-batch's loss = its targets' mean: per target weight / n
+            info.begin(weight / targets, aux_weight / M)
         kwargs: dict[str, Any] = {"tokens_BS": x, "targets_BS": y, **({"docs_BS": docs} if docs is not None else {})}
         args = (x,) if self.pp_rank == 0 else ()
         if train:
@@ -349,7 +350,9 @@ class PipelineContext(MeshContext):
         with amp():
             self._run(model, x, y, docs, weight, aux_weight, train=True)
         infos, zero, M = stages_of(model).values(), torch.zeros((), device=self.device), self.microbatches
-        loss = sum((t for info in infos for t in info.losses), zero) * weight / M
+        counts = [(c != -1).sum() for c in y.chunk(M)]
+        losses = [t for info in infos for t in info.losses]  # the last stage's, one per pipeline micro-batch
+        loss = sum((t * c for t, c in zip(losses, counts)), zero) * weight / max(sum(counts), 1)
         return loss, sum((t for info in infos for t in info.aux), zero) / M
 
     def forward_loss(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
