@@ -11,7 +11,8 @@ names. Dense Llama/Qwen2/Qwen3 read the same way, as models without MoE (what `d
                 norm_topk_prob, routed_scaling_factor                              optional q/k norm per head
     dots1       as glm4_moe                              n_shared_experts          GQA, q/k RMSNorm per head
 
-Every family stores rotary dims as halves (Llama's rotate_half): `rope_interleave=False`. What dsmoe cannot
+Every family stores rotary dims as halves (Llama's rotate_half): `rope_interleave=False`. attention_bias puts biases
+on q/k/v, and on o_proj too in Llama, Qwen3(-MoE), OLMoE and dots1 (`o_bias`). What dsmoe cannot
 compute exactly (sliding-window attention, clip_qkv, another activation, MLP biases, rope scaling other than
 yarn) is refused naming the field. GLM-4.5's multi-token-prediction layer is left out, as transformers leaves it.
 """
