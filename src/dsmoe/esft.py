@@ -58,7 +58,7 @@ from dsmoe.experts import GroupedExperts
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import MoE
 from dsmoe.paths import folder_file
-from dsmoe.pretrained import INDEX, PretrainedError, key_map, read_json
+from dsmoe.pretrained import _headers, _shards, key_map, read_json
 
 REACH_TOLERANCE = 1e-9       # a sum within this of p has reached it (float rounding of the scores' sums)
 SELECTION_FILE = "esft.json"  # in the run directory: the experts a run trains (read again on --resume)
@@ -446,18 +446,8 @@ def _check_base(base: Path, files: dict[str, Path], adapter: dict[str, torch.Ten
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """key -> the safetensors file of a HuggingFace folder that holds it (the index's, else model.safetensors)."""
-    if (folder / INDEX).exists():
-        index = read_json(folder, INDEX)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise PretrainedError(f"{folder / INDEX} has no weight_map")
-        return {k: folder_file(folder, v, f"{INDEX} entry {k!r}") for k, v in weight_map.items()}
-    path = folder_file(folder, "model.safetensors")
-    if not path.is_file():
-        raise PretrainedError(f"{folder} holds no model.safetensors (nor {INDEX}): not a HuggingFace folder")
-    with safe_open(str(path), "pt") as f:
-        return dict.fromkeys(f.keys(), path)
+    """key -> the safetensors file of a HuggingFace folder that holds it, as dsmoe.pretrained reads the folder."""
+    return {key: file for key, (file, _, _) in _headers(_shards(folder)).items()}
 
 
 def _tensors_sha256(folder: Path, keys: Sequence[str], files: dict[str, Path]) -> str:

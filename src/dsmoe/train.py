@@ -31,12 +31,12 @@ from dsmoe.config import ModelConfig, TrainConfig
 from dsmoe.data import Corpus, build_tokenizer, load_corpus, parse_data
 from dsmoe.esft import Selection as ESFTSelection
 from dsmoe.evaluate import autocast, evaluate
-from dsmoe.memory import check_layout_memory, check_step_memory, rank_memory, step_memory
+from dsmoe.memory import rank_memory, step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import Context, init_context, launch_world, layout_for_launch
 from dsmoe.parallel.fsdp import init_optimizer_state, local, training_tensors
-from dsmoe.parallel.pipeline import PipelineContext, describe_split, n_stages, split_layers
+from dsmoe.parallel.pipeline import describe_split, n_stages, split_layers
 from dsmoe.prepare import is_prepared
 from dsmoe.presets import apply_sets, build_configs
 from dsmoe.pretrained import hf_model_config, load_hf_weights, save_pretrained
@@ -234,11 +234,7 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig) -> Run:
                        settings={"model": model_cfg.to_dict(), "train": cfg.to_dict()},
                        pipeline_parallel=cfg.pipeline_parallel, schedule=cfg.schedule, microbatches=cfg.microbatches)
     try:  # refused here, not killed by the OOM killer later; every rank alike (the least memory of any)
-        available = ctx.least(rank_memory(cfg.device))
-        if isinstance(ctx, PipelineContext):  # its stages hold the model: the planner's per-stage figure
-            check_layout_memory(model_cfg, cfg, available, pp=ctx.pp, dp=ctx.dp, ep=ctx.ep)
-        else:
-            check_step_memory(model_cfg, cfg, available, world=ctx.world, ep=ctx.ep)
+        ctx.check_memory(model_cfg, cfg, ctx.least(rank_memory(cfg.device)))
     except ValueError:
         ctx.close()
         raise

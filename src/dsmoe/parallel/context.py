@@ -26,6 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.memory import check_step_memory
 from dsmoe.model import Block, MoETransformer
 from dsmoe.parallel.comm import end_process_groups, init_distributed
 from dsmoe.parallel.expert_parallel import expert_parameter_names
@@ -82,6 +84,10 @@ class Context(abc.ABC):
     def layer_mean_(self, t_L: torch.Tensor) -> torch.Tensor:
         """A per-layer statistic as the log shows it: this rank's own (every rank has every layer)."""
         return t_L
+
+    def check_memory(self, model_cfg: ModelConfig, train_cfg: TrainConfig, available: int | None) -> None:
+        """Refuse a run whose training step would not fit in `available` bytes on each rank (dsmoe.memory)."""
+        check_step_memory(model_cfg, train_cfg, available, world=self.world, ep=self.ep)
 
     def all_reduce_layers_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place: the sum over the ranks that hold the same layers (the loss-free balancing counts)."""

@@ -34,8 +34,8 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
 from dsmoe import memory
-from dsmoe.config import ModelConfig
-from dsmoe.memory import split_blocks
+from dsmoe.config import ModelConfig, TrainConfig
+from dsmoe.memory import check_layout_memory, split_blocks
 from dsmoe.model import Block, MoETransformer, next_token_loss
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import MeshContext
@@ -344,13 +344,17 @@ class PipelineContext(MeshContext):
         else:
             schedule.eval(*args, target=y, return_outputs=False, **kwargs)
 
+    def _targets(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The trained targets of each pipeline micro-batch of y."""
+        return [(c != -1).sum() for c in y.chunk(self.microbatches)]
+
     def forward_backward(self, model: MoETransformer, x: torch.Tensor, y: torch.Tensor, docs: torch.Tensor | None,
                          weight: float, aux_weight: float,
                          amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         with amp():
             self._run(model, x, y, docs, weight, aux_weight, train=True)
         infos, zero, M = stages_of(model).values(), torch.zeros((), device=self.device), self.microbatches
-        counts = [(c != -1).sum() for c in y.chunk(M)]
+        counts = self._targets(y)
         losses = [t for info in infos for t in info.losses]  # the last stage's, one per pipeline micro-batch
         loss = sum((t * c for t, c in zip(losses, counts)), zero) * weight / max(sum(counts), 1)
         return loss, sum((t for info in infos for t in info.aux), zero) / M
@@ -359,7 +363,7 @@ class PipelineContext(MeshContext):
                      amp: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         with amp():
             self._run(model, x, y, docs, 1.0, 1.0, train=False)
-        counts = [(c != -1).sum() for c in y.chunk(self.microbatches)]
+        counts = self._targets(y)
         last = [info for info in stages_of(model).values() if info.last]
         if not last:
             return torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long)
@@ -379,6 +383,10 @@ class PipelineContext(MeshContext):
                 load[info.moe_ids] = torch.stack(info.load).sum(0)
                 maxvio[info.moe_ids] = torch.stack(info.maxvio).mean(0)
         return {"tokens_per_expert": load, "maxvio": maxvio}
+
+    def check_memory(self, model_cfg: ModelConfig, train_cfg: TrainConfig, available: int | None) -> None:
+        """The planner's figure for this layout's busiest pipeline rank: its stages hold the model."""
+        check_layout_memory(model_cfg, train_cfg, available, pp=self.pp, dp=self.dp, ep=self.ep)
 
     def layer_mean_(self, t_L: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_(t_L.clone()).div_(self.data_ranks)
