@@ -148,7 +148,8 @@ def test_bench_ep_measures_layer_layouts_and_checkpoints(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_pp_times_each_schedule_beside_one_process(tmp_path, capsys):
     """`dsmoe bench pp` end to end at micro sizes: the one-process row, then a row per schedule and micro-batch
-    count with a bubble in [0, 1) beside the planner's; 1F1B with fewer micro-batches than stages is skipped."""
+    count with a bubble in [0, 1) beside the planner's, and each rank's allocated memory beside the planner's figure;
+    1F1B with fewer micro-batches than stages is skipped."""
     out = tmp_path / "pp.json"
     assert main(["bench", "pp", "--pp", "1", "2", "--microbatches", "1", "2", "--preset", "debug", "--layers", "2",
                  "--batch-size", "4", "--seq-len", "16", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
@@ -158,6 +159,9 @@ def test_bench_pp_times_each_schedule_beside_one_process(tmp_path, capsys):
     for r in rows[1:]:
         assert 0 <= r["bubble"] < 1 and r["planner_bubble"] == pytest.approx(1 / (r["microbatches"] + 1))
         assert r["step_ms"] > 0 and r["peak_rss_mb"] > 0
+    for r in rows:  # every rank's allocated peak beside the planner's figure for it
+        assert len(r["allocated_mb"]) == len(r["planner_mb"]) == r["pp"]
+        assert all(a > 0 for a in r["allocated_mb"]) and all(p > 0 for p in r["planner_mb"])
     assert "planner" in capsys.readouterr().out
     assert main(["bench", "pp", "--pp", "3", "--preset", "debug", "--layers", "2"]) == 1
     assert "--pp 3 must be between 1 and --layers 2" in capsys.readouterr().out

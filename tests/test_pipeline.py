@@ -35,11 +35,13 @@ def test_stages_are_contiguous_balanced_and_cover_every_block():
 @pytest.mark.parametrize("args,match", [
     ((4, 2, 1, "bfs", 0, 8), r"--schedule bfs is not available; choose one of gpipe, 1f1b, interleaved, zb, "
                             r"dualpipev"),
-    ((4, 2, 1, "dualpipev", 2, 8), r"--microbatches 2 is fewer than the 4 stages: DualPipeV needs"),
+    ((2, 2, 1, "dualpipev", 2, 8), r"--microbatches 2 is fewer than the 4 stages: DualPipeV needs"),
     ((8, 4, 1, "interleaved", 9, 18), r"--microbatches 9 must be a multiple of its rounds \(2 = M // pp\)"),
     ((4, 3, 1, "1f1b", 0, 8), r"--pipeline-parallel 3 x --expert-parallel 1 must divide the 4 processes"),
     ((4, 2, 2, "1f1b", 1, 8), r"--microbatches 1 is fewer than the 2 pipeline ranks: 1f1b needs"),
     ((4, 2, 1, "gpipe", 3, 8), r"batch_size=8 must split over the 2 data ranks .* into 3 equal micro-batches"),
+    ((4, 2, 2, "zb", 2, 8), r"--schedule zb runs on --pipeline-parallel alone .* not on the 2 data ranks"),
+    ((4, 2, 1, "dualpipev", 4, 8), r"--schedule dualpipev runs on --pipeline-parallel alone"),
 ])
 def test_bad_layouts_are_refused_before_any_process_group(args, match):
     with pytest.raises(ValueError, match=match):

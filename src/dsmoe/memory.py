@@ -17,7 +17,6 @@ from pathlib import Path
 
 from dsmoe.config import ModelConfig, MoEConfig, TrainConfig
 
-ACTIVATION_OVERHEAD = 1.15  # backward's temporaries beyond the ones counted (fitted: see step_memory)
 STATE_BYTES = 16  # a parameter's fp32 weight (the master copy: bf16 autocast casts per op), fp32 gradient and
 #                   AdamW's two fp32 moments (exp_avg, exp_avg_sq): 4 + 4 + 8
 HIDDEN_BYTES = 4  # the residual stream (between blocks and between pipeline stages) and the hidden states the
@@ -36,6 +35,10 @@ class Unit:
     #                        `acts` in backward, one block at a time
     expert: int = 0        # the parameters of one routed expert (3*D*F) ...
     experts: int = 0       # ... and how many the unit has (split over the ep ranks, reached by all-to-alls)
+    transient: int = 0     # numbers per token its backward alone adds, one micro-batch at a time
+    weight_grads: int = 0  # numbers per token a split backward (zb, dualpipev) keeps from the input pass to the
+    #                        weight pass: the output gradients its weights' gradients are computed from (dsmoe's
+    #                        routed experts compute theirs in the input pass: one autograd node)
 
     def local(self, ep: int) -> int:
         """Parameters one rank of an expert-parallel group of ep computes with: its 1/ep of the routed experts."""
@@ -46,20 +49,28 @@ def model_units(model_cfg: ModelConfig, vocab_size: int, ep: int = 1) -> list[Un
     """The model's units in pipeline order with the activations step_memory describes (an MoE block under ep > 1
     also keeps the hidden states the dispatch sent it). Their parameters sum to num_params() at vocab_size."""
     cfg, D, V, moe = model_cfg, model_cfg.dim, vocab_size, model_cfg.moe
-    attn = 10 * D
-    dense = Unit("dense block", cfg.block_params(3 * D * cfg.dense_hidden), attn + 3 * D + 4 * cfg.dense_hidden, True)
+    attn = 8 * D  # its norm's input and output, the projections' input, q, k, v, the attention output and its copy
+    ffn_norm = 3 * D  # the FFN's norm: input, output, and the output the FFN's first projections keep
+    attn_dys = 6 * D  # the output gradients of q, k, v, o and of the two norms' weights
+    H = cfg.dense_hidden
+    dense = Unit("dense block", cfg.block_params(3 * D * H), attn + ffn_norm + 4 * H, block=True,
+                 weight_grads=attn_dys + 2 * H + D)
     routed = dense
     if moe is not None:
         received = min(moe.top_k, ep) * D if ep > 1 else 0
+        shared = 2 * moe.shared_width + D if moe.shared_width else 0
         routed = Unit("MoE block", cfg.block_params(moe.num_params()),
-                      attn + 3 * D + 2 * moe.n_routed_experts + moe.top_k * (2 * moe.expert_dim + 3)
-                      + 4 * moe.shared_width + received, True, 3 * D * moe.expert_dim, moe.n_routed_experts)
-    output = 2 * D + 4 * V  # final norm; logits, their log-softmax, and in backward the gradients of both
-    units = [Unit("embedding", V * D, D)]  # its output
+                      attn + ffn_norm + D + 2 * moe.n_routed_experts + moe.top_k * (2 * moe.expert_dim + 3)
+                      + 4 * moe.shared_width + received, block=True, expert=3 * D * moe.expert_dim,
+                      experts=moe.n_routed_experts, weight_grads=attn_dys + moe.n_routed_experts + shared)
+    output = 3 * D + V  # the final norm and the head's input, the log-softmax of the logits; in backward the
+    #                     gradients of the log-softmax and the logits
+    units = [Unit("embedding", V * D, 0)]  # its output is the first block's input, which the block counts
     units += [dataclasses.replace(routed if cfg.is_moe(i) else dense, name=f"block {i}") for i in range(cfg.n_layers)]
-    units.append(Unit("head", D + (0 if cfg.tie_embeddings else V * D), output))
+    units.append(Unit("head", D + (0 if cfg.tie_embeddings else V * D), output, transient=2 * V, weight_grads=V + D))
     for d in range(cfg.mtp_layers):  # enorm and hnorm outputs, their concatenation, eh_proj's output, the
-        units.append(Unit(f"mtp {d}", cfg.mtp_own_params(), 6 * D + output))  # shifted tokens' embedding
+        units.append(Unit(f"mtp {d}", cfg.mtp_own_params(), 6 * D + output, transient=2 * V,  # shifted
+                          weight_grads=4 * D + V))                                           # tokens' embedding
         units.append(dataclasses.replace(routed, name=f"mtp {d} block"))  # MoE whenever the model has MoE
     return units
 
@@ -73,6 +84,7 @@ class _Run:
     number: int    # bytes per activation: 4 on cpu (fp32), 2 on cuda (bf16 autocast)
     ac: bool       # activation checkpointing
     mask: int      # bytes of doc_mask's block-causal mask, one bool per query and key, kept once per forward
+    split_backward: bool = False  # the schedule runs a stage's input and weight backward apart (zb, dualpipev)
 
 
 def _run(model_cfg: ModelConfig, train_cfg: TrainConfig) -> _Run:
@@ -81,17 +93,22 @@ def _run(model_cfg: ModelConfig, train_cfg: TrainConfig) -> _Run:
                 S * S if train_cfg.doc_mask else 0)
 
 
-def _activations(run: _Run, chunks: list[tuple[list[Unit], bool, int]]) -> int:
-    """Bytes one sequence of each micro-batch in flight keeps on a rank. chunks: (its units, whether it sends its
-    output to a next stage, micro-batches in flight). Each keeps its units' activations per micro-batch (a block
-    only its input under activation checkpointing) and its output until that micro-batch's backward; under
-    activation checkpointing one block's activations are recomputed at a time."""
+def _activations(run: _Run, chunks: list[tuple[list[Unit], int, int]]) -> int:
+    """Bytes one sequence of each micro-batch in flight keeps on a rank. chunks: (its units, its hidden states
+    between stages, micro-batches in flight): the output it sends a next stage, kept until that micro-batch's
+    backward (+1), and the input it receives (-1: its first block keeps the receive buffer, counted apart, not a
+    copy). Each keeps its units' activations per micro-batch (a block only its input under activation
+    checkpointing); under activation checkpointing one block's activations are recomputed at a time."""
     def kept(u: Unit) -> int:
         return run.dim if run.ac and u.block else u.acts
-    per_token = sum(n * (sum(map(kept, units)) + (run.dim if sends else 0)) for units, sends, n in chunks)
-    if run.ac:
-        per_token += max((u.acts for units, _, _ in chunks for u in units if u.block), default=0)
-    return int(ACTIVATION_OVERHEAD * per_token * run.seq_len * run.number) + sum(n for *_, n in chunks) * run.mask
+
+    def transient(u: Unit) -> int:  # under activation checkpointing a block's backward recomputes its activations
+        return u.acts if run.ac and u.block else u.transient
+    per_token = sum(n * (sum(map(kept, units)) + edges * run.dim) for units, edges, n in chunks)
+    per_token += max((transient(u) for units, _, _ in chunks for u in units), default=0)
+    if run.split_backward:  # a chunk's input pass keeps what its weight pass needs: one chunk's at a time
+        per_token += max(sum(u.weight_grads for u in units) for units, _, _ in chunks)
+    return per_token * run.seq_len * run.number + sum(n for *_, n in chunks) * run.mask
 
 
 def _state(params: int, ranks: int) -> int:
@@ -100,10 +117,8 @@ def _state(params: int, ranks: int) -> int:
     return -(-STATE_BYTES * params // ranks)
 
 
-def _gathered(units: list[Unit], ep: int, pipelined: bool = False) -> int:
-    """What FSDP2 gathers on one rank of several: see gathered_bytes; pipelined, the whole stage (see plan)."""
-    if pipelined:
-        return 8 * sum(u.local(ep) for u in units)
+def _gathered(units: list[Unit], ep: int) -> int:
+    """What FSDP2 gathers on one rank of several: see gathered_bytes (pipelined: see layout_plan)."""
     root = sum(u.local(ep) for u in units if not u.block)
     return 8 * root + 12 * max((u.local(ep) for u in units if u.block), default=0)
 
@@ -117,24 +132,28 @@ def step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, *, world: int = 
     sharded over dp, everything else FSDP2-sharded over all ranks) every parameter lives on exactly one rank, so
     a rank holds 16/world bytes per parameter, plus the full-size copies FSDP2 gathers to compute with
     (`gathered_bytes`).
-    per_sequence: the activations one sequence of a micro-batch keeps for backward, seq_len tokens of
-      attention ~10*D numbers per block (norm input and output, q, k, v before and after rotary, the
-      attention output and its reshaped copy), a dense FFN 3*D + 4*H (norm, gate, up, silu, hidden), an MoE
-      FFN 3*D + 2*E (logits, scores) + K*(2*F + 3) (the routed experts keep only their two pre-activations,
-      plus weight, id and token index) + 4*N_s*F (the shared experts), and the output layer 2*D + 4*V
-      (final norm; logits, their log-softmax, and in backward the gradients of both); each MTP depth adds a
-      block, 6*D (enorm and hnorm outputs, their concatenation, eh_proj's output, the shifted tokens' embedding)
-      and an output layer; times ACTIVATION_OVERHEAD for backward's other temporaries, at 4 bytes a number
-      (2 on cuda, under bf16 autocast). With ep > 1 an MoE layer also keeps the hidden states it received, a
-      token's once for each rank it reaches (at most min(K, ep)). Each rank trains on batch_size / world of the
-      sequences, and under balanced routing its experts compute as many assignments as its own tokens make.
+    per_sequence: the activations one sequence of a micro-batch keeps for backward, seq_len tokens of, per
+      block: attention 8*D (its norm's input and output, the projections' input, q, k, v, the attention output
+      and its reshaped copy), the FFN's norm 3*D (input, output and the copy its first projections keep), then a
+      dense FFN 4*H (gate, up, silu, hidden) or an MoE FFN D + 2*E (the router's input, logits, scores) +
+      K*(2*F + 3) (the routed experts keep only their two pre-activations, plus weight, id and token index) +
+      4*N_s*F (the shared experts); the output layer 3*D + V (the final norm, the head's input, the logits'
+      log-softmax), and in its backward 2*V more for one micro-batch (the gradients of the log-softmax and the
+      logits); each MTP depth adds a block, 6*D (enorm and hnorm outputs, their concatenation, eh_proj's output,
+      the shifted tokens' embedding) and an output layer. 4 bytes a number (2 on cuda, under bf16 autocast).
+      With ep > 1 an MoE layer also keeps the hidden states it received, a token's once for each rank it reaches
+      (at most min(K, ep)). Each rank trains on batch_size / world of the sequences, and under balanced routing
+      its experts compute as many assignments as its own tokens make.
     With activation checkpointing a block keeps only its input (D) and recomputes the rest in backward,
     where one block's activations live at a time.
     Micro-batches run one after the other, so grad_accum does not add; attention is the fused kernel, whose
-    memory is linear in seq_len (with doc_mask its block-causal mask adds seq_len^2 bytes a sequence). Against
-    the peak RSS of CPU training steps (debug and tiny presets, vocabularies of 260 and 2048, batch 4 to 68) the
-    activation estimate is within 10%: good enough to refuse a batch that cannot fit, not to predict the peak to
-    the byte. `plan` is this estimate per pipeline stage.
+    memory is linear in seq_len (with doc_mask its block-causal mask adds seq_len^2 bytes a sequence). The
+    counts are what torch's autograd saves in dsmoe's model (read with saved-tensor hooks), nothing fitted.
+    Against the bytes allocated at the peak of CPU training steps (malloc's count, sampled after every op:
+    what torch.cuda.max_memory_allocated is on a GPU) the activations per sequence are within 5% (tiny and
+    debug presets), and `plan`'s per-rank figures for pipelined runs within 15% (tests/test_plan.py).
+    The peak RSS is higher: glibc keeps freed heap memory, and MKL caches its buffers. `plan` is this estimate
+    per pipeline stage.
     """
     state, gathered = _fixed(model_cfg, train_cfg, world, ep)
     return state + gathered, _per_sequence(model_cfg, train_cfg, ep)
@@ -176,7 +195,7 @@ def gathered_bytes(model_cfg: ModelConfig, vocab_size: int, ep: int = 1) -> int:
 def _per_sequence(model_cfg: ModelConfig, train_cfg: TrainConfig, ep: int) -> int:
     """The activations of one sequence (see step_memory), in bytes: the whole model as one stage."""
     units = model_units(model_cfg, _vocab(model_cfg, train_cfg), ep)
-    return _activations(_run(model_cfg, train_cfg), [(units, False, 1)])
+    return _activations(_run(model_cfg, train_cfg), [(units, 0, 1)])
 
 
 def available_memory(device: str) -> int | None:
@@ -268,6 +287,7 @@ def check_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available:
 SCHEDULES = {  # --schedule -> the torch.distributed.pipelining schedule class name (get_schedule_class)
     "gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb": "ZBVZeroBubble",
     "dualpipev": "DualPipeV"}
+SPLIT_BACKWARD = ("zb", "dualpipev")  # schedules that run a stage's input and weight backward apart
 GB = 10**9  # plans speak of GB, as GPU memory is sold
 
 
@@ -362,7 +382,8 @@ class MemorySplit:
     """One GPU's memory at its peak, in bytes, by what holds it."""
 
     params: int              # its shard of the fp32 weights (4 of the 16 bytes a parameter)
-    grads: int               # its shard of the fp32 gradients (4)
+    grads: int               # its shard of the fp32 gradients (4); none at a pipeline rank's peak that comes before
+    #                          its first backward of the step (and FSDP2's unsharded gradients are not gathered yet)
     adamw: int               # its shard of AdamW's two fp32 moments (8)
     gathered: int            # the full-size weights (and gradients) FSDP2 gathers on it
     activations: int         # one micro-batch's activations, with activation checkpointing as the run sets it
@@ -389,6 +410,8 @@ class LayoutPlan:
     #                                embedding, the last the head and the MTP modules
     peak_stage: int                # the pipeline rank whose memory `memory` is (the highest)
     memory: MemorySplit
+    ranks: tuple[MemorySplit, ...]  # each pipeline rank's memory (a rank of each stage: the dp x ep ranks of one
+    #                                 stage hold the same)
     a2a_token: tuple[int, int]     # bytes one token's dispatch sends in one MoE layer: (group-limited, unlimited)
     a2a_step: int                  # bytes the busiest GPU sends in all-to-alls in a step (group-limited): dispatch
     #                                and combine, forward, backward, and the recomputed forward under AC
@@ -401,10 +424,11 @@ class LayoutPlan:
 
 
 def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int, ep: int, schedule: str = "1f1b",
-                microbatches: int | None = None, stages_per_rank: int = 2) -> LayoutPlan:
+                microbatches: int | None = None, stages_per_rank: int = 2, accumulate: bool = False) -> LayoutPlan:
     """Memory, communication and bubble of one layout (see plan). The global batch is train_cfg's batch_size x
     grad_accum sequences; each of a stage's dp x ep ranks trains on its share, in `microbatches` micro-batches
-    (default: one sequence per rank in each)."""
+    (default: one sequence per rank in each). accumulate: the step runs the schedule more than once, so the
+    gradients of the first run are held through the next ones' peaks."""
     v, ranks, moe = stages_per_rank, dp * ep, model_cfg.moe
     batch = train_cfg.batch_size * train_cfg.grad_accum
     M = microbatches or -(-batch // ranks)
@@ -415,28 +439,41 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
         raise ValueError(f"pp={pp} is invalid: {n_chunks} pipeline stages for {model_cfg.n_layers} blocks")
     units = model_units(model_cfg, _vocab(model_cfg, train_cfg), ep)
     chunks, blocks = _chunks(model_cfg, units, n_chunks, placement)
-    run, flights = _run(model_cfg, train_cfg), in_flight(schedule, pp, M, v)
+    run = dataclasses.replace(_run(model_cfg, train_cfg), split_backward=pp > 1 and schedule in SPLIT_BACKWARD)
+    flights = in_flight(schedule, pp, M, v)
     D, S = model_cfg.dim, run.seq_len
     splits, sent = [], []
     for r, own in enumerate(placement):
         held = [u for c in own for u in chunks[c]]
         params = sum(u.params for u in held)
         state, shard = _state(params, ranks), -(-4 * params // ranks)
-        gathered = _gathered(held, ep, pipelined=pp > 1) if ranks > 1 else 0
-        flying = [(chunks[c], c < n_chunks - 1, n) for c, n in zip(own, flights[r])]
-        one = [(units_c, sends, 1) for units_c, sends, _ in flying]
+        # the gradients at the peak: a rank that runs more forwards than it holds at its peak reaches it again
+        # after its first backward, which is its last chunk's; one that holds every forward at once (GPipe) peaks
+        # in its first backward, once a block has made its gradient
+        blocks_held = [u for u in held if u.block]
+        with_grads = held if pp == 1 or accumulate else chunks[own[-1]] if M * len(own) > sum(flights[r]) else \
+            [max(blocks_held, key=lambda u: u.local(ep))] if blocks_held else []
+        grads = -(-4 * sum(u.params for u in with_grads) // ranks)
+        if ranks == 1:
+            gathered = 0
+        elif pp > 1 and len(own) == 1:  # torch drives FSDP2 on a stage module: unsharded until the last backward
+            gathered = 4 * sum(u.local(ep) for u in [*held, *with_grads])
+        else:  # one process, or two stages a rank (dsmoe's views of one model): FSDP2 block by block
+            gathered = _gathered(held, ep)
+        flying = [(chunks[c], (c < n_chunks - 1) - (c > 0), n) for c, n in zip(own, flights[r])]
+        one = [(units_c, edges, 1) for units_c, edges, _ in flying]
         with_ac, without = (mb * _activations(dataclasses.replace(run, ac=ac), one) for ac in (True, False))
         activations = with_ac if run.ac else without
         buffers = sum((c > 0) + (c < n_chunks - 1) for c in own) * M * mb * S * D * HIDDEN_BYTES
         pipeline = mb * _activations(run, flying) - activations + buffers
-        splits.append(MemorySplit(shard, shard, state - 2 * shard, gathered, activations, without, with_ac, pipeline))
+        splits.append(MemorySplit(shard, grads, state - 2 * shard, gathered, activations, without, with_ac, pipeline))
         moe_layers = sum(u.experts > 0 for u in held)
         passes = 2 * (3 if run.ac else 2)  # dispatch and combine; forward, backward (and the recomputed forward)
         sent.append(M * mb * S * moe_layers * a2a_copies(moe, ep) * D * HIDDEN_BYTES * passes)
     peak = max(range(pp), key=lambda r: splits[r].total)
     per_token = tuple(a2a_copies(moe, ep, limited) * D * HIDDEN_BYTES for limited in (True, False))
-    return LayoutPlan(pp, dp, ep, schedule, M, mb, blocks, peak, splits[peak], (per_token[0], per_token[1]), max(sent),
-                      bubble(schedule, pp, M, v),
+    return LayoutPlan(pp, dp, ep, schedule, M, mb, blocks, peak, splits[peak], tuple(splits),
+                      (per_token[0], per_token[1]), max(sent), bubble(schedule, pp, M, v),
                       _problem(model_cfg, batch, pp, ep, ranks, M, microbatches is not None, schedule, v))
 
 
@@ -447,7 +484,8 @@ def check_layout_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, availabl
     if available is None:
         return
     M = train_cfg.microbatches or pp
-    p = layout_plan(model_cfg, dataclasses.replace(train_cfg, grad_accum=1), pp, dp, ep, train_cfg.schedule, M)
+    p = layout_plan(model_cfg, dataclasses.replace(train_cfg, grad_accum=1), pp, dp, ep, train_cfg.schedule, M,
+                    accumulate=train_cfg.grad_accum > 1)
     need = p.memory.total
     if need <= available:
         return
@@ -498,6 +536,8 @@ def _problem(model_cfg: ModelConfig, batch: int, pp: int, ep: int, ranks: int, M
         return f"1F1B needs at least pp={pp} micro-batches, got {M}"
     if pp > 1 and schedule == "interleaved" and M % max(1, M // pp):
         return f"Interleaved1F1B needs micro-batches ({M}) to be a multiple of their rounds ({max(1, M // pp)})"
+    if pp > 1 and schedule in SPLIT_BACKWARD and ranks > 1:
+        return f"{SCHEDULES[schedule]} runs on one process a stage: torch's weight pass does not find FSDP2's weights"
     if pp > 1 and schedule == "dualpipev" and M < 2 * pp:
         return f"DualPipeV needs at least 2 x pp={2 * pp} micro-batches, got {M}"
     return ""
@@ -530,14 +570,21 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, gpus: int, gpu_memory: 
     busiest GPU leaves free, in whole GB, then by the bytes it sends in all-to-alls per step, then by bubble.
 
     Per rank of a stage (step_memory's estimate over the stage's units): its 1/(dp x ep) share of the stage's
-    weights, gradients and AdamW moments; what FSDP2 gathers, without a pipeline as step_memory says, and with one
-    the whole stage's weights and gradients unsharded at 8 bytes a parameter (routed experts 1/ep), because
-    torch's PipelineStage leaves every micro-batch's backward but the last unresharded and unreduced
-    (stage.py, backward_maybe_with_nosync); its micro-batches' activations, as many as the schedule holds in
-    flight on that rank (in_flight); and the stage's receive buffers, which torch allocates once per
-    micro-batch: the input activations of a stage after the first and the output gradients of one before the
-    last (_setup_forward_recv_info, _setup_backward_recv_info), fp32 [micro_batch, seq_len, D] each. Not counted:
-    the CUDA context and allocator fragmentation (leave a few GB), and the FSDP2 and pipeline traffic.
+    weights and AdamW moments, and of the gradients it holds at its peak; what FSDP2 gathers: without a pipeline,
+    or with two stages a rank (dsmoe's views of one model), as step_memory says, block by block; with one stage a
+    rank the whole stage's weights unsharded, and the gradients it holds at its peak, at 4 bytes a parameter each
+    (routed experts 1/ep), because torch's PipelineStage leaves every micro-batch's backward but the last
+    unresharded and unreduced (stage.py, backward_maybe_with_nosync); its micro-batches' activations, as many as
+    the schedule holds in flight on that rank (in_flight), and under a split backward (zb, dualpipev) the output
+    gradients one chunk's input pass keeps for its weight pass; and the stage's receive buffers, which torch
+    allocates once per micro-batch: the input activations of a stage after the first and the output gradients of
+    one before the last (_setup_forward_recv_info, _setup_backward_recv_info), fp32 [micro_batch, seq_len, D]
+    each. The gradients at a rank's peak: all of them without a pipeline or with grad_accum; with one, those of
+    the rank's last chunk where the rank runs more forwards than it holds at once (its peak comes back after that
+    chunk's first backward), else (GPipe, the first ranks of 1F1B at M = pp) one block's (its peak is in its first
+    backward). Against real CPU runs (tests/test_plan.py) every rank within 15%. Not counted: the CUDA context
+    and allocator fragmentation (leave a few GB), routing imbalance (a rank's experts may receive more than
+    their share), and the FSDP2 and pipeline traffic.
     A ValueError when no layout can run, or none fits, naming the smallest memory any layout needs."""
     candidates = layouts(model_cfg, train_cfg, gpus, schedule, microbatches, stages_per_rank)
     runnable = [p for p in candidates if not p.problem]

@@ -273,26 +273,32 @@ def _pp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    p.add_argument("--dp", type=int, default=d.dp, help="data-parallel ranks of each stage (pp > 1)")
+    p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel ranks of each stage (pp > 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
 def _pp(args: argparse.Namespace) -> int:
-    check_at_least(args, 1, "layers", "batch_size", "seq_len", "repeats")
+    check_at_least(args, 1, "layers", "batch_size", "seq_len", "repeats", "dp", "ep")
     check_at_least(args, 0, "warmup")
     settings = _settings(pp.PipelineSettings, args)
     pp.check(settings, args.pp, args.microbatches)
     print(f"machine: {layer.machine('cpu')}; 1-min load average {train.loadavg()} ({os.cpu_count()} CPUs)")
-    print(f"{settings.preset} with {settings.layers} blocks, global batch {settings.batch_size} x {settings.seq_len}, "
-          f"whole training steps, median of {settings.repeats}; one thread a process; bubble: the share of a step "
-          "a rank waits on its peers (mean over ranks), planner: dsmoe.memory.bubble\n" + pp.HEADER)
+    stage = f", each stage on dp {settings.dp} x ep {settings.ep} ranks" if settings.dp * settings.ep > 1 else ""
+    print(f"{settings.preset} with {settings.layers} blocks, global batch {settings.batch_size} x {settings.seq_len}"
+          f"{stage}, whole training steps, median of {settings.repeats}; one thread a process; bubble: the share of "
+          "a step a rank waits on its peers (mean over ranks), planner: dsmoe.memory.bubble; allocated: malloc's peak "
+          "in the first two steps beside dsmoe.memory.layout_plan's figure for the rank\n" + pp.HEADER)
     rows: list[dict] = []
     for stages in sorted(set(args.pp)):
         for schedule in args.schedules if stages > 1 else ["-"]:
             for M in args.microbatches if stages > 1 else [1]:
                 two = schedule in ("interleaved", "zb", "dualpipev")  # stages a rank
                 if schedule != "gpipe" and M < stages or two and settings.layers < 2 * stages or \
-                        schedule == "dualpipev" and M < 2 * stages:
-                    continue  # a micro-batch a rank (DualPipeV: a stage), a block a stage
+                        schedule == "dualpipev" and M < 2 * stages or \
+                        schedule in ("zb", "dualpipev") and settings.dp * settings.ep > 1:
+                    continue  # a micro-batch a rank (DualPipeV: a stage), a block a stage, one process a stage
+                    #           under a split backward
                 r = pp.measure_one(settings, stages, schedule if stages > 1 else "1f1b", M)
                 rows.append(r)
                 print(pp.format_row(r, rows[0]["step_ms"]), flush=True)

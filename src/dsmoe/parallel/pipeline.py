@@ -45,6 +45,7 @@ _M = TypeVar("_M", bound=nn.Module)
 
 SCHEDULES = memory.SCHEDULES  # --schedule -> torch's schedule class name (the planner's table)
 STAGES_PER_RANK = {"interleaved": 2, "zb": 2, "dualpipev": 2}  # the others hold one stage a rank
+SPLIT_BACKWARD = memory.SPLIT_BACKWARD  # schedules that run a stage's input and weight backward apart
 
 
 def n_stages(pp: int, schedule: str) -> int:
@@ -230,6 +231,11 @@ def check_layout(world: int, pp: int, ep: int, schedule: str, microbatches: int,
         raise ValueError(f"--pipeline-parallel {pp} x --expert-parallel {ep} must divide the {world} processes "
                          f"launched (pp x dp x ep = processes); with pp {pp}, ep may be one of "
                          f"{', '.join(str(d) for d in range(1, world // pp + 1) if (world // pp) % d == 0) or 'none'}")
+    if schedule in SPLIT_BACKWARD and world > pp:
+        raise ValueError(f"--schedule {schedule} runs on --pipeline-parallel alone (one process a stage), not on the "
+                         f"{world // pp} data ranks (dp x ep) a stage would have here: torch 2.13's zero-bubble weight "
+                         "pass does not find FSDP2's unsharded weights; use 1f1b or interleaved with data or expert "
+                         "parallelism")
     M = microbatches or pp
     if schedule == "dualpipev" and M < 2 * pp:
         raise ValueError(f"--microbatches {M} is fewer than the {2 * pp} stages: DualPipeV needs at least one "
@@ -334,7 +340,7 @@ class PipelineContext(MeshContext):
         args = (x,) if self.pp_rank == 0 else ()
         if train:
             schedule.step(*args, target=y, return_outputs=False, **kwargs)
-        elif self.schedule_name in ("zb", "dualpipev"):  # their eval() still runs backward actions (torch 2.13):
+        elif self.schedule_name in SPLIT_BACKWARD:  # their eval() still runs backward actions (torch 2.13):
             with torch.enable_grad():  # a whole step of the losses weighted 0 instead, its zero gradients dropped
                 for info in stages_of(model).values():
                     info.begin(0.0, 0.0)
