@@ -102,13 +102,17 @@ def _activations(run: _Run, chunks: list[tuple[list[Unit], int, int]]) -> int:
     def kept(u: Unit) -> int:
         return run.dim if run.ac and u.block else u.acts
 
-    def transient(u: Unit) -> int:  # under activation checkpointing a block's backward recomputes its activations
-        return u.acts if run.ac and u.block else u.transient
     per_token = sum(n * (sum(map(kept, units)) + edges * run.dim) for units, edges, n in chunks)
-    per_token += max((transient(u) for units, _, _ in chunks for u in units), default=0)
+    per_token += _transient(run, [u for units, _, _ in chunks for u in units])
     if run.split_backward:  # a chunk's input pass keeps what its weight pass needs: one chunk's at a time
         per_token += max(sum(u.weight_grads for u in units) for units, _, _ in chunks)
     return per_token * run.seq_len * run.number + sum(n for *_, n in chunks) * run.mask
+
+
+def _transient(run: _Run, units: list[Unit]) -> int:
+    """Numbers per token the backward of one of `units` adds for one micro-batch at a time, at most (under
+    activation checkpointing a block's backward recomputes its activations)."""
+    return max((u.acts if run.ac and u.block else u.transient for u in units), default=0)
 
 
 def _state(params: int, ranks: int) -> int:
@@ -449,10 +453,17 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
         state, shard = _state(params, ranks), -(-4 * params // ranks)
         # the gradients at the peak: a rank that runs more forwards than it holds at its peak reaches it again
         # after its first backward, which is its last chunk's; one that holds every forward at once (GPipe) peaks
-        # in its first backward, once a block has made its gradient
+        # in its first backward. Either way a block's backward then makes a gradient (a second copy where autograd
+        # adds it into one held; FSDP2 adds into the unsharded one in place), which counts where it outweighs what
+        # that backward has freed by then: the transient of the rank's backward and the head's activations (FSDP2
+        # gathering block by block, two stages a rank, counts it already)
+        with_grads = held if pp == 1 or accumulate else chunks[own[-1]] if M * len(own) > sum(flights[r]) else []
         blocks_held = [u for u in held if u.block]
-        with_grads = held if pp == 1 or accumulate else chunks[own[-1]] if M * len(own) > sum(flights[r]) else \
-            [max(blocks_held, key=lambda u: u.local(ep))] if blocks_held else []
+        if pp > 1 and blocks_held and (ranks == 1 or len(own) == 1 and not with_grads):
+            block = max(blocks_held, key=lambda u: u.local(ep))
+            freed = _transient(run, held) + sum(u.acts for u in chunks[own[-1]] if not u.block)
+            if 4 * block.local(ep) > mb * S * run.number * freed:
+                with_grads = [*with_grads, block]
         grads = -(-4 * sum(u.params for u in with_grads) // ranks)
         if ranks == 1:
             gathered = 0

@@ -111,9 +111,10 @@ def header(model_cfg: ModelConfig, train_cfg: TrainConfig, source: str, args: ar
         f"activation checkpointing (AC): {args.ac}.",
         "Per GPU, the busiest stage's: weights fp32 (the master copy; bf16 autocast casts per op), gradients fp32, "
         "AdamW's two moments fp32: 16 B a parameter, sharded by FSDP2 over the stage's dp x ep ranks (routed experts "
-        "over ep, then dp). gathered: the full-size copies FSDP2 makes (under a pipeline the whole stage and its "
-        f"gradients, until the last micro-batch). act: one micro-batch's activations ({number}, x1.15 for backward's "
-        "temporaries) with and without AC; peak counts --ac's. pipeline: the schedule's other micro-batches in "
+        "over ep, then dp); grads: those held at the GPU's peak. gathered: the full-size copies FSDP2 makes (one "
+        "stage a GPU: the whole stage, and its gradients held at the peak, until the last micro-batch). act: one "
+        f"micro-batch's activations ({number}; what autograd saves, and the output layer's backward) with and "
+        "without AC; peak counts --ac's. pipeline: the schedule's other micro-batches in "
         "flight, and torch's receive buffers (one per micro-batch, fp32). a2a: one token's dispatch in one MoE "
         "layer with / without the group limit (at most one fp32 copy per rank reached), and the bytes the busiest "
         "GPU sends in a step (dispatch + combine; forward, backward, AC's recompute). GB = 10^9 bytes; the CUDA "
