@@ -159,9 +159,12 @@ def test_bench_pp_times_each_schedule_beside_one_process(tmp_path, capsys):
     for r in rows[1:]:
         assert 0 <= r["bubble"] < 1 and r["planner_bubble"] == pytest.approx(1 / (r["microbatches"] + 1))
         assert r["step_ms"] > 0 and r["peak_rss_mb"] > 0
-    for r in rows:  # every rank's allocated peak beside the planner's figure for it
-        assert len(r["allocated_mb"]) == len(r["planner_mb"]) == r["pp"]
-        assert all(a > 0 for a in r["allocated_mb"]) and all(p > 0 for p in r["planner_mb"])
+    from dsmoe.bench.pp import allocated
+
+    for r in rows:  # every rank's allocated peak beside the planner's figure for it (where glibc tells)
+        assert len(r["planner_mb"]) == r["pp"] and all(p > 0 for p in r["planner_mb"])
+        assert r["allocated_mb"] == [] if allocated() is None else \
+            len(r["allocated_mb"]) == r["pp"] and all(a > 0 for a in r["allocated_mb"])
     assert "planner" in capsys.readouterr().out
     assert main(["bench", "pp", "--pp", "3", "--preset", "debug", "--layers", "2"]) == 1
     assert "--pp 3 must be between 1 and --layers 2" in capsys.readouterr().out

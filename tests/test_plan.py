@@ -186,6 +186,30 @@ def test_all_to_all_copies():
     assert a2a_copies(None, 8) == 0
 
 
+def test_the_gradients_a_pipeline_rank_holds_at_its_peak():
+    """GPipe's ranks peak in their first backward, before their stage's gradients (one block's being made at
+    most); 1F1B's last rank peaks again after a backward, holding its stage's; with grad_accum every rank holds all
+    of them; under torch's FSDP2 they are unsharded, in what it gathers. A split backward (zb) keeps one chunk's
+    weight-gradient inputs on top of the activations."""
+    from dsmoe import memory
+
+    model_cfg, train_cfg = build_configs("tiny", ["n_layers=4", "vocab_size=260", "device=cpu", "batch_size=16",
+                                                  "seq_len=64"])
+    block = max(u.params for u in model_units(model_cfg, 260) if u.block)
+    gpipe = layout_plan(model_cfg, train_cfg, 2, 1, 1, "gpipe", 4)
+    assert all(r.grads <= 4 * block < r.params for r in gpipe.ranks) and gpipe.memory == gpipe.ranks[gpipe.peak_stage]
+    assert layout_plan(model_cfg, train_cfg, 2, 1, 1, "1f1b", 4).ranks[1].grads >= gpipe.ranks[1].params
+    assert all(r.grads == r.params for r in layout_plan(model_cfg, train_cfg, 2, 1, 1, "gpipe", 4,
+                                                          accumulate=True).ranks)
+    fsdp = layout_plan(model_cfg, train_cfg, 2, 2, 1, "1f1b", 4)
+    assert all(r.grads == 0 and r.gathered > 4 * r.params for r in fsdp.ranks)
+    run = memory._run(model_cfg, train_cfg)
+    chunk = model_units(model_cfg, 260)[:3]  # the embedding and two blocks
+    extra = memory._activations(dataclasses.replace(run, split_backward=True), [(chunk, 1, 2)]) \
+        - memory._activations(run, [(chunk, 1, 2)])
+    assert extra == sum(u.weight_grads for u in chunk) * 64 * 4 > 0
+
+
 MEASURED = [((1, 1, 1), "1f1b", 1), ((2, 1, 1), "1f1b", 2), ((2, 1, 1), "gpipe", 4), ((2, 1, 1), "zb", 2),
             ((2, 1, 2), "1f1b", 2), ((2, 2, 1), "interleaved", 2)]
 

@@ -386,8 +386,8 @@ class MemorySplit:
     """One GPU's memory at its peak, in bytes, by what holds it."""
 
     params: int              # its shard of the fp32 weights (4 of the 16 bytes a parameter)
-    grads: int               # its shard of the fp32 gradients (4); none at a pipeline rank's peak that comes before
-    #                          its first backward of the step (and FSDP2's unsharded gradients are not gathered yet)
+    grads: int               # its shard of the fp32 gradients (4) it holds at its peak (see layout_plan; under a
+    #                          pipeline with FSDP2 on the stage module they are unsharded, in `gathered`)
     adamw: int               # its shard of AdamW's two fp32 moments (8)
     gathered: int            # the full-size weights (and gradients) FSDP2 gathers on it
     activations: int         # one micro-batch's activations, with activation checkpointing as the run sets it
@@ -433,10 +433,10 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
     grad_accum sequences; each of a stage's dp x ep ranks trains on its share, in `microbatches` micro-batches
     (default: one sequence per rank in each). accumulate: the step runs the schedule more than once, so the
     gradients of the first run are held through the next ones' peaks."""
-    v, ranks, moe = stages_per_rank, dp * ep, model_cfg.moe
+    v, stage_ranks, moe = stages_per_rank, dp * ep, model_cfg.moe
     batch = train_cfg.batch_size * train_cfg.grad_accum
-    M = microbatches or -(-batch // ranks)
-    mb = -(-batch // (ranks * M))
+    M = microbatches or -(-batch // stage_ranks)
+    mb = -(-batch // (stage_ranks * M))
     placement = stage_chunks(schedule, pp, v)
     n_chunks = sum(map(len, placement))
     if n_chunks > model_cfg.n_layers:
@@ -450,24 +450,19 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
     for r, own in enumerate(placement):
         held = [u for c in own for u in chunks[c]]
         params = sum(u.params for u in held)
-        state, shard = _state(params, ranks), -(-4 * params // ranks)
-        # the gradients at the peak: a rank that runs more forwards than it holds at its peak reaches it again
-        # after its first backward, which is its last chunk's; one that holds every forward at once (GPipe) peaks
-        # in its first backward. Either way a block's backward then makes a gradient (a second copy where autograd
-        # adds it into one held; FSDP2 adds into the unsharded one in place), which counts where it outweighs what
-        # that backward has freed by then: the transient of the rank's backward and the head's activations (FSDP2
-        # gathering block by block, two stages a rank, counts it already)
-        with_grads = held if pp == 1 or accumulate else chunks[own[-1]] if M * len(own) > sum(flights[r]) else []
-        blocks_held = [u for u in held if u.block]
-        if pp > 1 and blocks_held and (ranks == 1 or len(own) == 1 and not with_grads):
-            block = max(blocks_held, key=lambda u: u.local(ep))
-            freed = _transient(run, held) + sum(u.acts for u in chunks[own[-1]] if not u.block)
-            if 4 * block.local(ep) > mb * S * run.number * freed:
-                with_grads = [*with_grads, block]
-        grads = -(-4 * sum(u.params for u in with_grads) // ranks)
-        if ranks == 1:
+        state, shard = _state(params, stage_ranks), -(-4 * params // stage_ranks)
+        stage_fsdp = stage_ranks > 1 and pp > 1 and len(own) == 1  # torch drives FSDP2 on the stage module
+        if pp == 1 or accumulate:
+            with_grads = held
+        else:
+            again = M * len(own) > sum(flights[r])
+            with_grads = _grads_at_peak([chunks[c] for c in own], again,
+                                        mb * S * run.number, ep, made=stage_ranks == 1 or stage_fsdp)
+        # under torch's FSDP2 the gradients stay unsharded (in what it gathers) until the last backward
+        grads = 0 if stage_fsdp and not accumulate else -(-4 * sum(u.params for u in with_grads) // stage_ranks)
+        if stage_ranks == 1:
             gathered = 0
-        elif pp > 1 and len(own) == 1:  # torch drives FSDP2 on a stage module: unsharded until the last backward
+        elif stage_fsdp:  # unsharded until the last backward
             gathered = 4 * sum(u.local(ep) for u in [*held, *with_grads])
         else:  # one process, or two stages a rank (dsmoe's views of one model): FSDP2 block by block
             gathered = _gathered(held, ep)
@@ -485,7 +480,26 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
     per_token = tuple(a2a_copies(moe, ep, limited) * D * HIDDEN_BYTES for limited in (True, False))
     return LayoutPlan(pp, dp, ep, schedule, M, mb, blocks, peak, splits[peak], tuple(splits),
                       (per_token[0], per_token[1]), max(sent), bubble(schedule, pp, M, v),
-                      _problem(model_cfg, batch, pp, ep, ranks, M, microbatches is not None, schedule, v))
+                      _problem(model_cfg, batch, pp, ep, stage_ranks, M, microbatches is not None, schedule, v))
+
+
+def _grads_at_peak(chunks: list[list[Unit]], again: bool, tokens_bytes: int, ep: int, made: bool) -> list[Unit]:
+    """The units whose gradients a pipeline rank holds at its peak (its chunks in order). again: the rank runs
+    more forwards than it holds at once, so its peak comes back after its first backward, which is its last
+    chunk's: that chunk's gradients; else (GPipe, the first ranks of 1F1B at M = pp) the peak is in its first
+    backward, before any. made: the block whose backward runs then also counts its new gradient (autograd makes
+    it before adding it into one held; with two stages a rank FSDP2's block-by-block gathering counts it
+    already), where it outweighs what that backward freed first: the last chunk's head, its activations and the
+    transient of its backward (tokens_bytes: a micro-batch's tokens times bytes a number)."""
+    last = chunks[-1]
+    held = list(last) if again else []
+    blocks = [u for u in last if u.block]
+    if made and blocks:
+        block = max(blocks, key=lambda u: u.local(ep))
+        freed = max((u.transient for u in last if not u.block), default=0) + sum(u.acts for u in last if not u.block)
+        if 4 * block.local(ep) > tokens_bytes * freed:
+            held.append(block)
+    return held
 
 
 def check_layout_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, available: int | None, *, pp: int, dp: int,
@@ -583,17 +597,19 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, gpus: int, gpu_memory: 
     Per rank of a stage (step_memory's estimate over the stage's units): its 1/(dp x ep) share of the stage's
     weights and AdamW moments, and of the gradients it holds at its peak; what FSDP2 gathers: without a pipeline,
     or with two stages a rank (dsmoe's views of one model), as step_memory says, block by block; with one stage a
-    rank the whole stage's weights unsharded, and the gradients it holds at its peak, at 4 bytes a parameter each
-    (routed experts 1/ep), because torch's PipelineStage leaves every micro-batch's backward but the last
-    unresharded and unreduced (stage.py, backward_maybe_with_nosync); its micro-batches' activations, as many as
+    rank the whole stage's weights unsharded, and the gradients it holds at its peak unsharded in place of its
+    shard of them, at 4 bytes a parameter each (routed experts 1/ep), because torch's PipelineStage leaves every
+    micro-batch's backward but the last unresharded and unreduced (stage.py, backward_maybe_with_nosync); its
+    micro-batches' activations, as many as
     the schedule holds in flight on that rank (in_flight), and under a split backward (zb, dualpipev) the output
     gradients one chunk's input pass keeps for its weight pass; and the stage's receive buffers, which torch
     allocates once per micro-batch: the input activations of a stage after the first and the output gradients of
     one before the last (_setup_forward_recv_info, _setup_backward_recv_info), fp32 [micro_batch, seq_len, D]
-    each. The gradients at a rank's peak: all of them without a pipeline or with grad_accum; with one, those of
-    the rank's last chunk where the rank runs more forwards than it holds at once (its peak comes back after that
-    chunk's first backward), else (GPipe, the first ranks of 1F1B at M = pp) one block's (its peak is in its first
-    backward). Against real CPU runs (tests/test_plan.py) every rank within 15%. Not counted: the CUDA context
+    each. The gradients at a rank's peak: all of them without a pipeline, or where the step runs the schedule
+    more than once (check_layout_memory under grad_accum); with a pipeline, those of the rank's last chunk where
+    the rank runs more forwards than it holds at once, and none before its first backward otherwise (GPipe, the
+    first ranks of 1F1B at M = pp), plus the gradient the running block's backward makes (_grads_at_peak).
+    Against real CPU runs (tests/test_plan.py) every rank within 15%. Not counted: the CUDA context
     and allocator fragmentation (leave a few GB), routing imbalance (a rank's experts may receive more than
     their share), and the FSDP2 and pipeline traffic.
     A ValueError when no layout can run, or none fits, naming the smallest memory any layout needs."""

@@ -8,12 +8,13 @@ spends waiting for its peers in the schedule's sends and receives (the mean over
 (dsmoe.memory.bubble: (pp - 1) / M of the compute for GPipe and 1F1B), each rank's peak RSS (the largest), and
 each rank's peak allocated memory beside the planner's figure for it (dsmoe.memory.layout_plan).
 
-The allocated memory is the CPU's torch.cuda.max_memory_allocated: the bytes malloc has handed out and not taken
-back (glibc's mallinfo2), sampled after every op of the first two steps (the second is the first with AdamW's
-moments), less what the process held before it built the model. Left out as a GPU's context is: the modules the
-first forward imports, imported before, and MKL's cache of freed buffers, switched off in the ranks
-(MKL_DISABLE_FAST_MM). The peak RSS is higher: glibc keeps freed heap memory. More processes than cores
-time-slice: their step times then measure the machine, not the schedule.
+The allocated memory is the nearest CPU measure to torch.cuda.max_memory_allocated: the bytes malloc has handed
+out and not taken back (glibc's mallinfo2: tensors, and the little else the process allocates meanwhile), sampled
+after every op of the first two steps (the second is the first with AdamW's moments; an op's own workspace, freed
+before it returns, is not seen), less what the process held before it built the model. Left out as a GPU's
+context is: the modules the first forward imports, imported before, and MKL's cache of freed buffers, switched
+off in the ranks (MKL_DISABLE_FAST_MM). The peak RSS is higher: glibc keeps freed heap memory. More processes
+than cores time-slice: their step times then measure the machine, not the schedule.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsmoe.bench.ep import free_port
+from dsmoe.memory import SPLIT_BACKWARD
 from dsmoe.parallel.comm import end_process_groups
 
 
@@ -201,14 +204,11 @@ def measure_one(s: PipelineSettings, pp: int, schedule: str, microbatches: int) 
 
     dp, ep = (s.dp, s.ep) if pp > 1 else (1, 1)
     world = pp * dp * ep
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        mkl = os.environ.get("MKL_DISABLE_FAST_MM")
-        os.environ["MKL_DISABLE_FAST_MM"] = "1"  # the ranks inherit it: MKL reads it as it loads
-        try:
-            mp.spawn(_worker, args=(world, free_port(), s, pp, schedule, microbatches, out), nprocs=world, join=True)
-        finally:
-            os.environ.pop("MKL_DISABLE_FAST_MM") if mkl is None else os.environ.update(MKL_DISABLE_FAST_MM=mkl)
+    if schedule in SPLIT_BACKWARD and dp * ep > 1:
+        raise ValueError(f"--schedule {schedule} runs one process a stage: not with --dp {dp} --ep {ep}")
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, MKL_DISABLE_FAST_MM="1"):
+        out = os.path.join(tmp, "rows.json")  # the ranks inherit MKL_DISABLE_FAST_MM: MKL reads it as it loads
+        mp.spawn(_worker, args=(world, free_port(), s, pp, schedule, microbatches, out), nprocs=world, join=True)
         rows = json.loads(Path(out).read_text())
     model_cfg, train_cfg = build_configs(s.preset, ["vocab_size=260", f"n_layers={s.layers}", "device=cpu",
                                                     f"batch_size={s.batch_size}", f"seq_len={s.seq_len}"])

@@ -14,7 +14,7 @@ import torch
 from dsmoe.bench import ep, layer, mesh, model, pp, train
 from dsmoe.cli.format import HelpFormatter, check_at_least
 from dsmoe.config import MoEConfig
-from dsmoe.memory import check_step_memory
+from dsmoe.memory import SPLIT_BACKWARD, check_step_memory, chunks_per_rank
 from dsmoe.moe import MoE
 from dsmoe.plots import plot_layer_sweep
 from dsmoe.presets import PRESETS, build_configs
@@ -272,7 +272,8 @@ def _pp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help=f"untimed steps first (after the {pp.MEMORY_STEPS} that measure memory)")
     p.add_argument("--dp", type=int, default=d.dp, help="data-parallel ranks of each stage (pp > 1)")
     p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel ranks of each stage (pp > 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -293,10 +294,10 @@ def _pp(args: argparse.Namespace) -> int:
     for stages in sorted(set(args.pp)):
         for schedule in args.schedules if stages > 1 else ["-"]:
             for M in args.microbatches if stages > 1 else [1]:
-                two = schedule in ("interleaved", "zb", "dualpipev")  # stages a rank
+                two = chunks_per_rank(schedule) > 1  # stages a rank
                 if schedule != "gpipe" and M < stages or two and settings.layers < 2 * stages or \
                         schedule == "dualpipev" and M < 2 * stages or \
-                        schedule in ("zb", "dualpipev") and settings.dp * settings.ep > 1:
+                        schedule in SPLIT_BACKWARD and settings.dp * settings.ep > 1:
                     continue  # a micro-batch a rank (DualPipeV: a stage), a block a stage, one process a stage
                     #           under a split backward
                 r = pp.measure_one(settings, stages, schedule if stages > 1 else "1f1b", M)

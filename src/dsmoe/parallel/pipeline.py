@@ -35,7 +35,7 @@ from torch.distributed.pipelining.schedules import get_schedule_class
 
 from dsmoe import memory
 from dsmoe.config import ModelConfig, TrainConfig
-from dsmoe.memory import check_layout_memory, split_blocks
+from dsmoe.memory import SPLIT_BACKWARD, check_layout_memory, split_blocks
 from dsmoe.model import Block, MoETransformer, next_token_loss
 from dsmoe.moe import MoE, moe_layers
 from dsmoe.parallel.context import MeshContext
@@ -45,7 +45,6 @@ _M = TypeVar("_M", bound=nn.Module)
 
 SCHEDULES = memory.SCHEDULES  # --schedule -> torch's schedule class name (the planner's table)
 STAGES_PER_RANK = {"interleaved": 2, "zb": 2, "dualpipev": 2}  # the others hold one stage a rank
-SPLIT_BACKWARD = memory.SPLIT_BACKWARD  # schedules that run a stage's input and weight backward apart
 
 
 def n_stages(pp: int, schedule: str) -> int:
