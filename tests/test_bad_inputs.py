@@ -293,7 +293,7 @@ def test_even_one_sequence_too_many():
 def test_memory_estimate_against_measured_training_steps(name):
     """The activations per sequence against two CPU training steps at two batch sizes, in fresh processes: the
     rise of the allocated peak (dsmoe bench pp's measure, malloc's bytes in use after every op) per added
-    sequence within 10% of the estimate; the peak RSS, which glibc's kept heap inflates, within a factor of 2."""
+    sequence within 10% of the estimate; tiny's peak RSS, which glibc's kept heap inflates, within a factor of 2."""
     from dsmoe.bench import pp as bench
 
     if bench.allocated() is None:
@@ -322,7 +322,8 @@ def test_memory_estimate_against_measured_training_steps(name):
     allocated, rss = ((runs[1][i] - runs[0][i]) / (large - small) for i in (0, 1))
     estimated = step_memory(*build_configs(name))[1]
     assert 0.9 < estimated / allocated < 1.1, (estimated, allocated)
-    assert 0.5 < estimated / rss < 2, (estimated, rss)
+    if name == "tiny":  # debug's whole step stays under the RSS the process reached importing torch
+        assert 0.5 < estimated / rss < 2, (estimated, rss)
 
 
 # ----------------------------------------------------------------------------- checkpoint tokenizers
