@@ -2,9 +2,9 @@
 held to torch's own, DeepSeek-V3's published counts and its own layout, and clear errors for bad input.
 
 Without a pipeline (pp = 1) a layout's GPU is what step_memory and check_step_memory count, to the byte (and
-step_memory is held to measured RSS in tests/test_bad_inputs.py). Under a pipeline the micro-batches each rank
-holds in flight are those torch.distributed.pipelining's schedules hold, read from their own action lists. Real
-pipelined runs on CPU (pp x dp x ep processes) allocate within 15% of the planner's figure on every rank.
+step_memory is held to measured allocated peaks in tests/test_bad_inputs.py). Under a pipeline the micro-batches
+each rank holds in flight are those torch.distributed.pipelining's schedules hold, read from their own action
+lists. Real pipelined runs on CPU (pp x dp x ep processes) allocate within 15% of the planner's figure on every rank.
 """
 
 import dataclasses
