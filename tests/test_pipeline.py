@@ -71,8 +71,8 @@ MODEL = ["n_layers=4", "moe.seq_aux_loss_alpha=0.01", "steps=4"]  # a MoE block 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2-interleaved", "pp2-zb", "pp2-dualpipev",
-                                    "pp2xep2", "pp2xdp2", "pp2xdp2-interleaved"])
+@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe-m4", "pp2-interleaved", "pp2-zb", "pp2-zb-ac",
+                                    "pp2-dualpipev", "pp2xep2", "pp2xdp2", "pp2xdp2-interleaved"])
 def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch):
     from dsmoe.checkpoint import load_checkpoint
     from dsmoe.presets import build_configs
@@ -83,6 +83,7 @@ def test_pipelined_training_equals_single_process(layout, tmp_path, monkeypatch)
     world, sets = {"pp2-1f1b": (2, ["schedule=1f1b"]), "pp2-gpipe-m4": (2, ["schedule=gpipe", "microbatches=4"]),
                    "pp2-interleaved": (2, ["schedule=interleaved", "microbatches=4"]),
                    "pp2-zb": (2, ["schedule=zb", "microbatches=4"]),
+                   "pp2-zb-ac": (2, ["schedule=zb", "microbatches=4", "activation_checkpointing=true"]),
                    "pp2-dualpipev": (2, ["schedule=dualpipev", "microbatches=4"]),
                    "pp2xdp2-interleaved": (4, ["schedule=interleaved", "microbatches=2"]),
                    "pp2xep2": (4, ["expert_parallel=2"]), "pp2xdp2": (4, [])}[layout]

@@ -170,7 +170,9 @@ def test_pipeline_memory_follows_the_schedule():
     assert stage_chunks("zb", 4) == [[0, 7], [1, 6], [2, 5], [3, 4]]
     zb = layout_plan(cfg, train_cfg, 16, 2, 64, "zb")
     assert len(zb.stage_blocks) == 32 and zb.bubble == 0
-    assert "FSDP2" in zb.problem and not layout_plan(cfg, train_cfg, 16, 1, 1, "zb").problem  # a stage a process
+    assert "FSDP2" in zb.problem and "activation checkpointing" in layout_plan(cfg, train_cfg, 16, 1, 1, "zb").problem
+    no_ac = dataclasses.replace(train_cfg, activation_checkpointing=False)
+    assert not layout_plan(cfg, no_ac, 16, 1, 1, "zb").problem  # a stage a process, without recomputation
     doubled = layout_plan(cfg, dataclasses.replace(train_cfg, batch_size=4096), 16, 2, 64, microbatches=16)
     assert doubled.micro_batch == 2 and doubled.memory.pipeline > one_f.memory.pipeline
 

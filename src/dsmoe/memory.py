@@ -481,7 +481,8 @@ def layout_plan(model_cfg: ModelConfig, train_cfg: TrainConfig, pp: int, dp: int
     per_token = tuple(a2a_copies(moe, ep, limited) * D * HIDDEN_BYTES for limited in (True, False))
     return LayoutPlan(pp, dp, ep, schedule, M, mb, blocks, peak, splits[peak], tuple(splits),
                       (per_token[0], per_token[1]), max(sent), bubble(schedule, pp, M, v),
-                      _problem(model_cfg, batch, pp, ep, stage_ranks, M, microbatches is not None, schedule, v))
+                      _problem(model_cfg, batch, pp, ep, stage_ranks, M, microbatches is not None, schedule, v,
+                               run.ac))
 
 
 def _grads_at_peak(chunks: list[list[Unit]], again: bool, tokens_bytes: int, ep: int, made: bool) -> list[Unit]:
@@ -548,7 +549,7 @@ def _chunks(model_cfg: ModelConfig, units: list[Unit], n: int, placement: list[l
 
 
 def _problem(model_cfg: ModelConfig, batch: int, pp: int, ep: int, ranks: int, M: int, explicit: bool,
-             schedule: str, v: int) -> str:
+             schedule: str, v: int, ac: bool = False) -> str:
     """Why torch's schedule or dsmoe's expert parallelism would refuse a layout ("" when neither would); a rank
     without a sequence in a micro-batch (of `explicit` micro-batches, else of one) too."""
     moe = model_cfg.moe
@@ -564,6 +565,9 @@ def _problem(model_cfg: ModelConfig, batch: int, pp: int, ep: int, ranks: int, M
         return f"Interleaved1F1B needs micro-batches ({M}) to be a multiple of their rounds ({max(1, M // pp)})"
     if pp > 1 and schedule in SPLIT_BACKWARD and ranks > 1:
         return f"{SCHEDULES[schedule]} runs on one process a stage: torch's weight pass does not find FSDP2's weights"
+    if pp > 1 and schedule in SPLIT_BACKWARD and ac:  # measured at pp 2 (tiny): 2.2x the memory planned for it
+        return (f"{SCHEDULES[schedule]} with activation checkpointing holds more than without it (measured: 2.2x "
+                "this plan at pp 2; not modeled): plan it with --ac none")
     if pp > 1 and schedule == "dualpipev" and M < 2 * pp:
         return f"DualPipeV needs at least 2 x pp={2 * pp} micro-batches, got {M}"
     return ""

@@ -16,8 +16,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,19 +82,24 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
     backward (torch.utils.checkpoint, non-reentrant). The recomputation does not count tokens for the
     balancing bias a second time. Parameter names stay those of the model."""
     for block in [m for m in model.modules() if isinstance(m, Block)]:
-        contexts = functools.partial(lambda layers: (nullcontext(), _recomputing(layers)), moe_layers(block))
+        contexts = functools.partial(lambda layers: (nullcontext(), _Recomputing(layers)), moe_layers(block))
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,  # type: ignore[method-assign]
                                           use_reentrant=False, context_fn=contexts)
 
 
-@contextmanager
-def _recomputing(layers: list[MoE]) -> Iterator[None]:
-    for m in layers:
-        m.recomputing = True
-    try:
-        yield
-    finally:
-        for m in layers:
+class _Recomputing:
+    """Marks the MoE layers as recomputing while a checkpointed block reruns its forward. Re-enterable: a
+    zero-bubble schedule's weight pass recomputes a block a second time with the same context."""
+
+    def __init__(self, layers: list[MoE]):
+        self.layers = layers
+
+    def __enter__(self) -> None:
+        for m in self.layers:
+            m.recomputing = True
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.layers:
             m.recomputing = False
 
 
