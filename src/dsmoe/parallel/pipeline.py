@@ -44,12 +44,11 @@ from dsmoe.parallel.fsdp import local, shard_model
 _M = TypeVar("_M", bound=nn.Module)
 
 SCHEDULES = memory.SCHEDULES  # --schedule -> torch's schedule class name (the planner's table)
-STAGES_PER_RANK = {"interleaved": 2, "zb": 2, "dualpipev": 2}  # the others hold one stage a rank
 
 
 def n_stages(pp: int, schedule: str) -> int:
     """The stages P pipeline ranks hold under a schedule."""
-    return pp * STAGES_PER_RANK.get(schedule, 1)
+    return pp * memory.chunks_per_rank(schedule)
 
 
 def block_costs(cfg: ModelConfig) -> list[int]:
@@ -261,7 +260,7 @@ class PipelineContext(MeshContext):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.pp, self.dp, self.ep = pp, dp, ep
         self.schedule_name, self.microbatches = schedule, microbatches or pp
-        self.v = STAGES_PER_RANK.get(schedule, 1)
+        self.v = memory.chunks_per_rank(schedule)
         # the stages each pipeline rank holds, as torch's schedules place them (the planner's placement): one each;
         # a loop p, p + pp (interleaved); a V p, 2pp - 1 - p (zero bubble: first and last on rank 0)
         self.placement = memory.stage_chunks(schedule, pp, self.v)
