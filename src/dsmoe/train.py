@@ -429,8 +429,7 @@ def target_weights(run: Run, ys: list[torch.Tensor]) -> list[float] | None:
     if not run.corpus.has_masks:
         return None
     counts = torch.stack([(y != -1).sum() for y in ys]).float()
-    copies = run.ctx.world // run.ctx.data_ranks  # the pipeline ranks that hold the same rows
-    total = run.ctx.all_reduce_(counts.sum()).item() / copies
+    total = run.ctx.all_reduce_layers_(counts.sum()).item()  # the ranks holding the same layers hold other rows
     return [c * run.ctx.data_ranks / max(total, 1.0) for c in counts.tolist()]
 
 
