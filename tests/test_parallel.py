@@ -725,32 +725,43 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monke
                                torch.tensor(_train_rows(tmp_path / "full")[0]), atol=1e-4, rtol=0)
 
 
+def strike(rank: int, fault: dict) -> None:
+    """The fault, now: rank 1 dies or hangs (DSMOE_FAULT), the others note when."""
+    fault["at"] = time.monotonic()
+    if rank == 1 and os.environ["DSMOE_FAULT"] == "die":
+        os._exit(1)
+    if rank == 1:
+        time.sleep(6 * FAULT_TIMEOUT_S)
+
+
+def train_through_fault(sets: list[str], fault: dict) -> dict:
+    """Train (debug preset) until the fault stops the run: how it ended and how long after the fault."""
+    from dsmoe.presets import build_configs
+    from dsmoe.train import train
+
+    try:
+        train(*build_configs("debug", sets), progress=False)
+    except Exception as e:
+        return {"error": str(e), "type": type(e).__name__, "seconds": time.monotonic() - fault["at"]}
+    return {"error": None}
+
+
 def mesh_fault_worker(rank, world):
     """dp 2 x ep 2 training, checkpoint every 2 steps; in step 3 rank 1 dies or hangs (DSMOE_FAULT). Returns how
     the others ended and how long after the fault."""
     from dsmoe.data import Corpus
-    from dsmoe.presets import build_configs
-    from dsmoe.train import train
 
     real, calls, fault = Corpus.sample, [], {}
 
     def batch(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            fault["at"] = time.monotonic()
-            if rank == 1 and os.environ["DSMOE_FAULT"] == "die":
-                os._exit(1)
-            if rank == 1:
-                time.sleep(6 * FAULT_TIMEOUT_S)
+            strike(rank, fault)
         return real(self, *args, **kwargs)
 
     Corpus.sample = batch
-    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", "expert_parallel=2", "steps=6"]
-    try:
-        train(*build_configs("debug", sets), progress=False)
-    except Exception as e:
-        return {"error": str(e), "type": type(e).__name__, "seconds": time.monotonic() - fault["at"]}
-    return {"error": None}
+    return train_through_fault(TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", "expert_parallel=2", "steps=6"],
+                               fault)
 
 
 @pytest.mark.parametrize("mode", ["hang", "die"])

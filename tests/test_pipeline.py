@@ -133,13 +133,9 @@ def test_a_pipelined_checkpoint_resumes_in_one_process_and_at_dp2(tmp_path, monk
 
 def pp_fault_worker(rank, world):
     """pp 2: rank 1 (the last stage) dies or hangs inside its stage forward in step 3, mid-schedule."""
-    import time
-
     from dsmoe.data import Corpus
     from dsmoe.parallel import pipeline
-    from dsmoe.presets import build_configs
-    from dsmoe.train import train
-    from test_parallel import FAULT_TIMEOUT_S
+    from test_parallel import FAULT_TIMEOUT_S, strike, train_through_fault
 
     real_sample, real_forward, fault = Corpus.sample, pipeline._stage_forward, {"at": 0.0, "armed": False}
 
@@ -150,21 +146,13 @@ def pp_fault_worker(rank, world):
 
     def forward(self, *args, **kwargs):
         if fault["armed"] and not fault["at"]:
-            fault["at"] = time.monotonic()
-            if rank == 1 and os.environ["DSMOE_FAULT"] == "die":
-                os._exit(1)
-            if rank == 1:
-                time.sleep(6 * FAULT_TIMEOUT_S)
+            strike(rank, fault)
         return real_forward(self, *args, **kwargs)
 
     Corpus.sample, pipeline._stage_forward = sample, forward
-    sets = TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", *MODEL, "pipeline_parallel=2", "steps=6",
-                         f"dist_timeout_s={FAULT_TIMEOUT_S}"]  # the pipeline's own groups take the run's timeout
-    try:
-        train(*build_configs("debug", sets), progress=False)
-    except Exception as e:
-        return {"error": str(e), "seconds": time.monotonic() - fault["at"]}
-    return {"error": None}
+    return train_through_fault(TRAIN_SETS + [f"out={os.environ['DSMOE_RUN']}", *MODEL, "pipeline_parallel=2",
+                                             "steps=6", f"dist_timeout_s={FAULT_TIMEOUT_S}"],  # the pipeline's own
+                               fault)                                                  # groups take the run's timeout
 
 
 @pytest.mark.slow
